@@ -1,0 +1,88 @@
+//! Connection tracking: one SERVICE entry (client's tuple, before DNAT) and
+//! one REPLY entry (backend's tuple, before reverse NAT) per flow, in an LRU
+//! hash so old flows age out on their own.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use netlb_common::{ConntrackKey, ConntrackValue, ct_dir, ct_flags};
+
+use crate::{maps, parse::Packet, verdict::Reason};
+
+/// Refresh `last_seen_ns` at most this often, so established flows do not
+/// write to a shared cache line on every packet.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn key(pkt: &Packet, direction: u8) -> ConntrackKey {
+    ConntrackKey {
+        saddr_be: pkt.saddr_be,
+        daddr_be: pkt.daddr_be,
+        sport_be: pkt.sport_be,
+        dport_be: pkt.dport_be,
+        proto: pkt.proto,
+        direction,
+        pad: [0; 2],
+    }
+}
+
+/// Looks up an entry and refreshes its `last_seen_ns`.
+#[inline(always)]
+pub fn lookup(key: &ConntrackKey) -> Option<ConntrackValue> {
+    let entry = maps::CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer to a live map value; the field update is a plain store
+    // (a racing writer on another CPU can only store a similar timestamp).
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+        Some(*entry)
+    }
+}
+
+/// Creates both entries of a new flow. The REPLY entry is written first so
+/// that no reply can arrive before its reverse translation exists.
+/// `reply_daddr_be`: where the backend sends replies (the client, or the
+/// service loopback address for a hairpin flow).
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    backend_id: u32,
+    backend_addr_be: u32,
+    backend_port_be: u16,
+    rev_nat_index: u32,
+    hairpin_source_be: Option<u32>,
+) -> Result<(), Reason> {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (reply_daddr_be, flags, client_addr_be) = match hairpin_source_be {
+        Some(lo) => (lo, ct_flags::HAIRPIN, pkt.saddr_be),
+        None => (pkt.saddr_be, 0, 0),
+    };
+    let reply_key = ConntrackKey {
+        saddr_be: backend_addr_be,
+        daddr_be: reply_daddr_be,
+        sport_be: backend_port_be,
+        dport_be: pkt.sport_be,
+        proto: pkt.proto,
+        direction: ct_dir::REPLY,
+        pad: [0; 2],
+    };
+    let value = ConntrackValue {
+        backend_id,
+        rev_nat_index,
+        client_addr_be,
+        flags,
+        pad: [0; 2],
+        last_seen_ns: now,
+    };
+    maps::CONNTRACK
+        .insert(&reply_key, &value, 0)
+        .map_err(|_| Reason::CtWrite)?;
+    let service_value = ConntrackValue {
+        client_addr_be: 0,
+        ..value
+    };
+    maps::CONNTRACK
+        .insert(&key(pkt, ct_dir::SERVICE), &service_value, 0)
+        .map_err(|_| Reason::CtWrite)
+}

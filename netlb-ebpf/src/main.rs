@@ -1,0 +1,52 @@
+//! netlb datapath: TC programs for Kubernetes Service load balancing.
+//!
+//! - `from_pod` (TC ingress of a pod's host-side veth): packets the pod sends.
+//!   Service frontends are DNATed to a backend; replies of hairpinned flows
+//!   (sent to the service loopback address) are reverse-translated.
+//! - `to_pod` (TC egress of a pod's host-side veth): packets going to the pod.
+//!   Replies from backends are reverse-NATed so the client sees VIP:port.
+//!
+//! Module per concern, after Cilium's `bpf/lib`: [`parse`] (headers),
+//! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`]
+//! (rewrites and checksums), [`reject`] (ICMP port unreachable), [`verdict`]
+//! (the one place errors become TC verdicts and drop counters).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd` for the shared per-backend counters (see `maps::count_backend`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd, see maps::count_backend"))]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod programs;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
+mod verdict;
+
+/// The crate only has content for the BPF target; on the host (e.g. `cargo
+/// clippy --workspace`) it is an empty binary.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never called
+    // in a loaded program.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

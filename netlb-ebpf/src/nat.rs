@@ -1,0 +1,115 @@
+//! Address and port rewrites with incremental checksum updates.
+//!
+//! Checksums are updated with the kernel's `bpf_l3_csum_replace` /
+//! `bpf_l4_csum_replace` helpers rather than by hand: they know the skb's
+//! checksum state (CHECKSUM_PARTIAL packets from local sockets carry only the
+//! pseudo-header sum, which must be updated for address changes and left alone
+//! for port changes). The `from`/`to` values are the fields' raw in-memory
+//! (network order) words, which is what the ones'-complement sum is defined
+//! over, so no byte swapping is needed.
+
+use aya_ebpf::programs::TcContext;
+use netlb_common::{ct_dir, ct_flags, proto, stat};
+
+use crate::{
+    conntrack, maps,
+    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
+    verdict::Reason,
+};
+
+/// `BPF_F_PSEUDO_HDR`: the changed field is part of the pseudo header.
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+/// `BPF_F_MARK_MANGLED_0`: a UDP checksum of 0 means "none" and stays 0; a
+/// computed 0 is written as 0xffff (RFC 768).
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+#[inline(always)]
+fn l4_flags(pkt: &Packet, size: u64) -> u64 {
+    if pkt.proto == proto::UDP {
+        size | BPF_F_MARK_MANGLED_0
+    } else {
+        size
+    }
+}
+
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    pkt: &Packet,
+    offset: usize,
+    old_be: u32,
+    new_be: u32,
+) -> Result<(), Reason> {
+    if old_be == new_be {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off,
+        old_be as u64,
+        new_be as u64,
+        l4_flags(pkt, 4) | BPF_F_PSEUDO_HDR,
+    )
+    .map_err(|_| Reason::Rewrite)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_be as u64, new_be as u64, 4)
+        .map_err(|_| Reason::Rewrite)?;
+    ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
+}
+
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    pkt: &Packet,
+    offset: usize,
+    old_be: u16,
+    new_be: u16,
+) -> Result<(), Reason> {
+    if old_be == new_be {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off,
+        old_be as u64,
+        new_be as u64,
+        l4_flags(pkt, 2),
+    )
+    .map_err(|_| Reason::Rewrite)?;
+    ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
+}
+
+/// DNAT: destination becomes the backend.
+#[inline(always)]
+pub fn dnat(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), Reason> {
+    rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, addr_be)?;
+    rewrite_port(ctx, pkt, L4_DPORT_OFF, pkt.dport_be, port_be)
+}
+
+/// SNAT of the source address only (hairpin: the client becomes the service
+/// loopback address, its port is kept).
+#[inline(always)]
+pub fn snat_addr(ctx: &TcContext, pkt: &Packet, addr_be: u32) -> Result<(), Reason> {
+    rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, addr_be)
+}
+
+/// Reverse NAT of a reply, if the packet belongs to a tracked flow: the
+/// source becomes the frontend (VIP:port); for hairpin flows the destination
+/// goes back from the service loopback address to the client.
+/// Returns whether the packet was translated.
+#[inline(always)]
+pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
+    let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::REPLY)) else {
+        return Ok(false);
+    };
+    // SAFETY: the value is copied out immediately.
+    let Some(rev) = (unsafe { maps::REV_NAT.get(&entry.rev_nat_index) }).copied() else {
+        // The frontend is gone; the reply passes as it is, like a reply whose
+        // conntrack entry kube-proxy has flushed.
+        return Ok(false);
+    };
+    rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, rev.address_be)?;
+    rewrite_port(ctx, pkt, L4_SPORT_OFF, pkt.sport_be, rev.port_be)?;
+    if entry.flags & ct_flags::HAIRPIN != 0 {
+        rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, entry.client_addr_be)?;
+    }
+    maps::count(stat::REVERSE_NAT);
+    Ok(true)
+}

@@ -1,0 +1,129 @@
+//! Header parsing. Only untagged Ethernet + IPv4 without options, TCP or UDP,
+//! is load-balanced; everything else is passed unmodified.
+
+use aya_ebpf::programs::TcContext;
+use netlb_common::{proto, stat};
+
+use crate::{maps, verdict::Reason};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offset of the IPv4 header.
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IP_HLEN: usize = 20;
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SADDR_OFF: usize = IP_OFF + 12;
+pub const IP_DADDR_OFF: usize = IP_OFF + 16;
+/// Offset of the L4 header. Fixed because packets with IPv4 options are
+/// not load-balanced (see [`parse`]); a constant offset also keeps every packet
+/// access provably in bounds for the verifier without range tracking.
+pub const L4_OFF: usize = IP_OFF + IP_HLEN;
+pub const L4_SPORT_OFF: usize = L4_OFF;
+pub const L4_DPORT_OFF: usize = L4_OFF + 2;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_CSUM_OFF: usize = L4_OFF + 16;
+const UDP_CSUM_OFF: usize = L4_OFF + 6;
+/// Longest header prefix we read: Ethernet + IPv4 + TCP.
+const MAX_HDR: usize = L4_OFF + TCP_HLEN;
+
+/// IPv4 header, as on the wire.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    /// Network byte order.
+    pub tot_len_be: u16,
+    /// Network byte order.
+    pub id_be: u16,
+    /// Flags + fragment offset. Network byte order.
+    pub frag_off_be: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    /// Stored exactly as computed over the raw header bytes.
+    pub check: u16,
+    /// Network byte order.
+    pub saddr_be: u32,
+    /// Network byte order.
+    pub daddr_be: u32,
+}
+
+/// What the programs need of a packet. Addresses and ports stay in network
+/// byte order as read from the wire: they are compared with map keys that
+/// store network order too, and written back without swapping.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// Offset of the L4 checksum field.
+    pub l4_csum_off: usize,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Parses the packet. `Ok(None)`: not ours, pass it unmodified.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
+    // Headers may sit partly in paged data (e.g. GRO); pull up to the longest
+    // prefix we read into the linear area. Failure only means the packet is
+    // shorter than that, which the bounds checks below sort out.
+    if ctx.data() + MAX_HDR > ctx.data_end() {
+        let len = ctx.len().min(MAX_HDR as u32);
+        let _ = ctx.pull_data(len);
+    }
+    let Some(eth_type) = ptr_at::<u16>(ctx, 12) else {
+        return Ok(None);
+    };
+    // SAFETY: `ptr_at` checked the bounds.
+    if u16::from_be(unsafe { *eth_type }) != ETH_P_IP {
+        return Ok(None);
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::MalformedL3)?;
+    // SAFETY: `ptr_at` checked the bounds of the whole header.
+    let ip = unsafe { &*ip };
+    if ip.version_ihl >> 4 != 4 {
+        return Err(Reason::MalformedL3);
+    }
+    let (l4_len, l4_csum_off) = match ip.protocol {
+        proto::TCP => (TCP_HLEN, TCP_CSUM_OFF),
+        proto::UDP => (UDP_HLEN, UDP_CSUM_OFF),
+        _ => return Ok(None),
+    };
+    if ip.version_ihl & 0x0f != 5 {
+        maps::count(stat::PASS_IP_OPTIONS);
+        return Ok(None);
+    }
+    // MF flag or a non-zero offset: a fragment. Non-first fragments carry no
+    // ports, and translating only the first would split the datagram, so all
+    // fragments pass unmodified.
+    if u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
+        maps::count(stat::PASS_FRAGMENT);
+        return Ok(None);
+    }
+    let (saddr_be, daddr_be, protocol) = (ip.saddr_be, ip.daddr_be, ip.protocol);
+    if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
+        return Err(Reason::TruncatedL4);
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, L4_OFF).ok_or(Reason::TruncatedL4)?;
+    // SAFETY: `ptr_at` checked the bounds.
+    let [sport_be, dport_be] = unsafe { *ports };
+    Ok(Some(Packet {
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+        proto: protocol,
+        l4_csum_off,
+    }))
+}

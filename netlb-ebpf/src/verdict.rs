@@ -1,0 +1,31 @@
+//! The one place where errors become TC verdicts.
+//!
+//! Every `Err` a program returns is a [`Reason`]; converting it to the
+//! program's return value counts it in the per-CPU `STATS` map under the same
+//! index the agent exports as a metric label (`netlb_common::stat::NAMES`).
+
+use aya_ebpf::bindings::TC_ACT_SHOT;
+use netlb_common::stat;
+
+use crate::maps;
+
+/// Why a packet is dropped. The discriminant is the `STATS` index.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Reason {
+    MalformedL3 = stat::DROP_MALFORMED_L3,
+    TruncatedL4 = stat::DROP_TRUNCATED_L4,
+    NoBackendEntry = stat::DROP_NO_BACKEND_ENTRY,
+    CtWrite = stat::DROP_CT_WRITE,
+    Rewrite = stat::DROP_REWRITE,
+    RejectFailed = stat::DROP_REJECT_FAILED,
+}
+
+impl From<Reason> for i32 {
+    /// Counts the drop and returns `TC_ACT_SHOT`.
+    #[inline(always)]
+    fn from(reason: Reason) -> i32 {
+        maps::count(reason as u32);
+        TC_ACT_SHOT
+    }
+}

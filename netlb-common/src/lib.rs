@@ -92,6 +92,10 @@ pub mod svc_flags {
     pub const LOCAL_ONLY: u16 = 1 << 4;
     /// A scope-[`INTERNAL`](super::scope::INTERNAL) frontend exists too.
     pub const TWO_SCOPES: u16 = 1 << 5;
+    /// With `count == 0`: endpoints exist but this traffic policy may use
+    /// none of them (Local without local endpoints): drop silently, as
+    /// kube-proxy's DROP, instead of rejecting.
+    pub const DROP: u16 = 1 << 6;
 }
 
 /// `BackendValue::flags` bits.
@@ -283,8 +287,10 @@ pub mod stat {
     pub const DROP_REWRITE: u32 = 12;
     /// Dropped: building the reject reply failed.
     pub const DROP_REJECT_FAILED: u32 = 13;
+    /// Dropped: a Local traffic policy without local endpoints.
+    pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 14;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -302,6 +308,7 @@ pub mod stat {
         "drop_ct_write",
         "drop_rewrite",
         "drop_reject_failed",
+        "drop_no_local_endpoints",
     ];
 
     /// Whether the counter is a drop reason.

@@ -14,7 +14,10 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 // `atomic_xadd` for the shared per-backend counters (see `maps::count_backend`).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd, see maps::count_backend"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "atomic_xadd, see maps::count_backend")
+)]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;

@@ -2,9 +2,9 @@
 //! result; verdicts for errors come from [`crate::verdict`].
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use netlb_common::stat;
+use netlb_common::{stat, svc_flags};
 
-use crate::{conntrack, lb, maps, nat, parse, reject};
+use crate::{conntrack, lb, maps, nat, parse, reject, verdict::Reason};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -38,6 +38,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(TC_ACT_OK);
     };
     if fe.value.count == 0 {
+        if fe.value.flags & svc_flags::DROP != 0 {
+            return Err(Reason::NoLocalEndpoints.into());
+        }
         return Ok(reject::port_unreachable(ctx, &pkt)?);
     }
 

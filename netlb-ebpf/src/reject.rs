@@ -128,8 +128,10 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Reason> {
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0).map_err(|_| Reason::RejectFailed)?;
-    ctx.store(IP_OFF, &ip, 0).map_err(|_| Reason::RejectFailed)?;
+    ctx.store(0, &swapped, 0)
+        .map_err(|_| Reason::RejectFailed)?;
+    ctx.store(IP_OFF, &ip, 0)
+        .map_err(|_| Reason::RejectFailed)?;
     ctx.store(L4_OFF, &icmp, 0)
         .map_err(|_| Reason::RejectFailed)?;
 

@@ -19,6 +19,7 @@ pub enum Reason {
     CtWrite = stat::DROP_CT_WRITE,
     Rewrite = stat::DROP_REWRITE,
     RejectFailed = stat::DROP_REJECT_FAILED,
+    NoLocalEndpoints = stat::DROP_NO_LOCAL_ENDPOINTS,
 }
 
 impl From<Reason> for i32 {

@@ -1,0 +1,172 @@
+//! Per-packet cost of the real programs through BPF_PROG_TEST_RUN: a first
+//! packet (frontend lookup, backend selection, conntrack create, DNAT), an
+//! established flow's packet (conntrack hit, DNAT), a reply (reverse NAT) and
+//! a packet that matches nothing, with 10 and with 100,000 Services
+//! programmed. Reports medians; asserts nothing. Run with `cargo xtask bench`.
+
+#[path = "../tests/packet/mod.rs"]
+mod packet;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use netlb_agent::{
+    dataplane::{Dataplane, kernel::AyaDataplane},
+    loader::{self, LoadOptions, MapSizes},
+};
+use netlb_common::{
+    BackendValue, RevNatValue, ServiceKey, ServiceValue, program_names, proto, scope, svc_flags,
+};
+use packet::{Ipv4Packet, PacketBuilder, be_addr};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+const SAMPLES: u16 = 2000;
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+/// Programs `services` frontends on port 80 with 4 backends each.
+fn program(dp: &mut AyaDataplane, services: u32) {
+    let mut next_id = 1;
+    for i in 0..services {
+        let key = ServiceKey {
+            address_be: be_addr(vip(i)),
+            port_be: 80u16.to_be(),
+            backend_slot: 0,
+            proto: proto::TCP,
+            scope: scope::EXTERNAL,
+            pad: [0; 2],
+        };
+        for slot in 1..=4u16 {
+            let backend = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + next_id);
+            dp.upsert_backend(
+                next_id,
+                &BackendValue {
+                    address_be: be_addr(backend),
+                    port_be: 9376u16.to_be(),
+                    proto: proto::TCP,
+                    flags: 0,
+                },
+            )
+            .expect("backend");
+            dp.upsert_service(
+                &ServiceKey {
+                    backend_slot: slot,
+                    ..key
+                },
+                &ServiceValue {
+                    backend_id: next_id,
+                    ..Default::default()
+                },
+            )
+            .expect("slot");
+            next_id += 1;
+        }
+        dp.upsert_rev_nat(
+            i + 1,
+            &RevNatValue {
+                address_be: be_addr(vip(i)),
+                port_be: 80u16.to_be(),
+                pad: [0; 2],
+            },
+        )
+        .expect("rev nat");
+        dp.upsert_service(
+            &key,
+            &ServiceValue {
+                backend_id: 0,
+                rev_nat_index: i + 1,
+                count: 4,
+                flags: svc_flags::CLUSTER_IP,
+            },
+        )
+        .expect("frontend");
+    }
+}
+
+fn run_once(prog: &SchedClassifier, packet: &[u8], out: &mut [u8]) -> (u32, Duration, usize) {
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    (r.return_value, r.duration, r.data_size_out as usize)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn measure(services: u32) {
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_dir: None,
+        service_loopback: Some(Ipv4Addr::new(169, 254, 42, 1)),
+        sizes: MapSizes {
+            service_entries: 1 << 20,
+            backends: 1 << 19,
+            rev_nat: 1 << 17,
+            ..Default::default()
+        },
+    })
+    .expect("load (needs root)");
+    let mut dp = AyaDataplane::from_ebpf(&mut ebpf).expect("maps");
+    let started = std::time::Instant::now();
+    program(&mut dp, services);
+    let programmed = started.elapsed();
+    let from_pod: &SchedClassifier = ebpf
+        .program(program_names::FROM_POD)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let to_pod: &SchedClassifier = ebpf
+        .program(program_names::TO_POD)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let target = vip(services / 2);
+    let mut out = vec![0u8; 256];
+
+    let mut first = Vec::new();
+    let mut established = Vec::new();
+    let mut reply = Vec::new();
+    for sport in 20000..20000 + SAMPLES {
+        let syn = PacketBuilder::tcp(CLIENT, sport, target, 80).syn().build();
+        let (verdict, d, len) = run_once(from_pod, &syn, &mut out);
+        assert_eq!(verdict, 0);
+        first.push(d);
+        let backend = Ipv4Packet::parse(&out[..len]).expect("dnat output").daddr();
+        let (_, d, _) = run_once(from_pod, &syn, &mut out);
+        established.push(d);
+        let synack = PacketBuilder::tcp(backend, 9376, CLIENT, sport)
+            .syn()
+            .ack()
+            .build();
+        let (_, d, _) = run_once(to_pod, &synack, &mut out);
+        reply.push(d);
+    }
+    let miss = PacketBuilder::tcp(CLIENT, 20000, Ipv4Addr::new(10, 244, 9, 9), 80)
+        .syn()
+        .build();
+    let passthrough: Vec<Duration> = (0..SAMPLES)
+        .map(|_| run_once(from_pod, &miss, &mut out).1)
+        .collect();
+
+    println!(
+        "services={services:>6} (programmed in {programmed:?}): first packet {:>4} ns, established {:>4} ns, reply {:>4} ns, no-match {:>4} ns (medians of {SAMPLES})",
+        median(first).as_nanos(),
+        median(established).as_nanos(),
+        median(reply).as_nanos(),
+        median(passthrough).as_nanos(),
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    for services in [10, 100_000] {
+        measure(services);
+    }
+}

@@ -1,0 +1,160 @@
+//! An in-memory [`Dataplane`] for tests: the same maps as BTreeMaps, a log of
+//! every operation in order, and failure injection.
+
+use std::collections::BTreeMap;
+
+use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+
+use super::{BackendId, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
+
+/// One operation, as applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertBackend(BackendId),
+    DeleteBackend(BackendId),
+    UpsertService(ServiceKey),
+    DeleteService(ServiceKey),
+    UpsertRevNat(RevNatIndex),
+    DeleteRevNat(RevNatIndex),
+}
+
+impl Op {
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Self::UpsertBackend(_) | Self::UpsertService(_) | Self::UpsertRevNat(_)
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<BackendId, BackendValue>,
+    pub rev_nat: BTreeMap<RevNatIndex, RevNatValue>,
+    pub ops: Vec<Op>,
+    /// Fail the operation with this index (counting every attempted
+    /// operation from 0), once.
+    pub fail_at: Option<usize>,
+    attempts: usize,
+}
+
+impl FakeDataplane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Clears the op log.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    fn attempt(&mut self, op: Op) -> Result<(), DataplaneError> {
+        let n = self.attempts;
+        self.attempts += 1;
+        if self.fail_at == Some(n) {
+            self.fail_at = None;
+            let source = std::io::Error::other("injected failure");
+            return Err(if op.is_write() {
+                DataplaneError::Write {
+                    map: "fake",
+                    key: format!("{op:?}"),
+                    source,
+                }
+            } else {
+                DataplaneError::Delete {
+                    map: "fake",
+                    key: format!("{op:?}"),
+                    source,
+                }
+            });
+        }
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// Checks the invariants the datapath relies on: every frontend's slots
+    /// 1..=count exist and point at existing backends, and its rev-NAT
+    /// entry exists. Returns a description of the first violation.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        for (key, value) in self.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            if !self.rev_nat.contains_key(&value.rev_nat_index) {
+                return Err(format!("{key:?}: rev-NAT {} missing", value.rev_nat_index));
+            }
+            for slot in 1..=value.count {
+                let slot_key = ServiceKey {
+                    backend_slot: slot,
+                    ..*key
+                };
+                let Some(slot_value) = self.services.get(&slot_key) else {
+                    return Err(format!("{key:?}: slot {slot} missing"));
+                };
+                if !self.backends.contains_key(&slot_value.backend_id) {
+                    return Err(format!(
+                        "{key:?}: slot {slot} -> missing backend {}",
+                        slot_value.backend_id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn upsert_backend(
+        &mut self,
+        id: BackendId,
+        value: &BackendValue,
+    ) -> Result<(), DataplaneError> {
+        self.attempt(Op::UpsertBackend(id))?;
+        self.backends.insert(id, *value);
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), DataplaneError> {
+        self.attempt(Op::DeleteBackend(id))?;
+        self.backends.remove(&id);
+        Ok(())
+    }
+
+    fn upsert_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.attempt(Op::UpsertService(*key))?;
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        self.attempt(Op::DeleteService(*key))?;
+        self.services.remove(key);
+        Ok(())
+    }
+
+    fn upsert_rev_nat(
+        &mut self,
+        index: RevNatIndex,
+        value: &RevNatValue,
+    ) -> Result<(), DataplaneError> {
+        self.attempt(Op::UpsertRevNat(index))?;
+        self.rev_nat.insert(index, *value);
+        Ok(())
+    }
+
+    fn delete_rev_nat(&mut self, index: RevNatIndex) -> Result<(), DataplaneError> {
+        self.attempt(Op::DeleteRevNat(index))?;
+        self.rev_nat.remove(&index);
+        Ok(())
+    }
+
+    fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
+        Ok(ProgrammedMaps {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+        })
+    }
+}

@@ -1,0 +1,72 @@
+//! The only seam between the agent and the kernel.
+//!
+//! The sync step talks to a [`Dataplane`]; the real one writes the pinned BPF
+//! maps ([`kernel::AyaDataplane`]), tests use the
+//! in-memory [`fake::FakeDataplane`].
+
+pub mod fake;
+pub mod kernel;
+
+use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+
+/// Backend id: key of the `BACKENDS` map, `1..=MAX_BACKENDS`.
+pub type BackendId = u32;
+/// Reverse NAT index: key of the `REV_NAT` map, `1..=MAX_REV_NAT`.
+pub type RevNatIndex = u32;
+
+/// Everything currently programmed in the service maps, as read back from the
+/// kernel (used to adopt pinned maps after a restart).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedMaps {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(BackendId, BackendValue)>,
+    pub rev_nat: Vec<(RevNatIndex, RevNatValue)>,
+}
+
+/// Errors of a dataplane operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("failed to write `{map}` entry {key}")]
+    Write {
+        map: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to delete `{map}` entry {key}")]
+    Delete {
+        map: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read map `{map}`")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes to the datapath's service maps. Implementations apply each call
+/// immediately and in order: the caller is responsible for make-before-break
+/// ordering.
+pub trait Dataplane {
+    fn upsert_backend(&mut self, id: BackendId, value: &BackendValue)
+    -> Result<(), DataplaneError>;
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), DataplaneError>;
+    fn upsert_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    fn upsert_rev_nat(
+        &mut self,
+        index: RevNatIndex,
+        value: &RevNatValue,
+    ) -> Result<(), DataplaneError>;
+    fn delete_rev_nat(&mut self, index: RevNatIndex) -> Result<(), DataplaneError>;
+    /// Reads back everything programmed (adoption after a restart).
+    fn dump(&self) -> Result<ProgrammedMaps, DataplaneError>;
+}

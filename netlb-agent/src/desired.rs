@@ -1,0 +1,200 @@
+//! Desired datapath contents computed from the [`Model`]: one frontend per
+//! (address, port, protocol, scope) with its ordered backends.
+//!
+//! Frontends programmed today (from the pod hooks' point of view):
+//! - every IPv4 cluster IP, with the internal targets (internalTrafficPolicy);
+//! - every external IP and load-balancer ingress IP. From pods these use the
+//!   cluster-wide endpoints (kube-proxy short-circuits in-cluster traffic to
+//!   external addresses). When externalTrafficPolicy is Local the external
+//!   view (scope EXTERNAL, local endpoints) and the pods' view (scope
+//!   INTERNAL) differ, and the scope-EXTERNAL frontend carries `TWO_SCOPES`.
+//!
+//! NodePort frontends need the node's addresses and the uplink hooks; they
+//! are added with north-south support.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use netlb_common::{backend_flags, proto, scope, svc_flags};
+
+use crate::model::{Model, ServicePortName, Targets};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// The identity of a backend id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: BackendAddr,
+    /// `netlb_common::backend_flags`.
+    pub flags: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub service: ServicePortName,
+    /// `netlb_common::svc_flags`.
+    pub flags: u16,
+    /// Sorted and unique; empty = reject (or drop with `svc_flags::DROP`).
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// Frontends two Services claimed; the first (by namespace/name) won.
+    pub conflicts: Vec<String>,
+}
+
+impl DesiredState {
+    pub fn backend_count(&self) -> usize {
+        let mut all: Vec<BackendAddr> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.iter().map(|b| b.addr))
+            .collect();
+        all.sort();
+        all.dedup();
+        all.len()
+    }
+}
+
+fn proto_number(protocol: &str) -> Option<u8> {
+    match protocol {
+        "TCP" => Some(proto::TCP),
+        "UDP" => Some(proto::UDP),
+        _ => None,
+    }
+}
+
+fn backends(targets: &Targets, proto: u8) -> (Vec<DesiredBackend>, u16) {
+    let mut out: Vec<DesiredBackend> = targets
+        .endpoints()
+        .iter()
+        .map(|e| DesiredBackend {
+            addr: BackendAddr {
+                address: e.address,
+                port: e.port,
+                proto,
+            },
+            flags: (if e.terminating {
+                backend_flags::TERMINATING
+            } else {
+                0
+            }) | (if e.is_local { backend_flags::LOCAL } else { 0 }),
+        })
+        .collect();
+    out.sort_by_key(|b| b.addr);
+    out.dedup_by_key(|b| b.addr);
+    let flags = if matches!(targets, Targets::Drop) {
+        svc_flags::DROP
+    } else {
+        0
+    };
+    (out, flags)
+}
+
+impl DesiredState {
+    fn insert(&mut self, key: FrontendKey, frontend: DesiredFrontend) {
+        match self.frontends.get(&key) {
+            Some(existing) if existing.service != frontend.service => {
+                self.conflicts.push(format!(
+                    "{}:{} claimed by {} and {}; keeping {}",
+                    key.address, key.port, existing.service, frontend.service, existing.service
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.frontends.insert(key, frontend);
+            }
+        }
+    }
+}
+
+/// Computes the desired frontends. Ports are visited in
+/// (namespace, name, port) order, so the first claimant of an address wins.
+pub fn build(model: &Model) -> DesiredState {
+    let mut state = DesiredState::default();
+    for (name, port) in &model.ports {
+        let Some(proto) = proto_number(&port.protocol) else {
+            continue;
+        };
+        let (internal, internal_flags) = backends(&port.internal, proto);
+        for ip in &port.cluster_ips {
+            state.insert(
+                FrontendKey {
+                    address: *ip,
+                    port: port.port,
+                    proto,
+                    scope: scope::EXTERNAL,
+                },
+                DesiredFrontend {
+                    service: name.clone(),
+                    flags: svc_flags::CLUSTER_IP | internal_flags,
+                    backends: internal.clone(),
+                },
+            );
+        }
+        let (external, external_flags) = backends(&port.external, proto);
+        let (from_pods, from_pods_flags) = backends(&port.external_from_pods, proto);
+        let split = port.external != port.external_from_pods;
+        let local = if port.external_policy_local {
+            svc_flags::LOCAL_ONLY
+        } else {
+            0
+        };
+        let addresses = port
+            .external_ips
+            .iter()
+            .map(|ip| (*ip, svc_flags::EXTERNAL_IP))
+            .chain(
+                port.load_balancer_ips
+                    .iter()
+                    .map(|ip| (*ip, svc_flags::LOAD_BALANCER)),
+            );
+        for (ip, kind) in addresses {
+            let key = FrontendKey {
+                address: ip,
+                port: port.port,
+                proto,
+                scope: scope::EXTERNAL,
+            };
+            state.insert(
+                key,
+                DesiredFrontend {
+                    service: name.clone(),
+                    flags: kind
+                        | local
+                        | external_flags
+                        | if split { svc_flags::TWO_SCOPES } else { 0 },
+                    backends: external.clone(),
+                },
+            );
+            if split {
+                state.insert(
+                    FrontendKey {
+                        scope: scope::INTERNAL,
+                        ..key
+                    },
+                    DesiredFrontend {
+                        service: name.clone(),
+                        flags: kind | from_pods_flags,
+                        backends: from_pods.clone(),
+                    },
+                );
+            }
+        }
+    }
+    state
+}

@@ -1,0 +1,422 @@
+//! Loads the embedded eBPF object, pins its maps and attaches the TC programs
+//! to pod interfaces with pinned TCX links, so that the datapath keeps running
+//! while the agent is down and a restarted agent replaces the programs
+//! atomically (`bpf_link_update`) instead of detaching them.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use netlb_common::{DatapathConfig, limits, map_names, program_names};
+
+/// The datapath object, compiled by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlb"));
+
+/// Map sizes (max entries).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub service_entries: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            service_entries: limits::MAX_SERVICE_ENTRIES,
+            backends: limits::MAX_BACKENDS,
+            rev_nat: limits::MAX_REV_NAT,
+            conntrack: limits::MAX_CONNTRACK,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("failed to create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a bpffs (mount one, or use a directory below /sys/fs/bpf)")]
+    NotBpffs { path: PathBuf },
+    #[error("failed to mount bpffs on /sys/fs/bpf")]
+    MountBpffs {
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load the eBPF object (pin directory {pin_dir:?})")]
+    Load {
+        pin_dir: Option<PathBuf>,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program `{name}` missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map `{name}` missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program `{name}` failed to load")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map `{name}` has an unexpected type")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("failed to attach `{program}` to {interface} ({direction})")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        direction: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the link on {interface} is not a TCX link")]
+    Link {
+        interface: String,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("failed to pin link {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("failed to remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct we own.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `pin_dir` lies on a bpffs: when its nearest existing ancestor
+/// is not one, a bpffs is mounted on `/sys/fs/bpf` (as Cilium's agent does)
+/// provided `pin_dir` is below it. Pins on any other filesystem would fail.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
+    let mut existing = pin_dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) => existing = parent,
+            None => break,
+        }
+    }
+    if is_bpffs(existing) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Err(LoaderError::NotBpffs {
+            path: pin_dir.to_owned(),
+        });
+    }
+    std::fs::create_dir_all(root).map_err(|source| LoaderError::PinDir {
+        path: root.to_owned(),
+        source,
+    })?;
+    // SAFETY: plain mount(2) with static C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LoaderError::MountBpffs {
+            source: io::Error::last_os_error(),
+        });
+    }
+    log::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+/// Options for [`load`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// bpffs directory for pinned maps and links; `None` = nothing pinned
+    /// (datapath tests).
+    pub pin_dir: Option<PathBuf>,
+    /// Hairpin SNAT source; `None` disables hairpin SNAT.
+    pub service_loopback: Option<Ipv4Addr>,
+    pub sizes: MapSizes,
+}
+
+/// Loads the object and its programs and writes the datapath configuration.
+/// With a pin directory, maps already pinned there are reused (their contents
+/// survive), missing ones are created and pinned.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(map_names::SERVICES, opts.sizes.service_entries)
+        .map_max_entries(map_names::BACKENDS, opts.sizes.backends)
+        .map_max_entries(map_names::BACKEND_STATS, opts.sizes.backends + 1)
+        .map_max_entries(map_names::REV_NAT, opts.sizes.rev_nat)
+        .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack);
+    let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+        Some(dir) => {
+            ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).map_err(|source| LoaderError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+            map_names::ALL
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| LoaderError::Load {
+            pin_dir: opts.pin_dir.clone(),
+            source: Box::new(source),
+        })?;
+    for name in [program_names::FROM_POD, program_names::TO_POD] {
+        program_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+    }
+    let config = DatapathConfig {
+        service_loopback_be: opts
+            .service_loopback
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .unwrap_or(0),
+        pad: 0,
+    };
+    let map = ebpf
+        .map_mut(map_names::CONFIG)
+        .ok_or(LoaderError::MissingMap {
+            name: map_names::CONFIG,
+        })?;
+    let mut array: Array<&mut MapData, DatapathConfig> =
+        Array::try_from(map).map_err(|source| LoaderError::Map {
+            name: map_names::CONFIG,
+            source: Box::new(source),
+        })?;
+    array.set(0, config, 0).map_err(|source| LoaderError::Map {
+        name: map_names::CONFIG,
+        source: Box::new(source),
+    })?;
+    Ok(ebpf)
+}
+
+/// A loaded program by name.
+pub fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Where the pinned links of one pin directory live.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// The two hooks on a pod interface.
+const POD_HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (program_names::FROM_POD, TcAttachType::Ingress, "ingress"),
+    (program_names::TO_POD, TcAttachType::Egress, "egress"),
+];
+
+/// Attaches the pod programs to interfaces and keeps their links pinned.
+pub struct Attacher {
+    links_dir: PathBuf,
+    /// Interfaces with both hooks attached.
+    attached: BTreeMap<String, ()>,
+}
+
+impl Attacher {
+    pub fn new(pin_dir: &Path) -> Result<Self, LoaderError> {
+        let links_dir = links_dir(pin_dir);
+        std::fs::create_dir_all(&links_dir).map_err(|source| LoaderError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            links_dir,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    pub fn is_attached(&self, ifname: &str) -> bool {
+        self.attached.contains_key(ifname)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// bpffs refuses names with a dot, hence `<ifname>_<direction>`.
+    fn pin_path(&self, ifname: &str, direction: &str) -> PathBuf {
+        self.links_dir.join(format!("{ifname}_{direction}"))
+    }
+
+    /// Attaches both hooks to `ifname`. A link pinned by an earlier agent is
+    /// updated in place (the old program keeps running until the new one
+    /// replaces it, so no packet goes unprocessed); otherwise a new TCX link is
+    /// created and pinned.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str) -> Result<(), LoaderError> {
+        for (program, attach_type, direction) in POD_HOOKS {
+            let pin = self.pin_path(ifname, direction);
+            let prog = program_mut(ebpf, program)?;
+            let attach_err = |source| LoaderError::Attach {
+                program,
+                interface: ifname.to_owned(),
+                direction,
+                source: Box::new(source),
+            };
+            let replaced = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old));
+                    match link.map(|link| prog.attach_to_link(link)) {
+                        Ok(Ok(id)) => Some(id),
+                        // The pinned link is stale (its interface was
+                        // recreated, or it is not a TCX link): drop the pin
+                        // and attach afresh.
+                        Ok(Err(_)) | Err(_) => {
+                            remove_file(&pin)?;
+                            None
+                        }
+                    }
+                }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                    None
+                }
+                Err(_) => {
+                    remove_file(&pin)?;
+                    None
+                }
+            };
+            match replaced {
+                Some(id) => {
+                    // The pin already refers to this link; dropping our handle
+                    // leaves it attached.
+                    drop(prog.take_link(id).map_err(attach_err)?);
+                }
+                None => {
+                    let id = prog
+                        .attach_with_options(
+                            ifname,
+                            attach_type,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .map_err(attach_err)?;
+                    let link = prog.take_link(id).map_err(attach_err)?;
+                    let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
+                        interface: ifname.to_owned(),
+                        source: Box::new(source),
+                    })?;
+                    fd_link.pin(&pin).map_err(|source| LoaderError::PinLink {
+                        path: pin.clone(),
+                        source: Box::new(source),
+                    })?;
+                }
+            }
+        }
+        self.attached.insert(ifname.to_owned(), ());
+        Ok(())
+    }
+
+    /// Detaches from `ifname` by removing its pins (the kernel detaches a link
+    /// when its last reference goes).
+    pub fn detach(&mut self, ifname: &str) -> Result<(), LoaderError> {
+        self.attached.remove(ifname);
+        for (_, _, direction) in POD_HOOKS {
+            remove_file(&self.pin_path(ifname, direction))?;
+        }
+        Ok(())
+    }
+
+    /// Interface names that have pinned links (from this or an earlier agent).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                POD_HOOKS
+                    .iter()
+                    .find_map(|(_, _, direction)| name.strip_suffix(&format!("_{direction}")))
+                    .map(str::to_owned)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+fn remove_file(path: &Path) -> Result<(), LoaderError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoaderError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes a pin directory with everything pinned in it: maps are freed and
+/// links detached once no process holds them.
+pub fn remove_pins(pin_dir: &Path) -> Result<(), LoaderError> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoaderError::Remove {
+            path: pin_dir.to_owned(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,270 @@
+//! netlb-agent command line.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use netlb_agent::{
+    ifaces::{self, NamePattern},
+    list,
+    loader::{self, MapSizes},
+    model::NodeContext,
+    run::{self, RunOptions, SourceConfig},
+    source::kube::ApiConfig,
+};
+
+fn parse_addr(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        s.parse().with_context(|| format!("bad address {s:?}"))?,
+    ))
+}
+
+#[derive(Parser)]
+#[command(version, about = "netlb: eBPF Kubernetes Service load balancing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ListWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath and program it from a source until SIGINT/SIGTERM.
+    Run {
+        /// Program from a directory of Service and EndpointSlice manifests
+        /// (YAML/JSON), re-read when it changes, instead of the API server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig of the API server to watch (default: KUBECONFIG, then
+        /// in-cluster configuration, then ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// /healthz and /livez address (kube-proxy's default); "" disables.
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
+        /// /metrics address (kube-proxy's default); "" disables.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: String,
+        /// Enter this network namespace first (e.g. /run/netns/NAME), for
+        /// dev topologies. Do not wrap the agent in `ip netns exec`: that
+        /// remounts /sys and hides /sys/fs/bpf.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// bpffs directory for this instance's pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/netlb")]
+        bpffs: PathBuf,
+        /// Name patterns of pod host-side interfaces (repeatable).
+        #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*"])]
+        pod_ifaces: Vec<String>,
+        /// Source address for hairpin flows (a pod reaching itself through
+        /// its Service).
+        #[arg(long, default_value = "169.254.42.1")]
+        service_loopback: Ipv4Addr,
+        /// This node's name (for traffic policies).
+        #[arg(long = "hostname-override", env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Accept Services labelled service.kubernetes.io/service-proxy-name
+        /// with this value (unlabelled Services are always accepted).
+        #[arg(long)]
+        proxy_name: Option<String>,
+        /// Minimum interval between syncs, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        min_sync_interval_ms: u64,
+        /// Full resync interval, in seconds.
+        #[arg(long, default_value_t = 30)]
+        resync_interval_s: u64,
+        #[arg(long, default_value_t = MapSizes::default().service_entries)]
+        max_service_entries: u32,
+        #[arg(long, default_value_t = MapSizes::default().backends)]
+        max_backends: u32,
+        #[arg(long, default_value_t = MapSizes::default().rev_nat)]
+        max_rev_nat: u32,
+        #[arg(long, default_value_t = MapSizes::default().conntrack)]
+        max_conntrack: u32,
+        /// Detach and unpin everything on exit (demos, tests).
+        #[arg(long)]
+        cleanup_on_exit: bool,
+    },
+    /// Show what the pinned datapath maps hold.
+    List {
+        what: ListWhat,
+        #[arg(long, default_value = "/sys/fs/bpf/netlb")]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Detach the programs and remove the pinned maps of an instance.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/netlb")]
+        bpffs: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run {
+            manifests,
+            kubeconfig,
+            healthz_bind_address,
+            metrics_bind_address,
+            netns,
+            bpffs,
+            pod_ifaces,
+            service_loopback,
+            node_name,
+            proxy_name,
+            min_sync_interval_ms,
+            resync_interval_s,
+            max_service_entries,
+            max_backends,
+            max_rev_nat,
+            max_conntrack,
+            cleanup_on_exit,
+        } => {
+            if let Some(netns) = &netns {
+                // Before any thread exists: setns only moves the calling thread.
+                ifaces::enter_netns(netns)
+                    .with_context(|| format!("entering network namespace {}", netns.display()))?;
+            }
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Api(ApiConfig {
+                    kubeconfig,
+                    node_name: node_name.clone(),
+                }),
+            };
+            run::run(RunOptions {
+                source,
+                health_addr: parse_addr(&healthz_bind_address)?,
+                metrics_addr: parse_addr(&metrics_bind_address)?,
+                pin_dir: bpffs,
+                pod_ifaces: pod_ifaces.iter().map(|p| NamePattern::new(p)).collect(),
+                service_loopback: Some(service_loopback),
+                node: NodeContext {
+                    node_name,
+                    proxy_name,
+                    ..Default::default()
+                },
+                sizes: MapSizes {
+                    service_entries: max_service_entries,
+                    backends: max_backends,
+                    rev_nat: max_rev_nat,
+                    conntrack: max_conntrack,
+                },
+                min_sync_interval: Duration::from_millis(min_sync_interval_ms),
+                resync_interval: Duration::from_secs(resync_interval_s),
+                cleanup_on_exit,
+            })?;
+        }
+        Command::List {
+            what,
+            bpffs,
+            output,
+        } => print_list(what, &bpffs, output)?,
+        Command::Cleanup { bpffs } => {
+            loader::remove_pins(&bpffs)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow::Result<()> {
+    let ctx = || format!("reading the maps pinned in {}", bpffs.display());
+    let (json, header, rows): (serde_json::Value, &[&str], Vec<Vec<String>>) = match what {
+        ListWhat::Services => {
+            let rows = list::services(bpffs).with_context(ctx)?;
+            let table = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.frontend.clone(),
+                        r.protocol.clone(),
+                        r.scope.to_owned(),
+                        r.rev_nat_index.to_string(),
+                        if r.backends.is_empty() {
+                            "(none: reject)".to_owned()
+                        } else {
+                            r.backends.join(", ")
+                        },
+                    ]
+                })
+                .collect();
+            (
+                serde_json::to_value(&rows)?,
+                &["FRONTEND", "PROTO", "SCOPE", "REVNAT", "BACKENDS"],
+                table,
+            )
+        }
+        ListWhat::Backends => {
+            let rows = list::backends(bpffs).with_context(ctx)?;
+            let table = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.to_string(),
+                        format!("{}:{}", r.address, r.port),
+                        r.protocol.clone(),
+                        r.flows.to_string(),
+                        r.packets.to_string(),
+                    ]
+                })
+                .collect();
+            (
+                serde_json::to_value(&rows)?,
+                &["ID", "BACKEND", "PROTO", "FLOWS", "PACKETS"],
+                table,
+            )
+        }
+        ListWhat::Conntrack => {
+            let rows = list::conntrack(bpffs).with_context(ctx)?;
+            let table = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.direction.to_owned(),
+                        r.protocol.clone(),
+                        r.source.clone(),
+                        r.destination.clone(),
+                        r.backend_id.to_string(),
+                        r.rev_nat_index.to_string(),
+                    ]
+                })
+                .collect();
+            (
+                serde_json::to_value(&rows)?,
+                &["DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "REVNAT"],
+                table,
+            )
+        }
+        ListWhat::Stats => {
+            let rows = list::stats(bpffs).with_context(ctx)?;
+            let table = rows
+                .iter()
+                .map(|r| vec![r.counter.to_owned(), r.value.to_string()])
+                .collect();
+            (serde_json::to_value(&rows)?, &["COUNTER", "VALUE"], table)
+        }
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Table => print!("{}", list::table(header, &rows)),
+    }
+    Ok(())
+}

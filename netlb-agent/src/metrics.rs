@@ -1,0 +1,419 @@
+//! Prometheus metrics, kube-proxy's names where kube-proxy has an
+//! equivalent (`kubeproxy_*`), netlb's own otherwise (`netlb_*`), and the
+//! kube-proxy-compatible health state behind `/healthz` and `/livez`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
+
+use netlb_common::stat;
+
+/// A cumulative histogram with fixed upper bounds (seconds).
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: Vec<f64>) -> Self {
+        let counts = vec![0; bounds.len()];
+        Self {
+            bounds,
+            counts,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        for (bound, count) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if value <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// Sync durations: kube-proxy's `sync_proxy_rules_duration_seconds` buckets
+/// (exponential from 1 ms), with finer ones below.
+fn sync_buckets() -> Vec<f64> {
+    let mut b = vec![0.0001, 0.00025, 0.0005];
+    let mut v = 0.001;
+    for _ in 0..15 {
+        b.push(v);
+        v *= 2.0;
+    }
+    b
+}
+
+/// Network programming latency: kube-proxy's buckets (0.25 s .. 420 s) with
+/// millisecond ones in front, since netlb programs in milliseconds.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..12).map(|i| 300.0 + 10.0 * f64::from(i)));
+    b
+}
+
+#[derive(Debug)]
+struct State {
+    sync_duration: Histogram,
+    programming_latency: Histogram,
+    last_sync: Option<SystemTime>,
+    syncs: u64,
+    sync_errors: BTreeMap<String, u64>,
+    invalid_objects: BTreeMap<String, u64>,
+    programmed_frontends: u64,
+    programmed_backends: u64,
+    healthz: BTreeMap<u16, u64>,
+    /// kube-proxy's health state: last successful sync, oldest pending change.
+    last_updated: Option<SystemTime>,
+    oldest_pending: Option<Instant>,
+    node_eligible: bool,
+    datapath: [u64; stat::COUNT as usize],
+    watch_errors: u64,
+}
+
+/// All metrics of one agent; shared between the sync loop and the HTTP
+/// server.
+#[derive(Debug)]
+pub struct Metrics {
+    state: Mutex<State>,
+    health_timeout: Duration,
+}
+
+/// The `/healthz` answer.
+pub struct Health {
+    pub healthy: bool,
+    pub node_eligible: bool,
+    pub body: String,
+}
+
+/// Go's `time.Time.String()` layout in UTC, which kube-proxy's health body
+/// uses (`2006-01-02 15:04:05.999999999 +0000 UTC`).
+fn go_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut nanos = format!("{:09}", d.subsec_nanos());
+    while nanos.ends_with('0') {
+        nanos.pop();
+    }
+    let frac = if nanos.is_empty() {
+        String::new()
+    } else {
+        format!(".{nanos}")
+    };
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{frac} +0000 UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl Metrics {
+    /// `health_timeout`: how long a recorded change may wait for a sync
+    /// before `/healthz` fails (kube-proxy: twice the sync period).
+    pub fn new(health_timeout: Duration) -> Self {
+        Self {
+            state: Mutex::new(State {
+                sync_duration: Histogram::new(sync_buckets()),
+                programming_latency: Histogram::new(programming_buckets()),
+                last_sync: None,
+                syncs: 0,
+                sync_errors: BTreeMap::new(),
+                invalid_objects: BTreeMap::new(),
+                programmed_frontends: 0,
+                programmed_backends: 0,
+                healthz: BTreeMap::new(),
+                last_updated: None,
+                oldest_pending: None,
+                node_eligible: true,
+                datapath: [0; stat::COUNT as usize],
+                watch_errors: 0,
+            }),
+            health_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counters invalid.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A change was recorded and awaits a sync (kube-proxy's QueuedUpdate).
+    pub fn queued_update(&self) {
+        let mut s = self.lock();
+        if s.oldest_pending.is_none() {
+            s.oldest_pending = Some(Instant::now());
+        }
+    }
+
+    /// A sync succeeded (kube-proxy's Updated).
+    pub fn synced(&self, duration: Duration, frontends: u64, backends: u64) {
+        let mut s = self.lock();
+        s.sync_duration.observe(duration.as_secs_f64());
+        let now = SystemTime::now();
+        s.last_sync = Some(now);
+        s.last_updated = Some(now);
+        s.oldest_pending = None;
+        s.syncs += 1;
+        s.programmed_frontends = frontends;
+        s.programmed_backends = backends;
+    }
+
+    pub fn sync_failed(&self, reason: &str) {
+        *self
+            .lock()
+            .sync_errors
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn invalid_object(&self, kind: &str) {
+        *self
+            .lock()
+            .invalid_objects
+            .entry(kind.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Time from an EndpointSlice change (its trigger time) to the sync that
+    /// programmed it.
+    pub fn programming_latency(&self, latency: Duration) {
+        self.lock()
+            .programming_latency
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.lock().node_eligible = eligible;
+    }
+
+    pub fn set_datapath_counters(&self, counters: [u64; stat::COUNT as usize]) {
+        self.lock().datapath = counters;
+    }
+
+    pub fn set_watch_errors(&self, errors: u64) {
+        self.lock().watch_errors = errors;
+    }
+
+    fn is_healthy(&self, s: &State) -> bool {
+        match s.oldest_pending {
+            Some(since) if s.last_updated.is_some() => since.elapsed() < self.health_timeout,
+            // Healthy while starting up or when fully synced, as kube-proxy.
+            _ => true,
+        }
+    }
+
+    /// `/healthz` (`livez = false`) or `/livez` (ignores node eligibility).
+    pub fn health(&self, livez: bool) -> Health {
+        let mut s = self.lock();
+        let healthy = self.is_healthy(&s) && (livez || s.node_eligible);
+        let now = SystemTime::now();
+        // Like kube-proxy: a healthy answer reports "now" as lastUpdated.
+        let last_updated = if healthy {
+            now
+        } else {
+            s.last_updated.unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        let code = if healthy { 200 } else { 503 };
+        if !livez {
+            *s.healthz.entry(code).or_default() += 1;
+        }
+        let body = if livez {
+            format!(
+                "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"}}",
+                go_time(last_updated),
+                go_time(now)
+            )
+        } else {
+            format!(
+                "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\", \"nodeEligible\": {}}}",
+                go_time(last_updated),
+                go_time(now),
+                s.node_eligible
+            )
+        };
+        Health {
+            healthy,
+            node_eligible: s.node_eligible,
+            body,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let s = self.lock();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds Sync duration: desired state computed and datapath maps updated.\n# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"
+        );
+        s.sync_duration
+            .render(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds");
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_network_programming_duration_seconds From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the sync that programmed it.\n# TYPE kubeproxy_network_programming_duration_seconds histogram"
+        );
+        s.programming_latency
+            .render(&mut out, "kubeproxy_network_programming_duration_seconds");
+        let last = s
+            .last_sync
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time a sync succeeded.\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {last}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_proxy_healthz_total /healthz answers by code.\n# TYPE kubeproxy_proxy_healthz_total counter"
+        );
+        for (code, n) in &s.healthz {
+            let _ = writeln!(out, "kubeproxy_proxy_healthz_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netlb_syncs_total Successful syncs.\n# TYPE netlb_syncs_total counter\nnetlb_syncs_total {}",
+            s.syncs
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_sync_errors_total Failed syncs by reason.\n# TYPE netlb_sync_errors_total counter"
+        );
+        for (reason, n) in &s.sync_errors {
+            let _ = writeln!(out, "netlb_sync_errors_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netlb_invalid_objects_total Objects the model could not use, by kind.\n# TYPE netlb_invalid_objects_total counter"
+        );
+        for (kind, n) in &s.invalid_objects {
+            let _ = writeln!(out, "netlb_invalid_objects_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netlb_programmed_frontends Frontends programmed in the datapath.\n# TYPE netlb_programmed_frontends gauge\nnetlb_programmed_frontends {}\n# HELP netlb_programmed_backends Backends programmed in the datapath.\n# TYPE netlb_programmed_backends gauge\nnetlb_programmed_backends {}",
+            s.programmed_frontends, s.programmed_backends
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_watch_errors_total API watch errors (retried with backoff).\n# TYPE netlb_watch_errors_total counter\nnetlb_watch_errors_total {}",
+            s.watch_errors
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_datapath_drops_total Packets dropped by the datapath, by reason.\n# TYPE netlb_datapath_drops_total counter"
+        );
+        for (i, value) in s.datapath.iter().enumerate() {
+            if stat::is_drop(i as u32) {
+                let _ = writeln!(
+                    out,
+                    "netlb_datapath_drops_total{{reason=\"{}\"}} {value}",
+                    stat::NAMES[i]
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netlb_datapath_packets_total Packets handled by the datapath, by outcome.\n# TYPE netlb_datapath_packets_total counter"
+        );
+        for (i, value) in s.datapath.iter().enumerate() {
+            if !stat::is_drop(i as u32) {
+                let _ = writeln!(
+                    out,
+                    "netlb_datapath_packets_total{{counter=\"{}\"}} {value}",
+                    stat::NAMES[i]
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_time_layout() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_000_000, 120_000_000);
+        assert_eq!(go_time(t), "2026-11-18 11:06:40.12 +0000 UTC");
+        assert_eq!(
+            go_time(SystemTime::UNIX_EPOCH),
+            "1970-01-01 00:00:00 +0000 UTC"
+        );
+    }
+
+    #[test]
+    fn health_follows_kube_proxy() {
+        let m = Metrics::new(Duration::from_millis(50));
+        // Starting up: healthy.
+        assert!(m.health(false).healthy);
+        m.queued_update();
+        // Queued but never updated yet: still healthy (no lastUpdated).
+        assert!(m.health(false).healthy);
+        m.synced(Duration::from_millis(1), 1, 1);
+        m.queued_update();
+        assert!(m.health(false).healthy, "pending but not late");
+        std::thread::sleep(Duration::from_millis(80));
+        let h = m.health(false);
+        assert!(!h.healthy, "pending past the timeout");
+        assert!(h.body.contains("\"nodeEligible\": true"), "{}", h.body);
+        m.synced(Duration::from_millis(1), 1, 1);
+        assert!(m.health(false).healthy);
+        m.set_node_eligible(false);
+        assert!(!m.health(false).healthy);
+        assert!(m.health(true).healthy, "livez ignores the node");
+        let text = m.render();
+        assert!(
+            text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::new(vec![0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.5);
+        h.observe(5.0);
+        let mut out = String::new();
+        h.render(&mut out, "x");
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1"));
+        assert!(out.contains("x_bucket{le=\"1\"} 2"));
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3"));
+    }
+}

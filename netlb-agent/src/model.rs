@@ -1,0 +1,645 @@
+//! A pure model of Services and their endpoints with kube-proxy's semantics
+//! (pkg/proxy: `servicechangetracker`, `endpointslicecache`,
+//! `topology.CategorizeEndpoints`, `iptables` proxier's REJECT/DROP choice).
+//! No I/O and no kernel: objects in, service ports with categorised
+//! endpoints out. Objects the model cannot use become [`ModelIssue`]s and
+//! never affect other Services.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Label of EndpointSlices naming their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services (and slices) with this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Headless Services' slices carry this label; kube-proxy ignores them.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// What the model needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name; endpoints with this `nodeName` are local.
+    pub node_name: Option<String>,
+    /// Accept Services labelled `service.kubernetes.io/service-proxy-name`
+    /// with this value (unlabelled Services are always accepted).
+    pub proxy_name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone`, for topology hints.
+    pub zone: Option<String>,
+}
+
+/// kube-proxy's `ServicePortName`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    /// "TCP", "UDP" or "SCTP".
+    pub protocol: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// One endpoint of a service port (kube-proxy's `BaseEndpointInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub is_local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// Where traffic of one kind goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// Load-balance over these endpoints.
+    Endpoints(Vec<Endpoint>),
+    /// No endpoints anywhere: ICMP port unreachable (kube-proxy's REJECT).
+    Reject,
+    /// Endpoints exist, but none this traffic policy may use (Local policy
+    /// without local endpoints): drop (kube-proxy's DROP).
+    Drop,
+}
+
+impl Targets {
+    pub fn endpoints(&self) -> &[Endpoint] {
+        match self {
+            Self::Endpoints(e) => e,
+            Self::Reject | Self::Drop => &[],
+        }
+    }
+}
+
+/// A service port with its endpoints categorised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub port: u16,
+    pub protocol: String,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    pub health_check_node_port: Option<u16>,
+    /// sessionAffinity ClientIP timeout, if set (recorded; not yet applied).
+    pub session_affinity_timeout: Option<u32>,
+    /// All endpoints after deduplication.
+    pub endpoints: Vec<Endpoint>,
+    /// Traffic to cluster IPs (internalTrafficPolicy applied).
+    pub internal: Targets,
+    /// Traffic to node ports, external IPs and load-balancer IPs from
+    /// outside the cluster (externalTrafficPolicy applied).
+    pub external: Targets,
+    /// The same addresses reached from inside the cluster (pods): kube-proxy
+    /// short-circuits them to the cluster-wide endpoints.
+    pub external_from_pods: Targets,
+}
+
+impl ServicePort {
+    /// NodePort, externalIPs or load-balancer IPs.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+}
+
+/// Something the model could not use, with the object it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelIssue {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub message: String,
+}
+
+impl fmt::Display for ModelIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}/{}: {}",
+            self.kind, self.namespace, self.name, self.message
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub ports: BTreeMap<ServicePortName, ServicePort>,
+    pub issues: Vec<ModelIssue>,
+}
+
+fn labels_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&BTreeMap<String, String>> {
+    meta.labels.as_ref()
+}
+
+/// kube-proxy's informer label selector: no foreign service-proxy-name
+/// (ours is accepted when configured) and not headless.
+fn selected(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    node: &NodeContext,
+) -> bool {
+    let Some(labels) = labels_of(meta) else {
+        return true;
+    };
+    if labels.contains_key(HEADLESS_LABEL) {
+        return false;
+    }
+    match labels.get(SERVICE_PROXY_NAME_LABEL) {
+        None => true,
+        Some(name) => node.proxy_name.as_deref() == Some(name.as_str()),
+    }
+}
+
+fn protocol_of(p: Option<&String>) -> String {
+    // The API server defaults a missing protocol to TCP.
+    p.cloned().unwrap_or_else(|| "TCP".to_owned())
+}
+
+/// Endpoints of one slice port, collected per service port name.
+type EndpointsByPort = BTreeMap<ServicePortName, Vec<Endpoint>>;
+
+fn collect_endpoints(
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+    issues: &mut Vec<ModelIssue>,
+) -> EndpointsByPort {
+    // kube-proxy walks a service's slices in name order.
+    let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    let mut out: EndpointsByPort = BTreeMap::new();
+    for slice in sorted {
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let slice_name = slice.metadata.name.clone().unwrap_or_default();
+        if !selected(&slice.metadata, node) {
+            continue;
+        }
+        let Some(service) = labels_of(&slice.metadata).and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            // Not owned by a Service; nothing to proxy.
+            continue;
+        };
+        // FQDN and IPv6 slices are ignored (this node serves IPv4).
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        for port in slice.ports.iter().flatten() {
+            let Some(port_name) = &port.name else {
+                issues.push(ModelIssue {
+                    kind: "EndpointSlice",
+                    namespace: namespace.clone(),
+                    name: slice_name.clone(),
+                    message: "ignoring a port with no name".into(),
+                });
+                continue;
+            };
+            let number = match port.port {
+                Some(p) if (1..=65535).contains(&p) => p as u16,
+                other => {
+                    issues.push(ModelIssue {
+                        kind: "EndpointSlice",
+                        namespace: namespace.clone(),
+                        name: slice_name.clone(),
+                        message: format!(
+                            "ignoring port {port_name:?} with invalid number {other:?}"
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let spn = ServicePortName {
+                namespace: namespace.clone(),
+                name: service.clone(),
+                port_name: port_name.clone(),
+                protocol: protocol_of(port.protocol.as_ref()),
+            };
+            let list = out.entry(spn).or_default();
+            for ep in slice.endpoints.iter().flatten() {
+                let Some(first) = ep.addresses.first() else {
+                    continue;
+                };
+                let Ok(address) = first.parse::<Ipv4Addr>() else {
+                    issues.push(ModelIssue {
+                        kind: "EndpointSlice",
+                        namespace: namespace.clone(),
+                        name: slice_name.clone(),
+                        message: format!("ignoring endpoint with invalid IPv4 address {first:?}"),
+                    });
+                    continue;
+                };
+                let conditions = ep.conditions.as_ref();
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                let is_local = match (&ep.node_name, &node.node_name) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => false,
+                };
+                let hints = ep.hints.as_ref();
+                let endpoint = Endpoint {
+                    address,
+                    port: number,
+                    is_local,
+                    ready,
+                    serving,
+                    terminating,
+                    zone_hints: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                        .unwrap_or_default(),
+                    node_hints: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                        .unwrap_or_default(),
+                };
+                // Deduplicate by IP:port: the first one seen wins, unless a
+                // later one is local (kube-proxy's addEndpoints).
+                match list
+                    .iter_mut()
+                    .find(|e| e.address == address && e.port == number)
+                {
+                    Some(existing) => {
+                        if is_local {
+                            *existing = endpoint;
+                        }
+                    }
+                    None => list.push(endpoint),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// kube-proxy's `topologyModeFromHints`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    None,
+    PreferSameNode,
+    PreferSameZone,
+}
+
+fn topology_mode(endpoints: &[Endpoint], node: &NodeContext) -> TopologyMode {
+    let mut has_for_node = false;
+    let mut all_node_hints = true;
+    let mut has_for_zone = false;
+    let mut all_zone_hints = true;
+    for ep in endpoints.iter().filter(|e| e.ready) {
+        if ep.node_hints.is_empty() {
+            all_node_hints = false;
+        } else if node
+            .node_name
+            .as_ref()
+            .is_some_and(|n| ep.node_hints.contains(n))
+        {
+            has_for_node = true;
+        }
+        if ep.zone_hints.is_empty() {
+            all_zone_hints = false;
+        } else if node
+            .zone
+            .as_ref()
+            .is_some_and(|z| ep.zone_hints.contains(z))
+        {
+            has_for_zone = true;
+        }
+    }
+    if all_node_hints && has_for_node {
+        return TopologyMode::PreferSameNode;
+    }
+    if all_zone_hints && has_for_zone {
+        return TopologyMode::PreferSameZone;
+    }
+    TopologyMode::None
+}
+
+fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeContext) -> bool {
+    match mode {
+        TopologyMode::None => true,
+        TopologyMode::PreferSameNode => node
+            .node_name
+            .as_ref()
+            .is_some_and(|n| ep.node_hints.contains(n)),
+        TopologyMode::PreferSameZone => node
+            .zone
+            .as_ref()
+            .is_some_and(|z| ep.zone_hints.contains(z)),
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints`: (cluster, local, has any endpoints).
+/// `cluster` is `None` when the port does not use cluster endpoints, `local`
+/// is `None` when it does not use local ones.
+pub fn categorize_endpoints(
+    endpoints: &[Endpoint],
+    uses_cluster: bool,
+    uses_local: bool,
+    node: &NodeContext,
+) -> (Option<Vec<Endpoint>>, Option<Vec<Endpoint>>, bool) {
+    let mut has_any = false;
+    let mut cluster = None;
+    if uses_cluster {
+        let mode = topology_mode(endpoints, node);
+        let mut eps: Vec<Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.ready && available_for_topology(e, mode, node))
+            .cloned()
+            .collect();
+        if eps.is_empty() {
+            eps = endpoints
+                .iter()
+                .filter(|e| e.serving && e.terminating && available_for_topology(e, mode, node))
+                .cloned()
+                .collect();
+        }
+        has_any = !eps.is_empty();
+        cluster = Some(eps);
+    }
+    if !uses_local {
+        return (cluster, None, has_any);
+    }
+    let mut local_ready = false;
+    let mut local_serving_terminating = false;
+    for ep in endpoints {
+        if ep.ready {
+            has_any = true;
+            local_ready |= ep.is_local;
+        } else if ep.serving && ep.terminating {
+            has_any = true;
+            local_serving_terminating |= ep.is_local;
+        }
+    }
+    let local = if local_ready {
+        endpoints
+            .iter()
+            .filter(|e| e.is_local && e.ready)
+            .cloned()
+            .collect()
+    } else if local_serving_terminating {
+        endpoints
+            .iter()
+            .filter(|e| e.is_local && e.serving && e.terminating)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (cluster, Some(local), has_any)
+}
+
+fn targets(chosen: Vec<Endpoint>, has_any: bool) -> Targets {
+    if !chosen.is_empty() {
+        Targets::Endpoints(chosen)
+    } else if has_any {
+        Targets::Drop
+    } else {
+        Targets::Reject
+    }
+}
+
+fn parse_ipv4s<'a>(
+    values: impl Iterator<Item = &'a String>,
+    what: &str,
+    issue: &mut dyn FnMut(String),
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => {
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+            // This node serves IPv4; IPv6 addresses belong to the other family.
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => issue(format!("ignoring invalid {what} {v:?}")),
+        }
+    }
+    out
+}
+
+/// Builds the model from a consistent snapshot of objects.
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
+    let mut issues = Vec::new();
+    let endpoints = collect_endpoints(slices, node, &mut issues);
+    let mut ports = BTreeMap::new();
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for svc in sorted {
+        add_service(svc, node, &endpoints, &mut ports, &mut issues);
+    }
+    Model { ports, issues }
+}
+
+fn add_service(
+    svc: &Service,
+    node: &NodeContext,
+    endpoints: &EndpointsByPort,
+    ports: &mut BTreeMap<ServicePortName, ServicePort>,
+    issues: &mut Vec<ModelIssue>,
+) {
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let Some(name) = svc.metadata.name.clone() else {
+        issues.push(ModelIssue {
+            kind: "Service",
+            namespace,
+            name: String::new(),
+            message: "no metadata.name".into(),
+        });
+        return;
+    };
+    let mut issue = |message: String| {
+        issues.push(ModelIssue {
+            kind: "Service",
+            namespace: namespace.clone(),
+            name: name.clone(),
+            message,
+        })
+    };
+    if !selected(&svc.metadata, node) {
+        return;
+    }
+    let Some(spec) = &svc.spec else {
+        issue("no spec".into());
+        return;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let cluster_ip_strings: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    if cluster_ip_strings.iter().any(|ip| ip.as_str() == "None") {
+        return; // headless
+    }
+    if cluster_ip_strings.iter().all(|ip| ip.is_empty()) {
+        issue(
+            "no clusterIP allocated (a manifest-directory Service must set spec.clusterIP)".into(),
+        );
+        return;
+    }
+    let cluster_ips = parse_ipv4s(
+        cluster_ip_strings.into_iter().filter(|ip| !ip.is_empty()),
+        "clusterIP",
+        &mut issue,
+    );
+    if cluster_ips.is_empty() {
+        // Only IPv6 (or invalid) cluster IPs: not this node's family.
+        return;
+    }
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let external_ips = parse_ipv4s(spec.external_ips.iter().flatten(), "externalIP", &mut issue);
+    let load_balancer_ips = if type_ == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        // ipMode Proxy: the load balancer delivers to the node, not to the
+        // VIP; kube-proxy does not program the IP then.
+        let ips: Vec<&String> = ingress
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_ref())
+            .collect();
+        parse_ipv4s(ips.into_iter(), "load balancer ingress IP", &mut issue)
+    } else {
+        Vec::new()
+    };
+    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    // kube-proxy's ExternalPolicyLocal: only for externally accessible types.
+    let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local")
+        && (matches!(type_, "NodePort" | "LoadBalancer") || !external_ips.is_empty());
+    let session_affinity_timeout =
+        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map(|t| t.max(0) as u32)
+                .unwrap_or(10_800)
+        });
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|p| (1..=65535).contains(p))
+        .map(|p| p as u16);
+    for port in spec.ports.iter().flatten() {
+        let protocol = protocol_of(port.protocol.as_ref());
+        let port_name = port.name.clone().unwrap_or_default();
+        if protocol == "SCTP" {
+            issue(format!(
+                "port {port_name:?} {}/SCTP: SCTP is not supported by netlb",
+                port.port
+            ));
+            continue;
+        }
+        if protocol != "TCP" && protocol != "UDP" {
+            issue(format!("port {port_name:?}: unknown protocol {protocol:?}"));
+            continue;
+        }
+        if !(1..=65535).contains(&port.port) {
+            issue(format!("port {port_name:?}: invalid port {}", port.port));
+            continue;
+        }
+        let node_port = match (type_, port.node_port) {
+            ("NodePort" | "LoadBalancer", Some(p)) if (1..=65535).contains(&p) => Some(p as u16),
+            ("NodePort" | "LoadBalancer", Some(p)) if p != 0 => {
+                issue(format!("port {port_name:?}: invalid nodePort {p}"));
+                None
+            }
+            _ => None,
+        };
+        let spn = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name,
+            protocol: protocol.clone(),
+        };
+        let eps = endpoints.get(&spn).cloned().unwrap_or_default();
+        let externally_accessible =
+            node_port.is_some() || !external_ips.is_empty() || !load_balancer_ips.is_empty();
+        let ext_local = externally_accessible && external_policy_local;
+        // kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints.
+        let uses_cluster = !internal_policy_local || (externally_accessible && !ext_local);
+        let uses_local = internal_policy_local || ext_local;
+        let (cluster, local, has_any) = categorize_endpoints(&eps, uses_cluster, uses_local, node);
+        let cluster = cluster.unwrap_or_default();
+        let local = local.unwrap_or_default();
+        let internal = targets(
+            if internal_policy_local {
+                local.clone()
+            } else {
+                cluster.clone()
+            },
+            has_any,
+        );
+        let external = targets(
+            if ext_local {
+                local.clone()
+            } else {
+                cluster.clone()
+            },
+            has_any,
+        );
+        // Pods reaching external addresses are short-circuited to the
+        // cluster-wide endpoints (kube-proxy's KUBE-EXT chain).
+        let external_from_pods = if ext_local {
+            let (cluster_all, _, any) = categorize_endpoints(&eps, true, false, node);
+            targets(cluster_all.unwrap_or_default(), any || has_any)
+        } else {
+            external.clone()
+        };
+        ports.insert(
+            spn,
+            ServicePort {
+                cluster_ips: cluster_ips.clone(),
+                port: port.port as u16,
+                protocol,
+                node_port,
+                external_ips: external_ips.clone(),
+                load_balancer_ips: load_balancer_ips.clone(),
+                internal_policy_local,
+                external_policy_local: ext_local,
+                health_check_node_port,
+                session_affinity_timeout,
+                endpoints: eps,
+                internal,
+                external,
+                external_from_pods,
+            },
+        );
+    }
+}

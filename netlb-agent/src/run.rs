@@ -1,0 +1,492 @@
+//! The agent's main loop, in kube-proxy's shape: sources only record changes
+//! and wake the loop; one sync step reads a whole snapshot, computes the
+//! desired state and applies the minimal diff, at most every
+//! `min_sync_interval`, at least every `resync_interval`, retrying failures
+//! with backoff; interfaces are attached as they appear.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    dataplane::kernel::{AyaDataplane, Observer},
+    desired, http, ifaces,
+    ifaces::NamePattern,
+    loader::{self, Attacher, LoadOptions, MapSizes},
+    metrics::Metrics,
+    model::{self, NodeContext},
+    source::{
+        kube::{ApiConfig, ApiSource},
+        manifests,
+    },
+    sync::Syncer,
+};
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests (dev, demos), re-read when it changes.
+    Manifests(PathBuf),
+    /// The API server.
+    Api(ApiConfig),
+}
+
+/// Agent settings for `netlb-agent run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub source: SourceConfig,
+    pub pin_dir: PathBuf,
+    pub pod_ifaces: Vec<NamePattern>,
+    pub service_loopback: Option<Ipv4Addr>,
+    pub node: NodeContext,
+    pub sizes: MapSizes,
+    /// Minimum time between two syncs (kube-proxy's `minSyncPeriod`).
+    pub min_sync_interval: Duration,
+    /// A full resync at least this often (kube-proxy's `syncPeriod`).
+    pub resync_interval: Duration,
+    /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256).
+    pub health_addr: Option<SocketAddr>,
+    /// `/metrics` (kube-proxy: 127.0.0.1:10249).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Remove links and pinned maps on exit (demos and tests); by default
+    /// they stay so that traffic keeps flowing while the agent is down.
+    pub cleanup_on_exit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error(transparent)]
+    Api(#[from] crate::source::kube::ApiSourceError),
+    #[error(transparent)]
+    Listen(#[from] http::ListenError),
+    #[error("failed to watch network interfaces")]
+    Interfaces {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to install signal handlers")]
+    Signals {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Objects of one consistent read of a source.
+struct Objects {
+    services: Vec<Service>,
+    endpoint_slices: Vec<EndpointSlice>,
+    node: Option<Node>,
+}
+
+enum Source {
+    Manifests {
+        dir: PathBuf,
+        fingerprint: Option<u64>,
+    },
+    Api(ApiSource),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncStepError {
+    #[error("reading manifests failed")]
+    Manifests(#[source] manifests::ManifestError),
+    #[error("programming the datapath failed")]
+    Sync(#[source] crate::sync::SyncError),
+}
+
+impl SyncStepError {
+    /// Metric label.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Manifests(_) => "source",
+            Self::Sync(_) => "datapath",
+        }
+    }
+}
+
+impl Source {
+    /// Whether the source changed since the last call (manifests are polled;
+    /// the API source wakes the loop through the channel instead).
+    fn poll_changed(&mut self) -> bool {
+        match self {
+            Self::Manifests { dir, fingerprint } => match manifests::fingerprint(dir) {
+                Ok(fp) if Some(fp) != *fingerprint => {
+                    *fingerprint = Some(fp);
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    log::warn!("cannot read {}: {e}", dir.display());
+                    false
+                }
+            },
+            Self::Api(_) => false,
+        }
+    }
+
+    /// `Ok(None)`: not synced yet, do not program anything.
+    fn objects(&self, metrics: &Metrics) -> Result<Option<Objects>, SyncStepError> {
+        match self {
+            Self::Manifests { dir, .. } => {
+                let snapshot = manifests::load_dir(dir).map_err(SyncStepError::Manifests)?;
+                for error in &snapshot.errors {
+                    log::warn!("ignored manifest object: {error}");
+                    metrics.invalid_object("manifest");
+                }
+                Ok(Some(Objects {
+                    services: snapshot.services,
+                    endpoint_slices: snapshot.endpoint_slices,
+                    node: None,
+                }))
+            }
+            Self::Api(api) => {
+                metrics.set_watch_errors(api.stats.errors.load(Ordering::Relaxed));
+                Ok(api.snapshot().map(|s| Objects {
+                    services: s.services,
+                    endpoint_slices: s.endpoint_slices,
+                    node: s.node,
+                }))
+            }
+        }
+    }
+}
+
+/// Exponential backoff for failed syncs, capped at 30 s.
+fn backoff_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(100u64 << failures.min(8)).min(Duration::from_secs(30))
+}
+
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Network programming latency bookkeeping, as kube-proxy computes it: for
+/// every EndpointSlice that changed since the last successful sync and whose
+/// trigger-time annotation is newer than the agent's start, the time from
+/// that trigger to the end of the sync that programmed it.
+struct ProgrammingLatency {
+    started: SystemTime,
+    seen: BTreeMap<(String, String), String>,
+}
+
+impl ProgrammingLatency {
+    fn pending(&self, slices: &[EndpointSlice]) -> Vec<SystemTime> {
+        let mut out = Vec::new();
+        for slice in slices {
+            let meta = &slice.metadata;
+            let key = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            let version = meta.resource_version.clone().unwrap_or_default();
+            if self.seen.get(&key) == Some(&version) {
+                continue;
+            }
+            let trigger = meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
+                .and_then(|t| {
+                    let nanos = t.as_nanosecond();
+                    (nanos > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64))
+                });
+            if let Some(trigger) = trigger
+                && trigger > self.started
+            {
+                out.push(trigger);
+            }
+        }
+        out
+    }
+
+    fn record(&mut self, slices: &[EndpointSlice]) {
+        self.seen = slices
+            .iter()
+            .map(|s| {
+                (
+                    (
+                        s.metadata.namespace.clone().unwrap_or_default(),
+                        s.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    s.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+    }
+}
+
+pub fn run(opts: RunOptions) -> Result<(), RunError> {
+    let term = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&term))
+            .map_err(|source| RunError::Signals { source })?;
+    }
+    // kube-proxy's health timeout is twice its sync period.
+    let metrics = Arc::new(Metrics::new(opts.resync_interval * 2));
+    if let Some(addr) = opts.health_addr {
+        let bound = http::serve(addr, Arc::clone(&metrics))?;
+        log::info!("serving /healthz and /livez on {bound}");
+    }
+    if let Some(addr) = opts.metrics_addr
+        && Some(addr) != opts.health_addr
+    {
+        let bound = http::serve(addr, Arc::clone(&metrics))?;
+        log::info!("serving /metrics on {bound}");
+    }
+
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_dir: Some(opts.pin_dir.clone()),
+        service_loopback: opts.service_loopback,
+        sizes: opts.sizes,
+    })?;
+    let mut dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
+    let observer = Observer::from_ebpf(&mut ebpf)?;
+    let mut syncer = Syncer::adopt(&dataplane)?;
+    log::info!(
+        "loaded datapath, maps pinned in {}; adopted what an earlier agent programmed",
+        opts.pin_dir.display(),
+    );
+    let mut attacher = Attacher::new(&opts.pin_dir)?;
+
+    let (tx, rx) = mpsc::channel::<()>();
+    let socket = ifaces::link_socket().map_err(|source| RunError::Interfaces { source })?;
+    let _watcher = ifaces::spawn_watcher(socket, tx.clone())
+        .map_err(|source| RunError::Interfaces { source })?;
+    let mut source = match &opts.source {
+        SourceConfig::Manifests(dir) => Source::Manifests {
+            dir: dir.clone(),
+            fingerprint: None,
+        },
+        SourceConfig::Api(cfg) => Source::Api(ApiSource::start(cfg.clone(), tx.clone())?),
+    };
+    drop(tx);
+
+    let mut latency = ProgrammingLatency {
+        started: SystemTime::now(),
+        seen: BTreeMap::new(),
+    };
+    let mut dirty = true;
+    let mut synced_once = false;
+    let mut waiting_logged = false;
+    let mut last_sync: Option<Instant> = None;
+    let mut failures = 0u32;
+    let mut last_attempt: Option<Instant> = None;
+    let mut last_counters = Instant::now();
+    metrics.queued_update();
+
+    while !term.load(Ordering::Relaxed) {
+        reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces);
+        if source.poll_changed() {
+            dirty = true;
+            metrics.queued_update();
+        }
+        let resync_due = last_sync.is_none_or(|t| t.elapsed() >= opts.resync_interval);
+        let rate_ok = last_sync.is_none_or(|t| t.elapsed() >= opts.min_sync_interval)
+            && last_attempt.is_none_or(|t| t.elapsed() >= backoff_delay(failures));
+        if (dirty || resync_due) && rate_ok {
+            last_attempt = Some(Instant::now());
+            match sync_step(
+                &opts,
+                &source,
+                &mut syncer,
+                &mut dataplane,
+                &metrics,
+                &mut latency,
+            ) {
+                Ok(true) => {
+                    dirty = false;
+                    failures = 0;
+                    last_sync = Some(Instant::now());
+                    if !synced_once {
+                        synced_once = true;
+                        log::info!("initial sync complete");
+                    }
+                }
+                Ok(false) => {
+                    if !waiting_logged {
+                        waiting_logged = true;
+                        log::info!("waiting for Services and EndpointSlices to sync");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics.sync_failed(e.reason());
+                    log::error!(
+                        "sync failed (retry in {:?}): {e}: {}",
+                        backoff_delay(failures),
+                        error_chain(&e)
+                    );
+                }
+            }
+        }
+        if last_counters.elapsed() >= Duration::from_secs(1) {
+            last_counters = Instant::now();
+            match observer.stats() {
+                Ok(counters) => metrics.set_datapath_counters(counters),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+
+        // Wake on link or watch events, or after a tick to poll manifests.
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => {
+                while rx.try_recv().is_ok() {}
+                dirty = true;
+                metrics.queued_update();
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    log::info!("shutting down");
+    drop(source);
+    if opts.cleanup_on_exit {
+        let attached: Vec<String> = attacher.attached().map(str::to_owned).collect();
+        for ifname in attached {
+            if let Err(e) = attacher.detach(&ifname) {
+                log::warn!("{e}");
+            }
+        }
+        drop(dataplane);
+        drop(observer);
+        drop(ebpf);
+        loader::remove_pins(&opts.pin_dir)?;
+        log::info!("removed {}", opts.pin_dir.display());
+    } else {
+        log::info!(
+            "programs stay attached and maps pinned in {}; the next agent adopts them",
+            opts.pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// One sync: `Ok(false)` when the source has not synced yet.
+fn sync_step(
+    opts: &RunOptions,
+    source: &Source,
+    syncer: &mut Syncer,
+    dataplane: &mut AyaDataplane,
+    metrics: &Metrics,
+    latency: &mut ProgrammingLatency,
+) -> Result<bool, SyncStepError> {
+    let Some(objects) = source.objects(metrics)? else {
+        return Ok(false);
+    };
+    let mut node = opts.node.clone();
+    if let Some(n) = &objects.node {
+        if node.zone.is_none() {
+            node.zone = n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ZONE_LABEL))
+                .cloned();
+        }
+        let deleting = n.metadata.deletion_timestamp.is_some();
+        let tainted = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        metrics.set_node_eligible(!deleting && !tainted);
+    }
+    let started = Instant::now();
+    let triggers = latency.pending(&objects.endpoint_slices);
+    let model = model::build(&objects.services, &objects.endpoint_slices, &node);
+    for issue in &model.issues {
+        log::warn!("{issue}");
+        metrics.invalid_object("model");
+    }
+    let desired = desired::build(&model);
+    let report = syncer
+        .sync(dataplane, &desired)
+        .map_err(SyncStepError::Sync)?;
+    let now = SystemTime::now();
+    for trigger in triggers {
+        metrics.programming_latency(now.duration_since(trigger).unwrap_or_default());
+    }
+    latency.record(&objects.endpoint_slices);
+    metrics.synced(
+        started.elapsed(),
+        report.frontends as u64,
+        report.backends as u64,
+    );
+    if report.writes + report.deletes > 0 {
+        log::info!(
+            "synced {} frontends, {} backends: {} writes, {} deletes in {:?}",
+            report.frontends,
+            report.backends,
+            report.writes,
+            report.deletes,
+            report.duration
+        );
+    }
+    Ok(true)
+}
+
+/// Attaches to new matching interfaces and drops the pins of vanished ones.
+fn reconcile_interfaces(ebpf: &mut aya::Ebpf, attacher: &mut Attacher, patterns: &[NamePattern]) {
+    let present = match ifaces::matching_interfaces(patterns) {
+        Ok(names) => names,
+        Err(e) => {
+            log::error!("cannot list interfaces: {e}");
+            return;
+        }
+    };
+    for ifname in &present {
+        if !attacher.is_attached(ifname) {
+            match attacher.attach(ebpf, ifname) {
+                Ok(()) => log::info!("attached to {ifname}"),
+                // The interface may have gone between listing and attaching.
+                Err(e) => log::warn!("{e}: {}", error_chain(&e)),
+            }
+        }
+    }
+    let stale: Vec<String> = attacher
+        .pinned_interfaces()
+        .into_iter()
+        .chain(attacher.attached().map(str::to_owned))
+        .filter(|name| !present.contains(name))
+        .collect();
+    for ifname in stale {
+        match attacher.detach(&ifname) {
+            Ok(()) => log::info!("detached from {ifname} (gone or no longer matching)"),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}

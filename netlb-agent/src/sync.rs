@@ -1,0 +1,461 @@
+//! The diff-based sync: applies the difference between what is programmed
+//! and the [`DesiredState`] with the fewest map operations, in
+//! make-before-break order, so the datapath never sees a frontend whose
+//! slots, backends or rev-NAT entry are missing:
+//!
+//! 1. new or changed backends;
+//! 2. new rev-NAT entries;
+//! 3. per changed frontend: backend slots, then slot 0 (count, flags), then
+//!    the slots beyond the new count;
+//! 4. removed frontends: slot 0 first, then their slots;
+//! 5. rev-NAT entries and backends nothing references any more.
+//!
+//! Backend ids (per backend address) and rev-NAT indices (per frontend
+//! address and port) are stable: a backend keeps its slot while it stays, a
+//! removed one's slot is filled by moving the last slot into it (one write),
+//! and [`Syncer::adopt`] rebuilds everything from the maps, so a restarted
+//! agent keeps the same ids and rewrites nothing that is already right.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, limits};
+
+use crate::{
+    dataplane::{BackendId, Dataplane, DataplaneError, RevNatIndex},
+    desired::{BackendAddr, DesiredState, FrontendKey},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("no free backend id (all {max} in use)")]
+    BackendIdsExhausted { max: u32 },
+    #[error("no free rev-NAT index (all {max} in use)")]
+    RevNatExhausted { max: u32 },
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub deletes: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Frontend {
+    rev_nat: RevNatIndex,
+    flags: u16,
+    /// Backend id of slot `i + 1`; 0 = unknown (rewrite it).
+    slots: Vec<BackendId>,
+}
+
+/// Lowest-first id allocator over `1..=max`.
+#[derive(Clone, Debug)]
+struct Ids {
+    max: u32,
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            next: 1,
+            free: BTreeSet::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next <= self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+
+    /// Marks ids already in use (adoption) and frees the gaps below them.
+    fn adopt(&mut self, used: &BTreeSet<u32>) {
+        let top = used.iter().next_back().copied().unwrap_or(0);
+        self.next = top + 1;
+        self.free = (1..=top).filter(|id| !used.contains(id)).collect();
+    }
+}
+
+fn be_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn from_be_addr(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
+    ServiceKey {
+        address_be: be_addr(key.address),
+        port_be: key.port.to_be(),
+        backend_slot: slot,
+        proto: key.proto,
+        scope: key.scope,
+        pad: [0; 2],
+    }
+}
+
+/// Flags value marking a frontend whose programmed header is unknown.
+const UNKNOWN_FLAGS: u16 = u16::MAX;
+
+/// The new slot layout: backends that stay keep their slots, a removed
+/// backend's slot gets the last slot's backend (one write instead of
+/// shifting), new backends are appended.
+fn next_slots(old: &[BackendId], wanted: &[BackendId]) -> Vec<BackendId> {
+    let wanted_set: BTreeSet<BackendId> = wanted.iter().copied().collect();
+    let mut slots = old.to_vec();
+    let mut i = 0;
+    while i < slots.len() {
+        if wanted_set.contains(&slots[i]) && !slots[..i].contains(&slots[i]) {
+            i += 1;
+        } else {
+            slots.swap_remove(i);
+        }
+    }
+    for id in wanted {
+        if !slots.contains(id) {
+            slots.push(*id);
+        }
+    }
+    slots
+}
+
+/// Writes one frontend make-before-break: changed slots, then slot 0, then
+/// deletes the slots past the new count.
+fn apply_frontend(
+    dp: &mut dyn Dataplane,
+    key: &FrontendKey,
+    old: Option<&Frontend>,
+    slots: &[BackendId],
+    rev_nat: RevNatIndex,
+    flags: u16,
+    report: &mut SyncReport,
+) -> Result<(), DataplaneError> {
+    let old_slots = old.map(|f| f.slots.as_slice()).unwrap_or_default();
+    for (i, id) in slots.iter().enumerate() {
+        if old_slots.get(i) == Some(id) {
+            continue;
+        }
+        dp.upsert_service(
+            &service_key(key, i as u16 + 1),
+            &ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            },
+        )?;
+        report.writes += 1;
+    }
+    let header_changed = match old {
+        Some(f) => f.rev_nat != rev_nat || f.flags != flags || f.slots.len() != slots.len(),
+        None => true,
+    };
+    if header_changed {
+        dp.upsert_service(
+            &service_key(key, 0),
+            &ServiceValue {
+                backend_id: 0,
+                rev_nat_index: rev_nat,
+                count: slots.len() as u16,
+                flags,
+            },
+        )?;
+        report.writes += 1;
+    }
+    for slot in slots.len()..old_slots.len() {
+        dp.delete_service(&service_key(key, slot as u16 + 1))?;
+        report.deletes += 1;
+    }
+    Ok(())
+}
+
+/// The mirror of what is programmed, and the id allocators.
+#[derive(Clone, Debug)]
+pub struct Syncer {
+    frontends: BTreeMap<FrontendKey, Frontend>,
+    backends: BTreeMap<BackendAddr, (BackendId, u8)>,
+    backend_addrs: BTreeMap<BackendId, BackendAddr>,
+    rev_nat: BTreeMap<(Ipv4Addr, u16), RevNatIndex>,
+    backend_ids: Ids,
+    rev_nat_ids: Ids,
+    /// Entries found at adoption that belong to no frontend slot.
+    stray_slots: Vec<ServiceKey>,
+}
+
+impl Default for Syncer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Syncer {
+    /// A syncer for empty maps.
+    pub fn new() -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            backend_addrs: BTreeMap::new(),
+            rev_nat: BTreeMap::new(),
+            backend_ids: Ids::new(limits::MAX_BACKENDS),
+            rev_nat_ids: Ids::new(limits::MAX_REV_NAT),
+            stray_slots: Vec::new(),
+        }
+    }
+
+    /// Rebuilds the mirror from the maps (a restarted agent adopting pinned
+    /// maps): ids and indices stay what they are.
+    pub fn adopt(dp: &dyn Dataplane) -> Result<Self, SyncError> {
+        let maps = dp.dump()?;
+        let mut syncer = Self::new();
+        for (id, value) in &maps.backends {
+            let addr = BackendAddr {
+                address: from_be_addr(value.address_be),
+                port: u16::from_be(value.port_be),
+                proto: value.proto,
+            };
+            syncer.backends.insert(addr, (*id, value.flags));
+            syncer.backend_addrs.insert(*id, addr);
+        }
+        syncer
+            .backend_ids
+            .adopt(&maps.backends.iter().map(|(id, _)| *id).collect());
+        for (index, value) in &maps.rev_nat {
+            syncer.rev_nat.insert(
+                (from_be_addr(value.address_be), u16::from_be(value.port_be)),
+                *index,
+            );
+        }
+        syncer
+            .rev_nat_ids
+            .adopt(&maps.rev_nat.iter().map(|(i, _)| *i).collect());
+        let mut slots: BTreeMap<(FrontendKey, u16), BackendId> = BTreeMap::new();
+        for (key, value) in &maps.services {
+            let fe = FrontendKey {
+                address: from_be_addr(key.address_be),
+                port: u16::from_be(key.port_be),
+                proto: key.proto,
+                scope: key.scope,
+            };
+            if key.backend_slot == 0 {
+                syncer.frontends.insert(
+                    fe,
+                    Frontend {
+                        rev_nat: value.rev_nat_index,
+                        flags: value.flags,
+                        slots: vec![0; value.count as usize],
+                    },
+                );
+            } else {
+                slots.insert((fe, key.backend_slot), value.backend_id);
+            }
+        }
+        for ((fe, slot), id) in slots {
+            match syncer.frontends.get_mut(&fe) {
+                Some(f) if (slot as usize) <= f.slots.len() => f.slots[slot as usize - 1] = id,
+                _ => syncer.stray_slots.push(service_key(&fe, slot)),
+            }
+        }
+        Ok(syncer)
+    }
+
+    /// Number of frontends programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// The backend id of an address, if programmed.
+    pub fn backend_id(&self, addr: &BackendAddr) -> Option<BackendId> {
+        self.backends.get(addr).map(|(id, _)| *id)
+    }
+
+    /// Applies the minimal diff towards `desired`. On error the mirror still
+    /// matches the maps (it is updated after each successful operation), and
+    /// the next call carries on.
+    pub fn sync(
+        &mut self,
+        dp: &mut dyn Dataplane,
+        desired: &DesiredState,
+    ) -> Result<SyncReport, SyncError> {
+        let started = Instant::now();
+        let mut report = SyncReport::default();
+
+        // 1. Backends.
+        let mut wanted_backends: BTreeMap<BackendAddr, u8> = BTreeMap::new();
+        for fe in desired.frontends.values() {
+            for b in &fe.backends {
+                wanted_backends.insert(b.addr, b.flags);
+            }
+        }
+        for (addr, flags) in &wanted_backends {
+            let id = match self.backends.get(addr) {
+                Some((_, programmed)) if programmed == flags => continue,
+                Some((id, _)) => *id,
+                None => self
+                    .backend_ids
+                    .alloc()
+                    .ok_or(SyncError::BackendIdsExhausted {
+                        max: self.backend_ids.max,
+                    })?,
+            };
+            let value = BackendValue {
+                address_be: be_addr(addr.address),
+                port_be: addr.port.to_be(),
+                proto: addr.proto,
+                flags: *flags,
+            };
+            if let Err(e) = dp.upsert_backend(id, &value) {
+                if !self.backends.contains_key(addr) {
+                    self.backend_ids.release(id);
+                }
+                return Err(e.into());
+            }
+            report.writes += 1;
+            self.backends.insert(*addr, (id, *flags));
+            self.backend_addrs.insert(id, *addr);
+        }
+
+        // 2. Rev-NAT entries.
+        for key in desired.frontends.keys() {
+            let rev = (key.address, key.port);
+            if self.rev_nat.contains_key(&rev) {
+                continue;
+            }
+            let index = self.rev_nat_ids.alloc().ok_or(SyncError::RevNatExhausted {
+                max: self.rev_nat_ids.max,
+            })?;
+            let value = RevNatValue {
+                address_be: be_addr(key.address),
+                port_be: key.port.to_be(),
+                pad: [0; 2],
+            };
+            if let Err(e) = dp.upsert_rev_nat(index, &value) {
+                self.rev_nat_ids.release(index);
+                return Err(e.into());
+            }
+            report.writes += 1;
+            self.rev_nat.insert(rev, index);
+        }
+
+        // 3. Changed and new frontends.
+        for (key, want) in &desired.frontends {
+            let rev_nat = self.rev_nat[&(key.address, key.port)];
+            let wanted_ids: Vec<BackendId> = want
+                .backends
+                .iter()
+                .take(limits::MAX_BACKENDS_PER_SERVICE as usize)
+                .map(|b| self.backends[&b.addr].0)
+                .collect();
+            let old = self.frontends.get(key).cloned();
+            let old_slots = old.as_ref().map(|f| f.slots.clone()).unwrap_or_default();
+            let slots = next_slots(&old_slots, &wanted_ids);
+            if let Err(e) = apply_frontend(
+                dp,
+                key,
+                old.as_ref(),
+                &slots,
+                rev_nat,
+                want.flags,
+                &mut report,
+            ) {
+                // Unknown state: the next sync rewrites every slot and the
+                // header, and deletes everything past the new count.
+                self.frontends.insert(
+                    *key,
+                    Frontend {
+                        rev_nat,
+                        flags: UNKNOWN_FLAGS,
+                        slots: vec![0; slots.len().max(old_slots.len())],
+                    },
+                );
+                return Err(e.into());
+            }
+            self.frontends.insert(
+                *key,
+                Frontend {
+                    rev_nat,
+                    flags: want.flags,
+                    slots,
+                },
+            );
+        }
+
+        // 4. Removed frontends, and stray slots found at adoption.
+        let removed: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in removed {
+            let count = self.frontends[&key].slots.len();
+            dp.delete_service(&service_key(&key, 0))?;
+            report.deletes += 1;
+            self.frontends.remove(&key);
+            for slot in 1..=count {
+                dp.delete_service(&service_key(&key, slot as u16))?;
+                report.deletes += 1;
+            }
+        }
+        while let Some(key) = self.stray_slots.last() {
+            dp.delete_service(key)?;
+            report.deletes += 1;
+            self.stray_slots.pop();
+        }
+
+        // 5. Unreferenced rev-NAT entries and backends.
+        let used_rev: BTreeSet<(Ipv4Addr, u16)> = desired
+            .frontends
+            .keys()
+            .map(|k| (k.address, k.port))
+            .collect();
+        let stale_rev: Vec<((Ipv4Addr, u16), RevNatIndex)> = self
+            .rev_nat
+            .iter()
+            .filter(|(k, _)| !used_rev.contains(k))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (rev, index) in stale_rev {
+            dp.delete_rev_nat(index)?;
+            report.deletes += 1;
+            self.rev_nat.remove(&rev);
+            self.rev_nat_ids.release(index);
+        }
+        let stale_backends: Vec<(BackendAddr, BackendId)> = self
+            .backends
+            .iter()
+            .filter(|(addr, _)| !wanted_backends.contains_key(addr))
+            .map(|(addr, (id, _))| (*addr, *id))
+            .collect();
+        for (addr, id) in stale_backends {
+            dp.delete_backend(id)?;
+            report.deletes += 1;
+            self.backends.remove(&addr);
+            self.backend_addrs.remove(&id);
+            self.backend_ids.release(id);
+        }
+
+        report.frontends = self.frontends.len();
+        report.backends = self.backends.len();
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+}

@@ -1,0 +1,298 @@
+//! Test packets: a builder that computes every checksum from scratch, and a
+//! parser that checks them from scratch.
+
+use std::net::Ipv4Addr;
+
+use netlb_common::proto;
+
+/// An IPv4 address as the datapath stores it (network byte order in memory).
+pub fn be_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// RFC 1071 ones'-complement sum, folded and complemented.
+pub fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for chunk in chunks {
+        for &b in chunk.iter() {
+            match odd.take() {
+                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
+                None => odd = Some(b),
+            }
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u32::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.push(0);
+    p.push(protocol);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p
+}
+
+pub struct PacketBuilder {
+    protocol: u8,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    tcp_flags: u8,
+    payload: Vec<u8>,
+    options: Vec<u8>,
+    fragment_offset: u16,
+    zero_udp_checksum: bool,
+}
+
+impl PacketBuilder {
+    fn new(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self {
+            protocol,
+            src,
+            sport,
+            dst,
+            dport,
+            tcp_flags: 0,
+            payload: Vec::new(),
+            options: Vec::new(),
+            fragment_offset: 0,
+            zero_udp_checksum: false,
+        }
+    }
+
+    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self::new(proto::TCP, src, sport, dst, dport)
+    }
+
+    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self::new(proto::UDP, src, sport, dst, dport)
+    }
+
+    pub fn syn(mut self) -> Self {
+        self.tcp_flags |= 0x02;
+        self
+    }
+
+    pub fn ack(mut self) -> Self {
+        self.tcp_flags |= 0x10;
+        self
+    }
+
+    pub fn payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// IPv4 options (a multiple of 4 bytes).
+    pub fn ip_options(mut self, options: &[u8]) -> Self {
+        assert_eq!(options.len() % 4, 0);
+        self.options = options.to_vec();
+        self
+    }
+
+    /// Fragment offset in 8-byte units.
+    pub fn fragment_offset(mut self, offset: u16) -> Self {
+        self.fragment_offset = offset;
+        self
+    }
+
+    pub fn zero_udp_checksum(mut self) -> Self {
+        self.zero_udp_checksum = true;
+        self
+    }
+
+    /// An ARP request frame.
+    pub fn arp() -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&0x0806u16.to_be_bytes());
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&[10, 244, 0, 11]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&[10, 244, 0, 1]);
+        f
+    }
+
+    pub fn build(self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        let csum_at = if self.protocol == proto::TCP {
+            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            let ack: u32 = if self.tcp_flags & 0x10 != 0 { 2000 } else { 0 };
+            l4.extend_from_slice(&ack.to_be_bytes());
+            l4.push(5 << 4); // data offset
+            l4.push(self.tcp_flags);
+            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+            l4.extend_from_slice(&[0, 0]); // checksum
+            l4.extend_from_slice(&[0, 0]); // urgent
+            16
+        } else {
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+            6
+        };
+        l4.extend_from_slice(&self.payload);
+        let pseudo = pseudo_header(self.src, self.dst, self.protocol, l4.len());
+        let mut csum = checksum(&[&pseudo, &l4]);
+        if self.protocol == proto::UDP {
+            if self.zero_udp_checksum {
+                csum = 0;
+            } else if csum == 0 {
+                csum = 0xffff;
+            }
+        }
+        l4[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
+
+        let ihl = 5 + self.options.len() / 4;
+        let mut ip = Vec::new();
+        ip.push(0x40 | ihl as u8);
+        ip.push(0);
+        ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&0x1234u16.to_be_bytes());
+        ip.extend_from_slice(&(self.fragment_offset & 0x1fff).to_be_bytes());
+        ip.push(64);
+        ip.push(self.protocol);
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.options);
+        let ip_csum = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&HOST_MAC);
+        frame.extend_from_slice(&CLIENT_MAC);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+/// A parsed Ethernet + IPv4 frame (no options).
+pub struct Ipv4Packet<'a> {
+    frame: &'a [u8],
+}
+
+impl<'a> Ipv4Packet<'a> {
+    pub fn parse(frame: &'a [u8]) -> Option<Self> {
+        if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] != 0x45 {
+            return None;
+        }
+        let tot_len = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+        if frame.len() != 14 + tot_len {
+            return None;
+        }
+        Some(Self { frame })
+    }
+
+    fn ip(&self) -> &[u8] {
+        &self.frame[14..34]
+    }
+
+    fn l4(&self) -> &[u8] {
+        &self.frame[34..]
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.ip()[9]
+    }
+
+    pub fn saddr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.ip()[12], self.ip()[13], self.ip()[14], self.ip()[15])
+    }
+
+    pub fn daddr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.ip()[16], self.ip()[17], self.ip()[18], self.ip()[19])
+    }
+
+    pub fn sport(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[0], self.l4()[1]])
+    }
+
+    pub fn dport(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[2], self.l4()[3]])
+    }
+
+    fn l4_header_len(&self) -> usize {
+        match self.protocol() {
+            proto::TCP => ((self.l4()[12] >> 4) as usize) * 4,
+            proto::UDP | proto::ICMP => 8,
+            other => panic!("unexpected protocol {other}"),
+        }
+    }
+
+    fn csum_offset(&self) -> usize {
+        match self.protocol() {
+            proto::TCP => 16,
+            proto::UDP => 6,
+            proto::ICMP => 2,
+            other => panic!("unexpected protocol {other}"),
+        }
+    }
+
+    pub fn l4_checksum(&self) -> u16 {
+        let at = self.csum_offset();
+        u16::from_be_bytes([self.l4()[at], self.l4()[at + 1]])
+    }
+
+    /// L4 payload after the L4 header.
+    pub fn payload(&self) -> &[u8] {
+        &self.l4()[self.l4_header_len()..]
+    }
+
+    /// Everything after the IPv4 header.
+    pub fn payload_with_l4_header(&self) -> &[u8] {
+        self.l4()
+    }
+
+    /// Recomputes the IPv4 and L4 checksums from scratch and compares.
+    pub fn assert_checksums(&self) {
+        let mut ip = self.ip().to_vec();
+        let stored = u16::from_be_bytes([ip[10], ip[11]]);
+        ip[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(checksum(&[&ip]), stored, "IPv4 header checksum");
+
+        let at = self.csum_offset();
+        let stored = self.l4_checksum();
+        let mut l4 = self.l4().to_vec();
+        l4[at..at + 2].copy_from_slice(&[0, 0]);
+        let expected = match self.protocol() {
+            proto::ICMP => checksum(&[&l4]),
+            protocol => {
+                let pseudo = pseudo_header(self.saddr(), self.daddr(), protocol, l4.len());
+                checksum(&[&pseudo, &l4])
+            }
+        };
+        if self.protocol() == proto::UDP {
+            if stored == 0 {
+                return; // no checksum
+            }
+            let expected = if expected == 0 { 0xffff } else { expected };
+            assert_eq!(stored, expected, "UDP checksum");
+        } else {
+            assert_eq!(
+                stored,
+                expected,
+                "L4 checksum (protocol {})",
+                self.protocol()
+            );
+        }
+    }
+}

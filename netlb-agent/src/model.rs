@@ -643,3 +643,712 @@ fn add_service(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Scenario tables in the shape of kube-proxy's packet-flow tests:
+    //! `{source, protocol, destination, port} -> backends | REJECT | DROP`,
+    //! evaluated on the desired datapath state the way the datapath looks
+    //! frontends up.
+
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::{
+        core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, ServicePort as K8sPort, ServiceSpec,
+            ServiceStatus,
+        },
+        discovery::v1::{
+            Endpoint as K8sEndpoint, EndpointConditions, EndpointHints, EndpointPort, ForZone,
+        },
+    };
+    use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
+    use netlb_common::{proto, scope, svc_flags};
+
+    use super::*;
+    use crate::desired::{self, DesiredState, FrontendKey};
+
+    const NODE: &str = "node-a";
+
+    fn node() -> NodeContext {
+        NodeContext {
+            node_name: Some(NODE.into()),
+            proxy_name: None,
+            zone: Some("zone-a".into()),
+        }
+    }
+
+    fn make_service(ns: &str, name: &str, f: impl FnOnce(&mut Service)) -> Service {
+        let mut svc = Service {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        f(&mut svc);
+        svc
+    }
+
+    fn spec(svc: &mut Service) -> &mut ServiceSpec {
+        svc.spec.as_mut().unwrap()
+    }
+
+    fn port(name: &str, protocol: &str, port: i32, target: i32) -> K8sPort {
+        K8sPort {
+            name: (!name.is_empty()).then(|| name.into()),
+            protocol: Some(protocol.into()),
+            port,
+            target_port: Some(IntOrString::Int(target)),
+            ..Default::default()
+        }
+    }
+
+    struct Ep {
+        ip: &'static str,
+        node: &'static str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+        zones: &'static [&'static str],
+    }
+
+    fn ep(ip: &'static str, node: &'static str) -> Ep {
+        Ep {
+            ip,
+            node,
+            ready: Some(true),
+            serving: Some(true),
+            terminating: Some(false),
+            zones: &[],
+        }
+    }
+
+    fn terminating(mut e: Ep, serving: bool) -> Ep {
+        e.ready = Some(false);
+        e.serving = Some(serving);
+        e.terminating = Some(true);
+        e
+    }
+
+    fn make_slice(
+        ns: &str,
+        name: &str,
+        service: &str,
+        ports: &[(&str, &str, i32)],
+        eps: Vec<Ep>,
+    ) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(
+                    SERVICE_NAME_LABEL.to_string(),
+                    service.to_string(),
+                )])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, protocol, port)| EndpointPort {
+                        name: Some((*name).into()),
+                        protocol: Some((*protocol).into()),
+                        port: Some(*port),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: eps
+                .into_iter()
+                .map(|e| K8sEndpoint {
+                    addresses: vec![e.ip.into()],
+                    node_name: (!e.node.is_empty()).then(|| e.node.into()),
+                    conditions: Some(EndpointConditions {
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                    }),
+                    hints: (!e.zones.is_empty()).then(|| EndpointHints {
+                        for_zones: Some(
+                            e.zones
+                                .iter()
+                                .map(|z| ForZone { name: (*z).into() })
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Source {
+        /// A pod on this node (the from_pod hook).
+        Pod,
+        /// Outside the cluster (the uplink hooks, later issues): the
+        /// scope-EXTERNAL frontend.
+        External,
+    }
+
+    /// What the datapath would do: sorted "ip:port" backends, "REJECT",
+    /// "DROP", or "PASS" (no frontend).
+    fn flow(state: &DesiredState, source: Source, protocol: u8, dest: &str, port: u16) -> String {
+        let key = FrontendKey {
+            address: dest.parse().unwrap(),
+            port,
+            proto: protocol,
+            scope: scope::EXTERNAL,
+        };
+        let Some(mut fe) = state.frontends.get(&key) else {
+            return "PASS".into();
+        };
+        if matches!(source, Source::Pod) && fe.flags & svc_flags::TWO_SCOPES != 0 {
+            fe = &state.frontends[&FrontendKey {
+                scope: scope::INTERNAL,
+                ..key
+            }];
+        }
+        if fe.backends.is_empty() {
+            return if fe.flags & svc_flags::DROP != 0 {
+                "DROP"
+            } else {
+                "REJECT"
+            }
+            .into();
+        }
+        let mut out: Vec<String> = fe
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr.address, b.addr.port))
+            .collect();
+        out.sort();
+        out.join(", ")
+    }
+
+    fn check(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        cases: &[(Source, u8, &str, u16, &str)],
+    ) -> Model {
+        let model = build(services, slices, &node());
+        let state = desired::build(&model);
+        for (source, protocol, dest, port, want) in cases {
+            assert_eq!(
+                flow(&state, *source, *protocol, dest, *port),
+                *want,
+                "{source:?} {protocol} {dest}:{port}"
+            );
+        }
+        model
+    }
+
+    const TCP: u8 = proto::TCP;
+    const UDP: u8 = proto::UDP;
+    use Source::{External, Pod};
+
+    #[test]
+    fn cluster_ip_multi_port_named_target_ports_and_multiple_slices() {
+        let svc = make_service("ns1", "svc1", |s| {
+            spec(s).cluster_ip = Some("172.30.0.41".into());
+            spec(s).ports = Some(vec![
+                port("http", "TCP", 80, 8080),
+                port("dns", "UDP", 53, 5353),
+            ]);
+        });
+        let slices = [
+            make_slice(
+                "ns1",
+                "svc1-a",
+                "svc1",
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+                vec![ep("10.180.0.1", NODE)],
+            ),
+            // The same endpoint again in another slice, and one more.
+            make_slice(
+                "ns1",
+                "svc1-b",
+                "svc1",
+                &[("http", "TCP", 8080)],
+                vec![ep("10.180.0.1", NODE), ep("10.180.1.1", "node-b")],
+            ),
+        ];
+        check(
+            &[svc],
+            &slices,
+            &[
+                (
+                    Pod,
+                    TCP,
+                    "172.30.0.41",
+                    80,
+                    "10.180.0.1:8080, 10.180.1.1:8080",
+                ),
+                (Pod, UDP, "172.30.0.41", 53, "10.180.0.1:5353"),
+                (Pod, TCP, "172.30.0.41", 53, "PASS"),
+                (Pod, TCP, "172.30.0.42", 80, "PASS"),
+            ],
+        );
+    }
+
+    #[test]
+    fn target_port_by_name_takes_the_slice_port_number() {
+        let svc = make_service("ns1", "svc1", |s| {
+            spec(s).cluster_ip = Some("172.30.0.41".into());
+            let mut p = port("web", "TCP", 80, 0);
+            p.target_port = Some(IntOrString::String("http-alt".into()));
+            spec(s).ports = Some(vec![p]);
+        });
+        let slices = [make_slice(
+            "ns1",
+            "svc1-a",
+            "svc1",
+            &[("web", "TCP", 8081)],
+            vec![ep("10.180.0.1", NODE)],
+        )];
+        check(
+            &[svc],
+            &slices,
+            &[(Pod, TCP, "172.30.0.41", 80, "10.180.0.1:8081")],
+        );
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_terminating_fallback() {
+        let services = [
+            make_service("ns1", "empty", |s| {
+                spec(s).cluster_ip = Some("172.30.0.1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "terminating", |s| {
+                spec(s).cluster_ip = Some("172.30.0.2".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "mixed", |s| {
+                spec(s).cluster_ip = Some("172.30.0.3".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "not-serving", |s| {
+                spec(s).cluster_ip = Some("172.30.0.4".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+        ];
+        let slices = [
+            make_slice(
+                "ns1",
+                "terminating-a",
+                "terminating",
+                &[("", "TCP", 80)],
+                vec![
+                    terminating(ep("10.180.0.1", NODE), true),
+                    terminating(ep("10.180.0.2", NODE), false),
+                ],
+            ),
+            make_slice(
+                "ns1",
+                "mixed-a",
+                "mixed",
+                &[("", "TCP", 80)],
+                vec![
+                    ep("10.180.0.3", NODE),
+                    terminating(ep("10.180.0.4", NODE), true),
+                ],
+            ),
+            make_slice(
+                "ns1",
+                "not-serving-a",
+                "not-serving",
+                &[("", "TCP", 80)],
+                vec![
+                    terminating(ep("10.180.0.5", NODE), false),
+                    Ep {
+                        ready: Some(false),
+                        serving: Some(false),
+                        terminating: Some(false),
+                        ..ep("10.180.0.6", NODE)
+                    },
+                ],
+            ),
+        ];
+        check(
+            &services,
+            &slices,
+            &[
+                (Pod, TCP, "172.30.0.1", 80, "REJECT"),
+                // No ready endpoint: serving+terminating ones are used.
+                (Pod, TCP, "172.30.0.2", 80, "10.180.0.1:80"),
+                // Ready ones exist: terminating ones are not used.
+                (Pod, TCP, "172.30.0.3", 80, "10.180.0.3:80"),
+                (Pod, TCP, "172.30.0.4", 80, "REJECT"),
+            ],
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let services = [
+            make_service("ns1", "local", |s| {
+                spec(s).cluster_ip = Some("172.30.0.1".into());
+                spec(s).internal_traffic_policy = Some("Local".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "remote-only", |s| {
+                spec(s).cluster_ip = Some("172.30.0.2".into());
+                spec(s).internal_traffic_policy = Some("Local".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "local-terminating", |s| {
+                spec(s).cluster_ip = Some("172.30.0.3".into());
+                spec(s).internal_traffic_policy = Some("Local".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+        ];
+        let slices = [
+            make_slice(
+                "ns1",
+                "local-a",
+                "local",
+                &[("", "TCP", 80)],
+                vec![ep("10.180.0.1", NODE), ep("10.180.1.1", "node-b")],
+            ),
+            make_slice(
+                "ns1",
+                "remote-only-a",
+                "remote-only",
+                &[("", "TCP", 80)],
+                vec![ep("10.180.1.2", "node-b")],
+            ),
+            make_slice(
+                "ns1",
+                "local-terminating-a",
+                "local-terminating",
+                &[("", "TCP", 80)],
+                vec![
+                    terminating(ep("10.180.0.3", NODE), true),
+                    ep("10.180.1.3", "node-b"),
+                ],
+            ),
+        ];
+        check(
+            &services,
+            &slices,
+            &[
+                (Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80"),
+                // Endpoints exist, but none local: DROP, not REJECT.
+                (Pod, TCP, "172.30.0.2", 80, "DROP"),
+                // The local set falls back to serving+terminating on its own.
+                (Pod, TCP, "172.30.0.3", 80, "10.180.0.3:80"),
+            ],
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_splits_pod_and_external_views() {
+        let svc = make_service("ns1", "lb", |s| {
+            spec(s).type_ = Some("LoadBalancer".into());
+            spec(s).cluster_ip = Some("172.30.0.1".into());
+            spec(s).external_ips = Some(vec!["192.168.99.11".into()]);
+            spec(s).external_traffic_policy = Some("Local".into());
+            let mut p = port("", "TCP", 80, 80);
+            p.node_port = Some(30080);
+            spec(s).ports = Some(vec![p]);
+            s.status = Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![LoadBalancerIngress {
+                        ip: Some("1.2.3.4".into()),
+                        ..Default::default()
+                    }]),
+                }),
+                ..Default::default()
+            });
+        });
+        let slices = [make_slice(
+            "ns1",
+            "lb-a",
+            "lb",
+            &[("", "TCP", 80)],
+            vec![ep("10.180.0.1", NODE), ep("10.180.1.1", "node-b")],
+        )];
+        let model = check(
+            &[svc.clone()],
+            &slices,
+            &[
+                (Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80, 10.180.1.1:80"),
+                (
+                    Pod,
+                    TCP,
+                    "192.168.99.11",
+                    80,
+                    "10.180.0.1:80, 10.180.1.1:80",
+                ),
+                (External, TCP, "192.168.99.11", 80, "10.180.0.1:80"),
+                (Pod, TCP, "1.2.3.4", 80, "10.180.0.1:80, 10.180.1.1:80"),
+                (External, TCP, "1.2.3.4", 80, "10.180.0.1:80"),
+            ],
+        );
+        let sp = model.ports.values().next().unwrap();
+        assert_eq!(sp.node_port, Some(30080));
+        assert!(sp.external_policy_local);
+
+        // No local endpoint: external traffic is dropped, pods still reach
+        // the cluster-wide endpoints.
+        let remote = [make_slice(
+            "ns1",
+            "lb-a",
+            "lb",
+            &[("", "TCP", 80)],
+            vec![ep("10.180.1.1", "node-b")],
+        )];
+        check(
+            &[svc],
+            &remote,
+            &[
+                (External, TCP, "1.2.3.4", 80, "DROP"),
+                (Pod, TCP, "1.2.3.4", 80, "10.180.1.1:80"),
+                (Pod, TCP, "172.30.0.1", 80, "10.180.1.1:80"),
+            ],
+        );
+    }
+
+    #[test]
+    fn topology_hints() {
+        let svc = make_service("ns1", "hints", |s| {
+            spec(s).cluster_ip = Some("172.30.0.1".into());
+            spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+        });
+        let zoned = |ip, node, zones| Ep {
+            zones,
+            ..ep(ip, node)
+        };
+        let all_hinted = [make_slice(
+            "ns1",
+            "hints-a",
+            "hints",
+            &[("", "TCP", 80)],
+            vec![
+                zoned("10.180.0.1", NODE, &["zone-a"]),
+                zoned("10.180.1.1", "node-b", &["zone-b"]),
+            ],
+        )];
+        check(
+            &[svc.clone()],
+            &all_hinted,
+            &[(Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80")],
+        );
+        // One endpoint without hints: hints are ignored.
+        let partly = [make_slice(
+            "ns1",
+            "hints-a",
+            "hints",
+            &[("", "TCP", 80)],
+            vec![
+                zoned("10.180.0.1", NODE, &["zone-a"]),
+                ep("10.180.1.1", "node-b"),
+            ],
+        )];
+        check(
+            &[svc.clone()],
+            &partly,
+            &[(Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80, 10.180.1.1:80")],
+        );
+        // No endpoint for our zone: hints are ignored.
+        let other = [make_slice(
+            "ns1",
+            "hints-a",
+            "hints",
+            &[("", "TCP", 80)],
+            vec![
+                zoned("10.180.1.1", "node-b", &["zone-b"]),
+                zoned("10.180.2.1", "node-c", &["zone-c"]),
+            ],
+        )];
+        check(
+            &[svc],
+            &other,
+            &[(Pod, TCP, "172.30.0.1", 80, "10.180.1.1:80, 10.180.2.1:80")],
+        );
+    }
+
+    #[test]
+    fn ignored_services_and_slices() {
+        let services = [
+            make_service("ns1", "headless", |s| {
+                spec(s).cluster_ip = Some("None".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "external-name", |s| {
+                spec(s).type_ = Some("ExternalName".into());
+                spec(s).cluster_ip = Some("172.30.0.2".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "other-proxy", |s| {
+                s.metadata.labels = Some(BTreeMap::from([(
+                    SERVICE_PROXY_NAME_LABEL.to_string(),
+                    "other".to_string(),
+                )]));
+                spec(s).cluster_ip = Some("172.30.0.3".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "ipv6", |s| {
+                spec(s).cluster_ip = Some("fd00::1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "sctp", |s| {
+                spec(s).cluster_ip = Some("172.30.0.5".into());
+                spec(s).ports = Some(vec![port("", "SCTP", 80, 80), port("tcp", "TCP", 81, 81)]);
+            }),
+            make_service("ns1", "fqdn", |s| {
+                spec(s).cluster_ip = Some("172.30.0.6".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+        ];
+        let mut fqdn = make_slice(
+            "ns1",
+            "fqdn-a",
+            "fqdn",
+            &[("", "TCP", 80)],
+            vec![ep("10.180.0.6", NODE)],
+        );
+        fqdn.address_type = "FQDN".into();
+        let model = check(
+            &services,
+            &[fqdn],
+            &[
+                (Pod, TCP, "172.30.0.2", 80, "PASS"),
+                (Pod, TCP, "172.30.0.3", 80, "PASS"),
+                (Pod, TCP, "172.30.0.5", 81, "REJECT"),
+                (Pod, TCP, "172.30.0.6", 80, "REJECT"),
+            ],
+        );
+        assert!(
+            model
+                .issues
+                .iter()
+                .any(|i| i.name == "sctp" && i.message.contains("SCTP")),
+            "{:?}",
+            model.issues
+        );
+        assert_eq!(
+            model.ports.len(),
+            2,
+            "{:?}",
+            model.ports.keys().collect::<Vec<_>>()
+        );
+
+        // The same proxy name, when configured, is ours.
+        let mut ctx = node();
+        ctx.proxy_name = Some("other".into());
+        assert_eq!(build(&services, &[], &ctx).ports.len(), 3);
+    }
+
+    #[test]
+    fn selectorless_service_with_handwritten_slice() {
+        let svc = make_service("ns1", "manual", |s| {
+            spec(s).cluster_ip = Some("172.30.0.9".into());
+            spec(s).ports = Some(vec![port("", "TCP", 443, 6443)]);
+        });
+        let slices = [make_slice(
+            "ns1",
+            "manual-1",
+            "manual",
+            &[("", "TCP", 6443)],
+            vec![ep("192.168.77.10", "")],
+        )];
+        check(
+            &[svc],
+            &slices,
+            &[(Pod, TCP, "172.30.0.9", 443, "192.168.77.10:6443")],
+        );
+    }
+
+    #[test]
+    fn bad_objects_are_isolated() {
+        let services = [
+            make_service("ns1", "good", |s| {
+                spec(s).cluster_ip = Some("172.30.0.1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "bad-ip", |s| {
+                spec(s).cluster_ip = Some("300.1.1.1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "bad-port", |s| {
+                spec(s).cluster_ip = Some("172.30.0.3".into());
+                spec(s).ports = Some(vec![port("", "TCP", 70000, 80), port("ok", "TCP", 81, 81)]);
+            }),
+            make_service("ns1", "no-cluster-ip", |s| {
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "no-spec", |s| s.spec = None),
+        ];
+        let mut bad_slice = make_slice(
+            "ns1",
+            "good-a",
+            "good",
+            &[("", "TCP", 80)],
+            vec![ep("10.180.0.1", NODE), ep("not-an-ip", NODE)],
+        );
+        bad_slice.ports.as_mut().unwrap().push(EndpointPort {
+            name: None,
+            port: Some(1),
+            ..Default::default()
+        });
+        let model = check(
+            &services,
+            &[bad_slice],
+            &[
+                (Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80"),
+                (Pod, TCP, "172.30.0.3", 81, "REJECT"),
+            ],
+        );
+        for name in ["bad-ip", "bad-port", "no-cluster-ip", "no-spec", "good-a"] {
+            assert!(
+                model.issues.iter().any(|i| i.name == name),
+                "no issue for {name}: {:?}",
+                model.issues
+            );
+        }
+    }
+
+    #[test]
+    fn two_services_on_one_address_keep_the_first() {
+        let services = [
+            make_service("ns1", "a", |s| {
+                spec(s).cluster_ip = Some("172.30.0.1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+            make_service("ns1", "b", |s| {
+                spec(s).cluster_ip = Some("172.30.0.1".into());
+                spec(s).ports = Some(vec![port("", "TCP", 80, 80)]);
+            }),
+        ];
+        let slices = [
+            make_slice(
+                "ns1",
+                "a-1",
+                "a",
+                &[("", "TCP", 80)],
+                vec![ep("10.180.0.1", NODE)],
+            ),
+            make_slice(
+                "ns1",
+                "b-1",
+                "b",
+                &[("", "TCP", 80)],
+                vec![ep("10.180.0.2", NODE)],
+            ),
+        ];
+        let state = desired::build(&build(&services, &slices, &node()));
+        assert_eq!(flow(&state, Pod, TCP, "172.30.0.1", 80), "10.180.0.1:80");
+        assert_eq!(state.conflicts.len(), 1);
+    }
+}

@@ -410,10 +410,10 @@ impl Syncer {
             dp.delete_service(&service_key(&key, 0))?;
             report.deletes += 1;
             self.frontends.remove(&key);
-            for slot in 1..=count {
-                dp.delete_service(&service_key(&key, slot as u16))?;
-                report.deletes += 1;
-            }
+            // Its slots are unreachable now; delete them below (and on the
+            // next sync if a deletion fails).
+            self.stray_slots
+                .extend((1..=count).rev().map(|slot| service_key(&key, slot as u16)));
         }
         while let Some(key) = self.stray_slots.last() {
             dp.delete_service(key)?;
@@ -457,5 +457,253 @@ impl Syncer {
         report.backends = self.backends.len();
         report.duration = started.elapsed();
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dataplane::fake::{FakeDataplane, Op},
+        desired::{DesiredBackend, DesiredFrontend},
+        model::ServicePortName,
+    };
+    use netlb_common::{proto, scope, svc_flags};
+
+    fn fe(last: u8) -> FrontendKey {
+        FrontendKey {
+            address: Ipv4Addr::new(10, 96, 0, last),
+            port: 80,
+            proto: proto::TCP,
+            scope: scope::EXTERNAL,
+        }
+    }
+
+    fn backend(last: u8) -> DesiredBackend {
+        DesiredBackend {
+            addr: BackendAddr {
+                address: Ipv4Addr::new(10, 244, 0, last),
+                port: 9376,
+                proto: proto::TCP,
+            },
+            flags: 0,
+        }
+    }
+
+    fn desired(services: &[(u8, &[u8])]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (vip, backends) in services {
+            state.frontends.insert(
+                fe(*vip),
+                DesiredFrontend {
+                    service: ServicePortName {
+                        namespace: "default".into(),
+                        name: format!("svc{vip}"),
+                        port_name: String::new(),
+                        protocol: "TCP".into(),
+                    },
+                    flags: svc_flags::CLUSTER_IP,
+                    backends: backends.iter().map(|b| backend(*b)).collect(),
+                },
+            );
+        }
+        state
+    }
+
+    fn slot0(vip: u8) -> Op {
+        Op::UpsertService(service_key(&fe(vip), 0))
+    }
+
+    fn position(ops: &[Op], op: &Op) -> usize {
+        ops.iter()
+            .position(|o| o == op)
+            .unwrap_or_else(|| panic!("{op:?} not in {ops:?}"))
+    }
+
+    #[test]
+    fn first_sync_writes_backends_then_slots_then_frontend() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        let report = syncer.sync(&mut dp, &desired(&[(10, &[1, 2, 3])])).unwrap();
+        let ops = dp.take_ops();
+        assert_eq!(report.writes, 3 + 1 + 3 + 1, "{ops:?}");
+        assert_eq!(report.deletes, 0);
+        let frontend = position(&ops, &slot0(10));
+        for slot in 1..=3 {
+            assert!(position(&ops, &Op::UpsertService(service_key(&fe(10), slot))) < frontend);
+        }
+        for id in 1..=3 {
+            assert!(position(&ops, &Op::UpsertBackend(id)) < frontend);
+        }
+        assert!(position(&ops, &Op::UpsertRevNat(1)) < frontend);
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn unchanged_resync_is_free() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        let want = desired(&[(10, &[1, 2, 3]), (11, &[])]);
+        syncer.sync(&mut dp, &want).unwrap();
+        dp.take_ops();
+        let report = syncer.sync(&mut dp, &want).unwrap();
+        assert_eq!((report.writes, report.deletes), (0, 0));
+        assert!(dp.ops.is_empty());
+    }
+
+    #[test]
+    fn adding_one_endpoint_is_three_writes() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &desired(&[(10, &[1, 2, 3])])).unwrap();
+        dp.take_ops();
+        let report = syncer
+            .sync(&mut dp, &desired(&[(10, &[1, 2, 3, 4])]))
+            .unwrap();
+        let ops = dp.take_ops();
+        assert_eq!(
+            ops,
+            vec![
+                Op::UpsertBackend(4),
+                Op::UpsertService(service_key(&fe(10), 4)),
+                slot0(10),
+            ]
+        );
+        assert_eq!((report.writes, report.deletes), (3, 0));
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn removing_one_endpoint_moves_the_last_slot() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &desired(&[(10, &[1, 2, 3])])).unwrap();
+        dp.take_ops();
+        // Backend 1 (id 1, slot 1) goes; backend 3 moves into slot 1.
+        syncer.sync(&mut dp, &desired(&[(10, &[2, 3])])).unwrap();
+        let ops = dp.take_ops();
+        assert_eq!(
+            ops,
+            vec![
+                Op::UpsertService(service_key(&fe(10), 1)),
+                slot0(10),
+                Op::DeleteService(service_key(&fe(10), 3)),
+                Op::DeleteBackend(1),
+            ]
+        );
+        assert_eq!(dp.services[&service_key(&fe(10), 1)].backend_id, 3);
+        assert_eq!(dp.services[&service_key(&fe(10), 0)].count, 2);
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn deleting_a_service_deletes_frontend_first_then_slots_rev_nat_backends() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer
+            .sync(&mut dp, &desired(&[(10, &[1, 2]), (11, &[2])]))
+            .unwrap();
+        dp.take_ops();
+        syncer.sync(&mut dp, &desired(&[(11, &[2])])).unwrap();
+        let ops = dp.take_ops();
+        assert_eq!(ops[0], Op::DeleteService(service_key(&fe(10), 0)));
+        let rev = position(&ops, &Op::DeleteRevNat(1));
+        let backend = position(&ops, &Op::DeleteBackend(1));
+        for slot in 1..=2 {
+            assert!(position(&ops, &Op::DeleteService(service_key(&fe(10), slot))) < rev);
+        }
+        assert!(rev < backend);
+        // Backend 2 is still used by svc11.
+        assert!(!ops.contains(&Op::DeleteBackend(2)));
+        assert_eq!(ops.len(), 5, "{ops:?}");
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn adoption_keeps_ids_and_rewrites_nothing() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        let want = desired(&[(10, &[1, 2, 3]), (11, &[3, 4]), (12, &[])]);
+        syncer.sync(&mut dp, &want).unwrap();
+        dp.take_ops();
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        let report = adopted.sync(&mut dp, &want).unwrap();
+        assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", dp.ops);
+        for b in [1, 2, 3, 4] {
+            assert_eq!(
+                adopted.backend_id(&backend(b).addr),
+                syncer.backend_id(&backend(b).addr)
+            );
+        }
+        // A new backend after adoption gets a fresh id, not a used one.
+        adopted
+            .sync(
+                &mut dp,
+                &desired(&[(10, &[1, 2, 3, 5]), (11, &[3, 4]), (12, &[])]),
+            )
+            .unwrap();
+        assert_eq!(adopted.backend_id(&backend(5).addr), Some(5));
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn adoption_removes_stale_entries() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer
+            .sync(&mut dp, &desired(&[(10, &[1, 2]), (11, &[3])]))
+            .unwrap();
+        // A slot left behind by a crash.
+        dp.services.insert(
+            service_key(&fe(10), 7),
+            ServiceValue {
+                backend_id: 2,
+                ..Default::default()
+            },
+        );
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        adopted.sync(&mut dp, &desired(&[(10, &[1, 2])])).unwrap();
+        assert!(!dp.services.contains_key(&service_key(&fe(10), 7)));
+        assert!(!dp.services.contains_key(&service_key(&fe(11), 0)));
+        assert_eq!(dp.backends.len(), 2);
+        assert_eq!(dp.rev_nat.len(), 1);
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn failures_mid_sync_converge_on_retry() {
+        let from = desired(&[(10, &[1, 2, 3]), (11, &[4])]);
+        let to = desired(&[(10, &[2, 3, 5, 6]), (12, &[4, 7])]);
+        // Fail each operation of the transition in turn.
+        for fail_at in 0..20 {
+            let mut dp = FakeDataplane::new();
+            let mut syncer = Syncer::new();
+            syncer.sync(&mut dp, &from).unwrap();
+            dp.fail_at = Some(dp.ops.len() + fail_at);
+            // Keep the attempt counter aligned: it counts from the start.
+            let first = syncer.sync(&mut dp, &to);
+            dp.check_consistent()
+                .unwrap_or_else(|e| panic!("fail_at {fail_at}: {e}"));
+            if first.is_ok() {
+                continue;
+            }
+            syncer.sync(&mut dp, &to).unwrap();
+            dp.check_consistent().unwrap();
+            let mut fresh = FakeDataplane::new();
+            Syncer::new().sync(&mut fresh, &to).unwrap();
+            let shape = |d: &FakeDataplane| {
+                let mut fronts: Vec<(ServiceKey, u16, u16)> = d
+                    .services
+                    .iter()
+                    .filter(|(k, _)| k.backend_slot == 0)
+                    .map(|(k, v)| (*k, v.count, v.flags))
+                    .collect();
+                fronts.sort();
+                (fronts, d.services.len(), d.backends.len(), d.rev_nat.len())
+            };
+            assert_eq!(shape(&dp), shape(&fresh), "fail_at {fail_at}");
+            let report = syncer.sync(&mut dp, &to).unwrap();
+            assert_eq!((report.writes, report.deletes), (0, 0), "fail_at {fail_at}");
+        }
     }
 }

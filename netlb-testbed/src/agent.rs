@@ -1,0 +1,110 @@
+//! The real netlb-agent as a child process of a test.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    process::{ChildGuard, ProcessError},
+    topology::Node,
+};
+
+/// How the agent gets its objects.
+#[derive(Clone, Debug)]
+pub enum AgentSource {
+    Manifests(PathBuf),
+    Kubeconfig(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub binary: PathBuf,
+    pub source: AgentSource,
+    pub extra_args: Vec<String>,
+    /// Remove pins on a clean exit (tests); a SIGKILLed agent leaves them.
+    pub cleanup_on_exit: bool,
+}
+
+pub struct AgentProcess {
+    child: ChildGuard,
+    log: PathBuf,
+    pub node: Node,
+}
+
+impl AgentProcess {
+    /// Starts the agent for `node` (it enters the node's namespace itself:
+    /// `ip netns exec` would remount /sys and hide /sys/fs/bpf).
+    pub fn start(node: &Node, opts: &AgentOptions, log: &Path) -> Result<Self, ProcessError> {
+        let mut cmd = Command::new(&opts.binary);
+        cmd.arg("run")
+            .arg("--netns")
+            .arg(node.netns_path())
+            .arg("--bpffs")
+            .arg(&node.bpffs)
+            .args(["--pod-iface", "veth*"])
+            .args(["--hostname-override", &format!("node{}", node.index)])
+            .args(["--min-sync-interval-ms", "10"]);
+        match &opts.source {
+            AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            AgentSource::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),
+        };
+        if opts.cleanup_on_exit {
+            cmd.arg("--cleanup-on-exit");
+        }
+        cmd.args(&opts.extra_args);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| ProcessError::Spawn {
+                command: log.display().to_string(),
+                source,
+            })?;
+        let err = file.try_clone().map_err(|source| ProcessError::Spawn {
+            command: log.display().to_string(),
+            source,
+        })?;
+        cmd.stdout(file)
+            .stderr(err)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE");
+        let child = ChildGuard::spawn(&format!("netlb-agent node{}", node.index), &mut cmd)?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+            node: node.clone(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// SIGKILL: no cleanup, pins and links stay.
+    pub fn kill_hard(&mut self) {
+        self.child.kill_hard();
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.stop(Duration::from_secs(10))
+    }
+}

@@ -1,0 +1,758 @@
+//! A TEST DOUBLE of kube-apiserver: NOT an API server. It speaks the parts of
+//! the real list/watch protocol that netlb-agent's watchers use, over plain
+//! HTTP, so the real agent process can be driven through an ordinary
+//! kubeconfig in tests. No registry this project installs from ships
+//! kube-apiserver, hence this double.
+//!
+//! What it implements, following the real API's semantics:
+//! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
+//!   `/api/v1/nodes` (cluster-wide) and their `/namespaces/{ns}/` forms.
+//! - Lists with `resourceVersion` in the list metadata, pagination with
+//!   `limit` and `continue` (a consistent snapshot across pages), and
+//!   `fieldSelector=metadata.name=...`.
+//! - Watches (`watch=1`) from a `resourceVersion`, streamed as chunked JSON
+//!   lines of `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK` events
+//!   (`allowWatchBookmarks`), ended after `timeoutSeconds`; a watch or list
+//!   from a compacted resourceVersion is answered `410 Gone` (an `ERROR`
+//!   event with a `Status` for watches, as the real server does).
+//! - Objects get `metadata.resourceVersion`, `uid`, `creationTimestamp`, and
+//!   `generation` like the real server; deletion emits the last state.
+//!
+//! Fault injection for tests: [`FakeApiServer::drop_watches`] cuts every open
+//! watch connection (as a server restart would), [`FakeApiServer::compact`]
+//! expires all older resourceVersions (the next resume gets 410 Gone),
+//! [`FakeApiServer::set_delay`] slows every response down, and
+//! [`FakeApiServer::set_unavailable`] answers 503 like a server that is down.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// The resources the double serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl Resource {
+    fn from_path(group_version: &str, plural: &str) -> Option<Self> {
+        match (group_version, plural) {
+            ("v1", "services") => Some(Self::Services),
+            ("discovery.k8s.io/v1", "endpointslices") => Some(Self::EndpointSlices),
+            ("v1", "nodes") => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    fn list_kind(self) -> &'static str {
+        match self {
+            Self::Services => "ServiceList",
+            Self::EndpointSlices => "EndpointSliceList",
+            Self::Nodes => "NodeList",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Self::EndpointSlices => "discovery.k8s.io/v1",
+            Self::Services | Self::Nodes => "v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::Nodes => "Node",
+        }
+    }
+
+    /// The resource of an object by its `kind`.
+    pub fn of(object: &Value) -> Option<Self> {
+        match object.get("kind")?.as_str()? {
+            "Service" => Some(Self::Services),
+            "EndpointSlice" => Some(Self::EndpointSlices),
+            "Node" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+}
+
+type Key = (Resource, String, String);
+
+#[derive(Clone)]
+struct Event {
+    rv: u64,
+    resource: Resource,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Oldest resourceVersion a watch may resume from.
+    compacted: u64,
+    objects: BTreeMap<Key, Value>,
+    events: Vec<Event>,
+    /// Paginated list snapshots by continue token.
+    snapshots: BTreeMap<String, (u64, Vec<Value>)>,
+    next_uid: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Incremented to cut every open watch.
+    watch_epoch: AtomicU64,
+    delay_ms: AtomicU64,
+    unavailable: AtomicBool,
+    stopped: AtomicBool,
+    /// Requests served, by kind ("list"/"watch"), for assertions.
+    lists: AtomicU64,
+    watches: AtomicU64,
+    gone: AtomicU64,
+}
+
+/// A running test double. Dropping it stops accepting connections.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FakeApiError {
+    #[error("object has no kind the double serves: {object}")]
+    UnknownKind { object: String },
+    #[error("object has no metadata.name")]
+    NoName,
+    #[error("listener")]
+    Listener {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FakeApiServer {
+    /// Serves on `listener` (bind it where the agent can reach it, e.g. on
+    /// 127.0.0.1 inside the agent's network namespace).
+    pub fn start(listener: TcpListener) -> Result<Self, FakeApiError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| FakeApiError::Listener { source })?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 1000,
+                compacted: 1000,
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            watch_epoch: AtomicU64::new(0),
+            delay_ms: AtomicU64::new(0),
+            unavailable: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            lists: AtomicU64::new(0),
+            watches: AtomicU64::new(0),
+            gone: AtomicU64::new(0),
+        });
+        let accept_shared = Arc::clone(&shared);
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| FakeApiError::Listener { source })?;
+        std::thread::Builder::new()
+            .name("fake-apiserver".into())
+            .spawn(move || {
+                while !accept_shared.stopped.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let conn_shared = Arc::clone(&accept_shared);
+                            let _ = std::thread::Builder::new()
+                                .name("fake-apiserver-conn".into())
+                                .spawn(move || serve_connection(stream, &conn_shared));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+            .map_err(|source| FakeApiError::Listener { source })?;
+        Ok(Self { shared, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kubeconfig pointing at this double.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.addr
+        )
+    }
+
+    /// Creates or replaces an object (`kind` decides the resource), like an
+    /// apply: ADDED for a new object, MODIFIED otherwise. Returns its new
+    /// resourceVersion.
+    pub fn apply(&self, mut object: Value) -> Result<u64, FakeApiError> {
+        let resource = Resource::of(&object).ok_or_else(|| FakeApiError::UnknownKind {
+            object: object.to_string(),
+        })?;
+        let name = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .ok_or(FakeApiError::NoName)?
+            .to_owned();
+        let namespace = if resource == Resource::Nodes {
+            String::new()
+        } else {
+            object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                .to_owned()
+        };
+        let mut state = lock(&self.shared);
+        state.rv += 1;
+        let rv = state.rv;
+        let key = (resource, namespace.clone(), name);
+        let previous = state.objects.get(&key).cloned();
+        let meta = object
+            .as_object_mut()
+            .expect("object")
+            .entry("metadata")
+            .or_insert_with(|| json!({}));
+        if !namespace.is_empty() {
+            meta["namespace"] = json!(namespace);
+        }
+        meta["resourceVersion"] = json!(rv.to_string());
+        match &previous {
+            Some(prev) => {
+                meta["uid"] = prev["metadata"]["uid"].clone();
+                meta["creationTimestamp"] = prev["metadata"]["creationTimestamp"].clone();
+                let generation = prev["metadata"]["generation"].as_u64().unwrap_or(1) + 1;
+                meta["generation"] = json!(generation);
+            }
+            None => {
+                state.next_uid += 1;
+                meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", state.next_uid));
+                meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                meta["generation"] = json!(1);
+            }
+        }
+        object["apiVersion"] = json!(resource.api_version());
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state.objects.insert(key, object.clone());
+        state.events.push(Event {
+            rv,
+            resource,
+            kind,
+            object,
+        });
+        drop(state);
+        self.shared.changed.notify_all();
+        Ok(rv)
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        let namespace = if resource == Resource::Nodes {
+            ""
+        } else {
+            namespace
+        };
+        let mut state = lock(&self.shared);
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let Some(mut object) = state.objects.remove(&key) else {
+            return false;
+        };
+        state.rv += 1;
+        let rv = state.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        state.events.push(Event {
+            rv,
+            resource,
+            kind: "DELETED",
+            object,
+        });
+        drop(state);
+        self.shared.changed.notify_all();
+        true
+    }
+
+    /// Cuts every open watch connection without a final chunk, as a server
+    /// restart or a network failure would.
+    pub fn drop_watches(&self) {
+        self.shared.watch_epoch.fetch_add(1, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+
+    /// Expires every resourceVersion older than the current one: watches
+    /// resuming from them get 410 Gone and must re-list.
+    pub fn compact(&self) {
+        let mut state = lock(&self.shared);
+        state.compacted = state.rv;
+        let compacted = state.compacted;
+        state.events.retain(|e| e.rv > compacted);
+        drop(state);
+        self.drop_watches();
+    }
+
+    /// Delays every response by `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Answers every request with 503 while set, and cuts open watches.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.unavailable.store(unavailable, Ordering::SeqCst);
+        if unavailable {
+            self.drop_watches();
+        }
+    }
+
+    /// (lists, watches, 410 answers) served so far.
+    pub fn request_counts(&self) -> (u64, u64, u64) {
+        (
+            self.shared.lists.load(Ordering::SeqCst),
+            self.shared.watches.load(Ordering::SeqCst),
+            self.shared.gone.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Current objects of a resource.
+    pub fn objects(&self, resource: Resource) -> Vec<Value> {
+        lock(&self.shared)
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| *r == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.drop_watches();
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 3 <= bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn read_request(stream: &TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?.to_owned();
+    let mut content_length = 0usize;
+    for _ in 0..200 {
+        let mut header = String::new();
+        if reader.read_line(&mut header).ok()? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    if content_length > 0 {
+        let mut body = vec![0u8; content_length.min(1 << 20)];
+        std::io::Read::read_exact(&mut reader, &mut body).ok()?;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let query = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    Some(Request {
+        method,
+        path: path.to_owned(),
+        query,
+    })
+}
+
+fn respond(mut stream: &TcpStream, status: &str, body: &Value) {
+    let body = body.to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn status_object(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+/// `(resource, namespace filter)` of an API path.
+fn route(path: &str) -> Option<(Resource, Option<String>)> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group_version, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("v1".to_owned(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => return None,
+    };
+    match rest {
+        [plural] => Resource::from_path(&group_version, plural).map(|r| (r, None)),
+        ["namespaces", ns, plural] => {
+            Resource::from_path(&group_version, plural).map(|r| (r, Some((*ns).to_owned())))
+        }
+        _ => None,
+    }
+}
+
+fn matches(object: &Value, namespace: &Option<String>, query: &BTreeMap<String, String>) -> bool {
+    if let Some(ns) = namespace
+        && object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            != Some(ns)
+    {
+        return false;
+    }
+    if let Some(selector) = query.get("fieldSelector") {
+        for term in selector.split(',').filter(|t| !t.is_empty()) {
+            let Some((field, value)) = term.split_once('=') else {
+                continue;
+            };
+            let field = field.trim_end_matches('=');
+            let value = value.trim_start_matches('=');
+            let actual = match field {
+                "metadata.name" => object.pointer("/metadata/name"),
+                "metadata.namespace" => object.pointer("/metadata/namespace"),
+                _ => None,
+            };
+            if actual.and_then(Value::as_str) != Some(value) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn serve_connection(stream: TcpStream, shared: &Shared) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Some(request) = read_request(&stream) else {
+        return;
+    };
+    let delay = shared.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    if shared.unavailable.load(Ordering::SeqCst) {
+        respond(
+            &stream,
+            "503 Service Unavailable",
+            &status_object(503, "ServiceUnavailable", "test double set unavailable"),
+        );
+        return;
+    }
+    if request.method != "GET" {
+        respond(
+            &stream,
+            "405 Method Not Allowed",
+            &status_object(
+                405,
+                "MethodNotAllowed",
+                "the test double is read-only over HTTP",
+            ),
+        );
+        return;
+    }
+    let Some((resource, namespace)) = route(&request.path) else {
+        respond(
+            &stream,
+            "404 Not Found",
+            &status_object(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+        return;
+    };
+    let watch = matches!(
+        request.query.get("watch").map(String::as_str),
+        Some("1" | "true")
+    );
+    if watch {
+        serve_watch(stream, shared, resource, namespace, &request.query);
+    } else {
+        serve_list(&stream, shared, resource, namespace, &request.query);
+    }
+}
+
+fn serve_list(
+    stream: &TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    namespace: Option<String>,
+    query: &BTreeMap<String, String>,
+) {
+    shared.lists.fetch_add(1, Ordering::SeqCst);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let mut state = lock(shared);
+    let (rv, items, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let Some((id, offset)) = token.rsplit_once(':') else {
+                drop(state);
+                respond(
+                    stream,
+                    "400 Bad Request",
+                    &status_object(400, "BadRequest", "invalid continue token"),
+                );
+                return;
+            };
+            let offset: usize = offset.parse().unwrap_or(0);
+            match state.snapshots.get(id) {
+                Some((rv, items)) if *rv >= state.compacted => (*rv, items.clone(), offset),
+                _ => {
+                    drop(state);
+                    shared.gone.fetch_add(1, Ordering::SeqCst);
+                    respond(
+                        stream,
+                        "410 Gone",
+                        &status_object(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old",
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+        None => {
+            let items: Vec<Value> = state
+                .objects
+                .iter()
+                .filter(|((r, _, _), o)| *r == resource && matches(o, &namespace, query))
+                .map(|(_, o)| o.clone())
+                .collect();
+            (state.rv, items, 0)
+        }
+    };
+    let end = offset.saturating_add(limit).min(items.len());
+    let page: Vec<Value> = items[offset.min(items.len())..end].to_vec();
+    let continue_token = if end < items.len() {
+        let id = format!("{resource:?}-{rv}-{}", state.snapshots.len());
+        state.snapshots.insert(id.clone(), (rv, items));
+        format!("{id}:{end}")
+    } else {
+        String::new()
+    };
+    drop(state);
+    let mut metadata = json!({ "resourceVersion": rv.to_string() });
+    if !continue_token.is_empty() {
+        metadata["continue"] = json!(continue_token);
+    }
+    respond(
+        stream,
+        "200 OK",
+        &json!({
+            "kind": resource.list_kind(),
+            "apiVersion": resource.api_version(),
+            "metadata": metadata,
+            "items": page,
+        }),
+    );
+}
+
+fn write_chunk(mut stream: &TcpStream, value: &Value) -> bool {
+    let line = format!("{value}\n");
+    write!(stream, "{:x}\r\n{line}\r\n", line.len()).is_ok() && stream.flush().is_ok()
+}
+
+fn serve_watch(
+    stream: TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    namespace: Option<String>,
+    query: &BTreeMap<String, String>,
+) {
+    shared.watches.fetch_add(1, Ordering::SeqCst);
+    let epoch = shared.watch_epoch.load(Ordering::SeqCst);
+    let timeout = Duration::from_secs(
+        query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(300u64)
+            .min(600),
+    );
+    let bookmarks = matches!(
+        query.get("allowWatchBookmarks").map(String::as_str),
+        Some("true" | "1")
+    );
+    let mut from: u64 = query
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0);
+    let mut out = &stream;
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    {
+        let state = lock(shared);
+        if from == 0 {
+            // "Any" version: start from now (the agent always lists first).
+            from = state.rv;
+        } else if from < state.compacted {
+            drop(state);
+            shared.gone.fetch_add(1, Ordering::SeqCst);
+            let gone = status_object(410, "Expired", &format!("too old resource version: {from}"));
+            let _ = write_chunk(&stream, &json!({"type": "ERROR", "object": gone}));
+            let _ = write!(out, "0\r\n\r\n");
+            return;
+        }
+    }
+    let started = Instant::now();
+    let mut last_bookmark = Instant::now();
+    loop {
+        if shared.watch_epoch.load(Ordering::SeqCst) != epoch
+            || shared.stopped.load(Ordering::SeqCst)
+        {
+            // Cut without the final chunk, like a dying server.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if started.elapsed() >= timeout {
+            let _ = write!(out, "0\r\n\r\n");
+            return;
+        }
+        let mut state = lock(shared);
+        let pending: Vec<Event> = state
+            .events
+            .iter()
+            .filter(|e| e.rv > from && e.resource == resource)
+            .cloned()
+            .collect();
+        if pending.is_empty() {
+            let current = state.rv;
+            let (guard, _) = shared
+                .changed
+                .wait_timeout(state, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner());
+            state = guard;
+            drop(state);
+            if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+                last_bookmark = Instant::now();
+                let bookmark = json!({
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": resource.kind(),
+                        "apiVersion": resource.api_version(),
+                        "metadata": { "resourceVersion": current.to_string() },
+                    },
+                });
+                if !write_chunk(&stream, &bookmark) {
+                    return;
+                }
+                from = from.max(current);
+            }
+            continue;
+        }
+        drop(state);
+        for event in pending {
+            from = event.rv;
+            if !matches(&event.object, &namespace, query) {
+                continue;
+            }
+            if !write_chunk(
+                &stream,
+                &json!({"type": event.kind, "object": event.object}),
+            ) {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/api/v1/services"), Some((Resource::Services, None)));
+        assert_eq!(
+            route("/apis/discovery.k8s.io/v1/namespaces/ns1/endpointslices"),
+            Some((Resource::EndpointSlices, Some("ns1".into())))
+        );
+        assert_eq!(route("/api/v1/pods"), None);
+        assert_eq!(
+            percent_decode("metadata.name%3Dnode-1"),
+            "metadata.name=node-1"
+        );
+    }
+}

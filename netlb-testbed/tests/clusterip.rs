@@ -1,0 +1,418 @@
+//! ClusterIP end to end: a one-node topology in network namespaces, real
+//! servers (`netlb-echo`) in pod namespaces, real clients (curl, dig), and
+//! the real agent programming the datapath from a manifest directory.
+//! Needs root; run through `cargo xtask test`.
+#![cfg(feature = "privileged-tests")]
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use netlb_testbed::{
+    agent::{AgentOptions, AgentProcess, AgentSource},
+    find_binary,
+    process::ChildGuard,
+    topology::{Pod, Testbed, TestbedSpec},
+};
+
+const VIP: &str = "10.96.0.10";
+
+/// Fields drop in order: processes before the topology.
+struct Cluster {
+    agent: Option<AgentProcess>,
+    servers: Vec<ChildGuard>,
+    manifests: PathBuf,
+    tb: Testbed,
+}
+
+fn service_yaml(name: &str, cluster_ip: &str, protocol: &str, port: u16, target: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {cluster_ip}\n  selector:\n    app.kubernetes.io/name: {name}\n  ports:\n    - protocol: {protocol}\n      port: {port}\n      targetPort: {target}\n"
+    )
+}
+
+fn slice_yaml(service: &str, protocol: &str, port: u16, pods: &[&Pod]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: {protocol}\n    port: {port}\nendpoints:\n"
+    );
+    for pod in pods {
+        s.push_str(&format!(
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node0\n    targetRef: {{kind: Pod, name: {}}}\n",
+            pod.ip, pod.name
+        ));
+    }
+    if pods.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    s
+}
+
+impl Cluster {
+    /// One node, `pods` backend pods serving HTTP on 9376, DNS on 53 and TCP
+    /// echo on 7000, and a `client` pod.
+    fn new(pods: &[&str]) -> Self {
+        let tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
+        let manifests = tb.dir.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        let mut cluster = Cluster {
+            agent: None,
+            servers: Vec::new(),
+            manifests,
+            tb,
+        };
+        for name in pods {
+            cluster.add_backend(name);
+        }
+        cluster.tb.add_pod(0, "client").expect("client pod");
+        cluster
+    }
+
+    fn add_backend(&mut self, name: &str) -> Pod {
+        let pod = self.tb.add_pod(0, name).expect("pod");
+        let echo = find_binary("netlb-echo");
+        let log = self.tb.dir.join(format!("{name}.log"));
+        let server = ChildGuard::spawn_in(
+            &pod.netns,
+            &[
+                echo.to_str().unwrap(),
+                "serve",
+                "--name",
+                name,
+                "--http",
+                "9376",
+                "--udp-dns",
+                "53",
+                "--dns-answer",
+                &pod.ip.to_string(),
+                "--tcp-echo",
+                "7000",
+            ],
+            Some(&log),
+        )
+        .expect("echo server");
+        self.servers.push(server);
+        // Wait until it listens (a direct request, not through netlb).
+        let client_ns = self.tb.pod("client").map(|p| p.netns.clone()).ok();
+        let probe_ns = client_ns.unwrap_or_else(|| pod.netns.clone());
+        wait_until(Duration::from_secs(5), || {
+            curl(&self.tb, &probe_ns, &format!("http://{}:9376/", pod.ip), 1)
+        })
+        .unwrap_or_else(|| panic!("{name} does not serve"));
+        pod
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
+    }
+
+    fn start_agent(&mut self) {
+        let agent = AgentProcess::start(
+            &self.tb.nodes[0],
+            &AgentOptions {
+                binary: find_binary("netlb-agent"),
+                source: AgentSource::Manifests(self.manifests.clone()),
+                extra_args: vec![],
+                cleanup_on_exit: true,
+            },
+            &self.tb.dir.join("agent.log"),
+        )
+        .expect("agent");
+        assert!(
+            agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
+            "agent did not sync:\n{}",
+            agent.log()
+        );
+        self.agent = Some(agent);
+    }
+
+    fn client(&self) -> String {
+        self.tb.pod("client").unwrap().netns.clone()
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+}
+
+fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One curl; the body on success.
+fn curl(tb: &Testbed, netns: &str, url: &str, timeout_s: u32) -> Option<String> {
+    let out = tb
+        .exec(netns, &["curl", "-sS", "-m", &timeout_s.to_string(), url])
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn three_backends_share_300_requests() {
+    let mut c = Cluster::new(&["myapp-1", "myapp-2", "myapp-3"]);
+    let pods: Vec<Pod> = ["myapp-1", "myapp-2", "myapp-3"]
+        .iter()
+        .map(|n| c.tb.pod(n).unwrap().clone())
+        .collect();
+    // The Kubernetes docs' Service as written, plus the clusterIP an API
+    // server would allocate.
+    c.write(
+        "my-service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: my-service\nspec:\n  clusterIP: 10.96.0.10\n  selector:\n    app.kubernetes.io/name: MyApp\n  ports:\n    - protocol: TCP\n      port: 80\n      targetPort: 9376\n",
+    );
+    c.write(
+        "my-service-slice.yaml",
+        &slice_yaml("my-service", "TCP", 9376, &pods.iter().collect::<Vec<_>>()),
+    );
+    c.start_agent();
+
+    // 300 requests, each on a new connection (new source port, new flow).
+    let mut args = vec!["curl", "-sS", "-m", "5", "-H", "Connection: close"];
+    let url = format!("http://{VIP}/");
+    for _ in 0..300 {
+        args.push(&url);
+    }
+    let out = c.tb.exec(&c.client(), &args).unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.agent_log()
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        *counts.entry(name.to_owned()).or_insert(0) += 1;
+        // The backend sees the client's own address (no SNAT).
+        assert!(line.contains("10.244.0.13:"), "unexpected peer in {line:?}");
+    }
+    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+    for pod in &pods {
+        let n = counts.get(&pod.name).copied().unwrap_or(0);
+        assert!(n >= 60, "{} got {n} of 300 (< 20%): {counts:?}", pod.name);
+    }
+}
+
+#[test]
+fn udp_service_answers_dig() {
+    let mut c = Cluster::new(&["dns-1", "dns-2"]);
+    let pods: Vec<Pod> = ["dns-1", "dns-2"]
+        .iter()
+        .map(|n| c.tb.pod(n).unwrap().clone())
+        .collect();
+    c.write(
+        "dns.yaml",
+        &service_yaml("dns", "10.96.0.53", "UDP", 53, 53),
+    );
+    c.write(
+        "dns-slice.yaml",
+        &slice_yaml("dns", "UDP", 53, &pods.iter().collect::<Vec<_>>()),
+    );
+    c.start_agent();
+    let mut answers = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let out =
+            c.tb.exec(
+                &c.client(),
+                &[
+                    "dig",
+                    "+short",
+                    "+tries=1",
+                    "+time=2",
+                    "@10.96.0.53",
+                    "-p",
+                    "53",
+                    &format!("q{i}.netlb.test"),
+                ],
+            )
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let ip: Ipv4Addr = answer.parse().unwrap_or_else(|_| {
+            panic!(
+                "dig answered {answer:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                c.agent_log()
+            )
+        });
+        assert!(pods.iter().any(|p| p.ip == ip), "{ip} is not a backend");
+        answers.insert(ip);
+    }
+    assert_eq!(answers.len(), 2, "both DNS backends answered: {answers:?}");
+}
+
+#[test]
+fn long_lived_connection_survives_backend_churn() {
+    let mut c = Cluster::new(&["echo-1", "echo-2"]);
+    let pods: Vec<Pod> = ["echo-1", "echo-2"]
+        .iter()
+        .map(|n| c.tb.pod(n).unwrap().clone())
+        .collect();
+    c.write(
+        "echo.yaml",
+        &service_yaml("echo", "10.96.0.70", "TCP", 7000, 7000),
+    );
+    c.write(
+        "echo-slice.yaml",
+        &slice_yaml("echo", "TCP", 7000, &pods.iter().collect::<Vec<_>>()),
+    );
+    c.start_agent();
+
+    let echo = find_binary("netlb-echo");
+    let log = c.tb.dir.join("tcp-client.log");
+    let mut client = ChildGuard::spawn_in(
+        &c.client(),
+        &[
+            echo.to_str().unwrap(),
+            "tcp-client",
+            "--connect",
+            "10.96.0.70:7000",
+            "--interval-ms",
+            "50",
+            "--duration-s",
+            "6",
+        ],
+        Some(&log),
+    )
+    .unwrap();
+    let connected = wait_until(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("connected to ").map(str::to_owned))
+    })
+    .expect("client connected");
+    // Add a backend, and remove the backend the connection is NOT on.
+    let added = c.add_backend("echo-3");
+    let keep = pods
+        .iter()
+        .find(|p| p.name == connected)
+        .expect("connected to a backend")
+        .clone();
+    c.write(
+        "echo-slice.yaml",
+        &slice_yaml("echo", "TCP", 7000, &[&keep, &added]),
+    );
+    assert!(
+        c.agent
+            .as_ref()
+            .unwrap()
+            .wait_for_log("synced", 2, Duration::from_secs(5)),
+        "agent did not apply the change:\n{}",
+        c.agent_log()
+    );
+    let status = client
+        .wait(Duration::from_secs(15))
+        .expect("client finished");
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "long-lived connection broke:\n{output}\n{}",
+        c.agent_log()
+    );
+    assert!(output.contains("ok:"), "{output}");
+    // New connections reach the added backend and never the removed one.
+    let removed = pods.iter().find(|p| p.name != connected).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let out =
+            c.tb.exec(
+                &c.client(),
+                &[
+                    echo.to_str().unwrap(),
+                    "tcp-client",
+                    "--connect",
+                    "10.96.0.70:7000",
+                    "--interval-ms",
+                    "1",
+                    "--duration-s",
+                    "0",
+                ],
+            )
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(name) = text.lines().find_map(|l| l.strip_prefix("connected to ")) {
+            seen.insert(name.to_owned());
+        }
+    }
+    assert!(
+        !seen.contains(&removed.name),
+        "removed backend still chosen: {seen:?}"
+    );
+    assert!(
+        seen.contains("echo-3"),
+        "added backend never chosen: {seen:?}"
+    );
+}
+
+#[test]
+fn pod_reaches_itself_through_its_service() {
+    let mut c = Cluster::new(&["self-1"]);
+    let pod = c.tb.pod("self-1").unwrap().clone();
+    c.write(
+        "self.yaml",
+        &service_yaml("self", "10.96.0.80", "TCP", 80, 9376),
+    );
+    c.write("self-slice.yaml", &slice_yaml("self", "TCP", 9376, &[&pod]));
+    c.start_agent();
+    for _ in 0..5 {
+        let body = curl(&c.tb, &pod.netns, "http://10.96.0.80/", 3)
+            .unwrap_or_else(|| panic!("hairpin request failed\n{}", c.agent_log()));
+        // The pod answered itself; the request came from the service
+        // loopback address, so the reply went back through the datapath.
+        assert!(body.starts_with("self-1 169.254.42.1:"), "{body:?}");
+    }
+}
+
+#[test]
+fn service_without_endpoints_is_refused_fast() {
+    let mut c = Cluster::new(&[]);
+    c.write(
+        "empty.yaml",
+        &service_yaml("empty", "10.96.0.90", "TCP", 80, 9376),
+    );
+    c.write("empty-slice.yaml", &slice_yaml("empty", "TCP", 9376, &[]));
+    c.start_agent();
+    let started = Instant::now();
+    let out =
+        c.tb.exec(
+            &c.client(),
+            &["curl", "-sS", "-m", "5", "http://10.96.0.90/"],
+        )
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // curl exit 7: connection refused (ICMP port unreachable), not 28 (timeout).
+    assert_eq!(out.status.code(), Some(7), "{stderr}\n{}", c.agent_log());
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+
+    // A ClusterIP netlb does not know is not rewritten and dies inside the
+    // topology (the node has no default route): it fails fast too, and no
+    // packet leaves the machine.
+    let out =
+        c.tb.exec(
+            &c.client(),
+            &["curl", "-sS", "-m", "5", "http://10.96.99.99/"],
+        )
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert_ne!(
+        out.status.code(),
+        Some(28),
+        "timed out instead of failing inside the topology"
+    );
+}

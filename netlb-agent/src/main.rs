@@ -44,6 +44,10 @@ enum ListWhat {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing clap's derive fields buys nothing"
+)]
 enum Command {
     /// Load the datapath and program it from a source until SIGINT/SIGTERM.
     Run {

@@ -1079,7 +1079,7 @@ mod tests {
             vec![ep("10.180.0.1", NODE), ep("10.180.1.1", "node-b")],
         )];
         let model = check(
-            &[svc.clone()],
+            std::slice::from_ref(&svc),
             &slices,
             &[
                 (Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80, 10.180.1.1:80"),
@@ -1140,7 +1140,7 @@ mod tests {
             ],
         )];
         check(
-            &[svc.clone()],
+            std::slice::from_ref(&svc),
             &all_hinted,
             &[(Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80")],
         );
@@ -1156,7 +1156,7 @@ mod tests {
             ],
         )];
         check(
-            &[svc.clone()],
+            std::slice::from_ref(&svc),
             &partly,
             &[(Pod, TCP, "172.30.0.1", 80, "10.180.0.1:80, 10.180.1.1:80")],
         );

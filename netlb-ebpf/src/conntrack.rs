@@ -76,13 +76,13 @@ pub fn create(
         last_seen_ns: now,
     };
     maps::CONNTRACK
-        .insert(&reply_key, &value, 0)
+        .insert(reply_key, value, 0)
         .map_err(|_| Reason::CtWrite)?;
     let service_value = ConntrackValue {
         client_addr_be: 0,
         ..value
     };
     maps::CONNTRACK
-        .insert(&key(pkt, ct_dir::SERVICE), &service_value, 0)
+        .insert(key(pkt, ct_dir::SERVICE), service_value, 0)
         .map_err(|_| Reason::CtWrite)
 }

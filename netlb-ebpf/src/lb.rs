@@ -25,11 +25,11 @@ pub fn lookup_frontend(pkt: &Packet, from_pod: bool) -> Option<Frontend> {
         pad: [0; 2],
     };
     // SAFETY: the value is copied out immediately.
-    let value = *unsafe { maps::SERVICES.get(&key) }?;
+    let value = *unsafe { maps::SERVICES.get(key) }?;
     if from_pod && value.flags & svc_flags::TWO_SCOPES != 0 {
         key.scope = scope::INTERNAL;
         // SAFETY: as above.
-        let internal = *unsafe { maps::SERVICES.get(&key) }?;
+        let internal = *unsafe { maps::SERVICES.get(key) }?;
         return Some(Frontend {
             key,
             value: internal,
@@ -69,9 +69,9 @@ pub fn select_backend(fe: &Frontend, hash: u32) -> Result<(u32, BackendValue), R
     // `count` fits u16 (checked by the agent), so the slot does too.
     slot_key.backend_slot = (hash % count + 1) as u16;
     // SAFETY: values are copied out immediately.
-    let slot = unsafe { maps::SERVICES.get(&slot_key) }.ok_or(Reason::NoBackendEntry)?;
+    let slot = unsafe { maps::SERVICES.get(slot_key) }.ok_or(Reason::NoBackendEntry)?;
     let id = slot.backend_id;
-    let backend = *unsafe { maps::BACKENDS.get(&id) }.ok_or(Reason::NoBackendEntry)?;
+    let backend = *unsafe { maps::BACKENDS.get(id) }.ok_or(Reason::NoBackendEntry)?;
     Ok((id, backend))
 }
 
@@ -79,5 +79,5 @@ pub fn select_backend(fe: &Frontend, hash: u32) -> Result<(u32, BackendValue), R
 #[inline(always)]
 pub fn backend(id: u32) -> Option<BackendValue> {
     // SAFETY: the value is copied out immediately.
-    unsafe { maps::BACKENDS.get(&id) }.copied()
+    unsafe { maps::BACKENDS.get(id) }.copied()
 }

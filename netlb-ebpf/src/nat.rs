@@ -100,7 +100,7 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
         return Ok(false);
     };
     // SAFETY: the value is copied out immediately.
-    let Some(rev) = (unsafe { maps::REV_NAT.get(&entry.rev_nat_index) }).copied() else {
+    let Some(rev) = (unsafe { maps::REV_NAT.get(entry.rev_nat_index) }).copied() else {
         // The frontend is gone; the reply passes as it is, like a reply whose
         // conntrack entry kube-proxy has flushed.
         return Ok(false);

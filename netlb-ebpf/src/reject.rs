@@ -141,7 +141,7 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Reason> {
     // Egress of the interface the packet came in on: back to the client.
     // SAFETY: helper without preconditions.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if verdict != TC_ACT_REDIRECT as i32 {
+    if verdict != TC_ACT_REDIRECT {
         return Err(Reason::RejectFailed);
     }
     Ok(verdict)

@@ -1,0 +1,125 @@
+//! Project tasks: `cargo xtask setup | run | test | bench`.
+
+mod run;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "netlb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): nightly
+    /// rust-src, bpf-linker against the nightly's LLVM, Debian packages.
+    Setup,
+    /// Demo on this machine, no cluster needed: a node and pods in network
+    /// namespaces, the Kubernetes docs' `my-service`, the agent, live counters.
+    Run(run::RunArgs),
+    /// The whole test suite: unit tests, BPF_PROG_TEST_RUN datapath tests,
+    /// network-namespace end-to-end tests.
+    Test,
+    /// Benchmarks (figures, no assertions).
+    Bench,
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing on a non-zero exit.
+pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask {task}` needs root (BPF, TC and network namespaces)");
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::setup()?;
+    require_root("test")?;
+    netlb_testbed::topology::cleanup_stale(None);
+    cmd("cargo", &["build", "--workspace", "--bins"])?;
+    // Unprivileged: unit tests of every crate.
+    cmd("cargo", &["test", "--workspace"])?;
+    // Privileged: datapath (BPF_PROG_TEST_RUN) and namespace tests, one at a
+    // time (they load programs and create namespaces).
+    cmd(
+        "cargo",
+        &[
+            "test",
+            "-p",
+            "netlb-agent",
+            "-p",
+            "netlb-testbed",
+            "--features",
+            "netlb-agent/privileged-tests,netlb-testbed/privileged-tests",
+            "--tests",
+            "--",
+            "--test-threads=1",
+        ],
+    )?;
+    eprintln!("xtask test: all suites passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn bench() -> anyhow::Result<()> {
+    setup::setup()?;
+    require_root("bench")?;
+    cmd(
+        "cargo",
+        &[
+            "bench",
+            "-p",
+            "netlb-agent",
+            "--features",
+            "privileged-tests",
+            "--bench",
+            "datapath",
+        ],
+    )?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Run(args) => {
+            setup::setup()?;
+            require_root("run")?;
+            run::run(args)
+        }
+        Task::Test => test(),
+        Task::Bench => bench(),
+    }
+}

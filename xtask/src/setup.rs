@@ -1,0 +1,163 @@
+//! Toolchain bootstrap, idempotent: each step checks first and does nothing
+//! when its result is already there.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
+        .context("the nightly toolchain is required (rustc +nightly)")?;
+    Ok(PathBuf::from(sysroot))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
+}
+
+fn components(sysroot: &std::path::Path) -> anyhow::Result<()> {
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("clippy")) {
+        cmd(
+            "rustup",
+            &["component", "add", "clippy", "--toolchain", "nightly"],
+        )?;
+    }
+    let stable = output("rustup", &["component", "list", "--installed"]).unwrap_or_default();
+    for component in ["rustfmt", "clippy"] {
+        if !stable.lines().any(|l| l.starts_with(component)) {
+            cmd("rustup", &["component", "add", component])?;
+        }
+    }
+    Ok(())
+}
+
+/// bpf-linker 0.13 built against the nightly's own LLVM 22: a directory
+/// `D/lib` with `libLLVM.so` (and the library's own name) linking to the
+/// nightly's shared LLVM, then `LLVM_PREFIX=D cargo install`. `D` stays: the
+/// binary's rpath points into it.
+fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
+    let prefix = cargo_home().join("netlb-llvm-22");
+    let lib = prefix.join("lib");
+    let llvm = std::fs::read_dir(sysroot.join("lib"))
+        .context("reading the nightly sysroot")?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .context("no libLLVM.so.* in the nightly sysroot")?;
+    std::fs::create_dir_all(&lib)?;
+    let own_name = llvm.file_name().context("libLLVM name")?;
+    for link in [lib.join("libLLVM.so"), lib.join(own_name)] {
+        if std::fs::read_link(&link).ok().as_deref() != Some(llvm.as_path()) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&llvm, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    if let Some(version) = output("bpf-linker", &["--version"])
+        && version.contains("0.13")
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "+ LLVM_PREFIX={} cargo install bpf-linker",
+        prefix.display()
+    );
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "~0.13",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--force",
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("installing bpf-linker failed: {status}");
+    }
+    Ok(())
+}
+
+/// Debian packages the tests and the demo run (only as root with apt).
+fn packages() -> anyhow::Result<()> {
+    let wanted = [
+        ("ip", "iproute2"),
+        ("curl", "curl"),
+        ("dig", "dnsutils"),
+        ("iperf3", "iperf3"),
+        ("wrk", "wrk"),
+        ("bpftool", "bpftool"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| output("sh", &["-c", &format!("command -v {bin}")]).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output("sh", &["-c", "command -v apt-get"]).is_none() {
+        bail!("missing commands; install the packages {missing:?}");
+    }
+    cmd("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        bail!("apt-get install {missing:?} failed");
+    }
+    Ok(())
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let started = Instant::now();
+    packages()?;
+    let sysroot = nightly_sysroot()?;
+    components(&sysroot)?;
+    bpf_linker(&sysroot)?;
+    eprintln!("xtask setup: toolchain ready in {:.1?}", started.elapsed());
+    Ok(())
+}

@@ -5,7 +5,10 @@
 //! programmed. Reports medians; asserts nothing. Run with `cargo xtask bench`.
 
 #[path = "../tests/packet/mod.rs"]
-#[expect(dead_code, reason = "shared with the datapath tests, which use all of it")]
+#[expect(
+    dead_code,
+    reason = "shared with the datapath tests, which use all of it"
+)]
 mod packet;
 
 use std::{net::Ipv4Addr, time::Duration};

@@ -430,3 +430,37 @@ impl Drop for Testbed {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Binds a TCP listener inside a network namespace (from a short-lived
+/// thread that enters it: setns only moves the calling thread). The socket
+/// stays in that namespace; it can be served from any thread.
+pub fn bind_in_netns(netns: &str, addr: &str) -> Result<std::net::TcpListener, TestbedError> {
+    let path = PathBuf::from("/run/netns").join(netns);
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(&path).map_err(|source| TestbedError::Io {
+            what: format!("opening {}", path.display()),
+            source,
+        })?;
+        // SAFETY: setns on a namespace fd we own, in a thread that ends
+        // right after binding.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(TestbedError::Io {
+                what: format!("entering {}", path.display()),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        std::net::TcpListener::bind(&addr).map_err(|source| TestbedError::Io {
+            what: format!("binding {addr}"),
+            source,
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(TestbedError::Io {
+            what: "binding thread panicked".into(),
+            source: std::io::Error::other("panic"),
+        })
+    })
+}

@@ -1,0 +1,336 @@
+//! The real agent against the API-server test double (list/watch over HTTP,
+//! through an ordinary kubeconfig), with real traffic in namespaces.
+//! Needs root; run through `cargo xtask test`.
+#![cfg(feature = "privileged-tests")]
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, SystemTime},
+};
+
+use common::{Cluster, curl, wait_until};
+use netlb_testbed::{
+    agent::{AgentOptions, AgentProcess, AgentSource},
+    apiserver::{FakeApiServer, Resource},
+    find_binary,
+    topology::{Pod, bind_in_netns},
+};
+use serde_json::{Value, json};
+
+/// RFC 3339 UTC with nanoseconds, as the EndpointSlice controller writes
+/// `endpoints.kubernetes.io/last-change-trigger-time`.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// The Kubernetes docs' Service, with the clusterIP the API server would
+/// have allocated.
+fn my_service() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "my-service", "namespace": "default"},
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10"],
+            "type": "ClusterIP",
+            "selector": {"app.kubernetes.io/name": "MyApp"},
+            "ports": [{"protocol": "TCP", "port": 80, "targetPort": 9376}],
+        },
+    })
+}
+
+fn my_slice(pods: &[&Pod]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "my-service-abc12",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "my-service"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": rfc3339(SystemTime::now())},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "", "protocol": "TCP", "port": 9376}],
+        "endpoints": pods.iter().map(|p| json!({
+            "addresses": [p.ip.to_string()],
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "nodeName": "node0",
+            "targetRef": {"kind": "Pod", "namespace": "default", "name": p.name},
+        })).collect::<Vec<_>>(),
+    })
+}
+
+struct ApiCluster {
+    api: FakeApiServer,
+    pods: Vec<Pod>,
+    c: Cluster,
+}
+
+impl ApiCluster {
+    fn new(backends: &[&str]) -> Self {
+        let c = Cluster::new(backends);
+        let pods = backends
+            .iter()
+            .map(|n| c.tb.pod(n).unwrap().clone())
+            .collect();
+        // The double listens on the node namespace's loopback, where the
+        // agent (which enters that namespace) connects.
+        let listener = bind_in_netns(&c.tb.nodes[0].netns, "127.0.0.1:0").expect("listener");
+        let api = FakeApiServer::start(listener).expect("fake API server");
+        std::fs::write(c.tb.dir.join("kubeconfig"), api.kubeconfig()).unwrap();
+        Self { api, pods, c }
+    }
+
+    fn start_agent(&mut self, log: &str) {
+        let kubeconfig = self.c.tb.dir.join("kubeconfig");
+        self.c
+            .start_agent_with(AgentSource::Kubeconfig(kubeconfig), log);
+    }
+
+    fn pods(&self, names: &[&str]) -> Vec<&Pod> {
+        names
+            .iter()
+            .map(|n| self.pods.iter().find(|p| p.name == *n).unwrap())
+            .collect()
+    }
+
+    /// Backend names that `n` new connections reached.
+    fn reached(&self, n: usize) -> BTreeSet<String> {
+        let client = self.c.client();
+        (0..n)
+            .filter_map(|_| curl(&self.c.tb, &client, "http://10.96.0.10/", 2))
+            .filter_map(|body| body.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until new connections reach exactly `names`.
+    fn wait_for_backends(&self, names: &[&str]) {
+        let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+        wait_until(Duration::from_secs(10), || {
+            (self.reached(3 * names.len().max(1) + 6) == want).then_some(())
+        })
+        .unwrap_or_else(|| panic!("backends never became {want:?}\n{}", self.c.agent_log()));
+    }
+
+    /// What the datapath holds: `frontend -> backends` from `list services`.
+    fn programmed(&self) -> Vec<(String, Vec<String>)> {
+        let out = std::process::Command::new(find_binary("netlb-agent"))
+            .args(["list", "services", "-o", "json", "--bpffs"])
+            .arg(&self.c.tb.nodes[0].bpffs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut out: Vec<(String, Vec<String>)> = rows
+            .iter()
+            .map(|r| {
+                let mut backends: Vec<String> = r["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_str().unwrap().split(' ').next().unwrap().to_owned())
+                    .collect();
+                backends.sort();
+                (r["frontend"].as_str().unwrap().to_owned(), backends)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+#[test]
+fn docs_service_follows_scaling_and_recreation() {
+    let mut a = ApiCluster::new(&["myapp-1", "myapp-2", "myapp-3"]);
+    a.api.apply(my_service()).unwrap();
+    a.api
+        .apply(my_slice(&a.pods(&["myapp-1", "myapp-2", "myapp-3"])))
+        .unwrap();
+    a.start_agent("agent.log");
+    a.wait_for_backends(&["myapp-1", "myapp-2", "myapp-3"]);
+
+    // Scale down, then up again.
+    a.api.apply(my_slice(&a.pods(&["myapp-2"]))).unwrap();
+    a.wait_for_backends(&["myapp-2"]);
+    a.api
+        .apply(my_slice(&a.pods(&["myapp-1", "myapp-2", "myapp-3"])))
+        .unwrap();
+    a.wait_for_backends(&["myapp-1", "myapp-2", "myapp-3"]);
+
+    // Delete the Service: the ClusterIP is no longer rewritten (and dies in
+    // the topology); recreate it: served again.
+    assert!(a.api.delete(Resource::Services, "default", "my-service"));
+    wait_until(Duration::from_secs(10), || {
+        a.reached(5).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| panic!("deleted Service still served\n{}", a.c.agent_log()));
+    assert!(a.programmed().is_empty(), "{:?}", a.programmed());
+    a.api.apply(my_service()).unwrap();
+    a.wait_for_backends(&["myapp-1", "myapp-2", "myapp-3"]);
+
+    // The trigger-time annotations fed the programming-latency histogram.
+    let node = a.c.tb.nodes[0].netns.clone();
+    let metrics =
+        a.c.tb
+            .exec(
+                &node,
+                &["curl", "-sS", "-m", "2", "http://127.0.0.1:10249/metrics"],
+            )
+            .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let count: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no programming latency metric:\n{text}"));
+    assert!(count >= 2, "programming latency observations: {count}");
+}
+
+#[test]
+fn broken_watches_and_410_gone_converge_without_stale_entries() {
+    let mut a = ApiCluster::new(&["myapp-1", "myapp-2", "myapp-3"]);
+    a.api.apply(my_service()).unwrap();
+    a.api
+        .apply(my_slice(&a.pods(&["myapp-1", "myapp-2"])))
+        .unwrap();
+    a.start_agent("agent.log");
+    a.wait_for_backends(&["myapp-1", "myapp-2"]);
+
+    // A server restart cuts every watch; changes made meanwhile arrive when
+    // the watches resume from their resourceVersion.
+    a.api.drop_watches();
+    a.api
+        .apply(my_slice(&a.pods(&["myapp-2", "myapp-3"])))
+        .unwrap();
+    a.wait_for_backends(&["myapp-2", "myapp-3"]);
+
+    // Expired resourceVersions: resuming gets 410 Gone and re-lists; a
+    // Service deleted while the agent could not watch must not linger.
+    a.api.set_unavailable(true);
+    std::thread::sleep(Duration::from_millis(300));
+    a.api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "extra", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 81, "protocol": "TCP"}]},
+        }))
+        .unwrap();
+    a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
+    a.api.compact();
+    a.api.set_unavailable(false);
+    a.wait_for_backends(&["myapp-1"]);
+    a.api.delete(Resource::Services, "default", "extra");
+    a.api.compact();
+    let want = vec![(
+        "10.96.0.10:80".to_owned(),
+        vec![format!("{}:9376", a.pods(&["myapp-1"])[0].ip)],
+    )];
+    wait_until(Duration::from_secs(15), || {
+        (a.programmed() == want).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "programmed {:?}, want {want:?}\n{}",
+            a.programmed(),
+            a.c.agent_log()
+        )
+    });
+    let (lists, watches, gone) = a.api.request_counts();
+    assert!(
+        gone >= 1,
+        "no 410 Gone was served (lists {lists}, watches {watches})"
+    );
+    assert!(lists >= 4, "the agent did not re-list (lists {lists})");
+}
+
+/// Sequential requests on new connections for `duration`; the times (since
+/// the start) of those that failed, and how many were sent.
+fn request_loop(
+    tb: &netlb_testbed::topology::Testbed,
+    client: &str,
+    duration: Duration,
+) -> (Vec<Duration>, usize) {
+    let mut failures = Vec::new();
+    let mut requests = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        requests += 1;
+        if curl(tb, client, "http://10.96.0.10/", 2).is_none() {
+            failures.push(started.elapsed());
+        }
+    }
+    (failures, requests)
+}
+
+#[test]
+fn sigkill_and_restart_lose_no_requests() {
+    let mut a = ApiCluster::new(&["myapp-1", "myapp-2"]);
+    a.api.apply(my_service()).unwrap();
+    a.api
+        .apply(my_slice(&a.pods(&["myapp-1", "myapp-2"])))
+        .unwrap();
+    a.start_agent("agent-1.log");
+    a.wait_for_backends(&["myapp-1", "myapp-2"]);
+
+    let client = a.c.client();
+    let node = a.c.tb.nodes[0].clone();
+    let options = AgentOptions {
+        binary: find_binary("netlb-agent"),
+        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
+        extra_args: vec![],
+        cleanup_on_exit: true,
+    };
+    let log = a.c.tb.dir.join("agent-2.log");
+    let tb = &a.c.tb;
+    let first = &mut a.c.agent;
+    let ((failures, requests), restarted, synced) = std::thread::scope(|s| {
+        let requests = s.spawn(|| request_loop(tb, &client, Duration::from_secs(7)));
+        std::thread::sleep(Duration::from_secs(1));
+        first.as_mut().unwrap().kill_hard();
+        // Down for a while: the pinned links and maps keep serving.
+        std::thread::sleep(Duration::from_secs(2));
+        let restarted = AgentProcess::start(&node, &options, &log).expect("restart");
+        let synced = restarted.wait_for_log("initial sync complete", 1, Duration::from_secs(20));
+        (requests.join().unwrap(), restarted, synced)
+    });
+    assert!(synced, "restarted agent did not sync:\n{}", restarted.log());
+    assert!(requests >= 50, "only {requests} requests");
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed across SIGKILL and restart, at {failures:?}",
+        failures.len()
+    );
+    // It adopted the pinned maps: nothing to write, nothing stale.
+    assert!(
+        !restarted.log().contains("synced "),
+        "restart rewrote maps:\n{}",
+        restarted.log()
+    );
+    a.c.agent = Some(restarted);
+    a.wait_for_backends(&["myapp-1", "myapp-2"]);
+}

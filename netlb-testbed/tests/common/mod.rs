@@ -1,0 +1,172 @@
+//! Shared harness of the end-to-end tests: a one-node topology, backend
+//! pods running `netlb-echo`, the real agent, real clients.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use netlb_testbed::{
+    agent::{AgentOptions, AgentProcess, AgentSource},
+    find_binary,
+    process::ChildGuard,
+    topology::{Pod, Testbed, TestbedSpec},
+};
+
+pub const VIP: &str = "10.96.0.10";
+
+/// Fields drop in order: processes before the topology.
+pub struct Cluster {
+    pub agent: Option<AgentProcess>,
+    pub servers: Vec<ChildGuard>,
+    pub manifests: PathBuf,
+    pub tb: Testbed,
+}
+
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: &str,
+    protocol: &str,
+    port: u16,
+    target: u16,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {cluster_ip}\n  selector:\n    app.kubernetes.io/name: {name}\n  ports:\n    - protocol: {protocol}\n      port: {port}\n      targetPort: {target}\n"
+    )
+}
+
+pub fn slice_yaml(service: &str, protocol: &str, port: u16, pods: &[&Pod]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: {protocol}\n    port: {port}\nendpoints:\n"
+    );
+    for pod in pods {
+        s.push_str(&format!(
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node0\n    targetRef: {{kind: Pod, name: {}}}\n",
+            pod.ip, pod.name
+        ));
+    }
+    if pods.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    s
+}
+
+impl Cluster {
+    /// One node, `pods` backend pods serving HTTP on 9376, DNS on 53 and TCP
+    /// echo on 7000, and a `client` pod.
+    pub fn new(pods: &[&str]) -> Self {
+        let tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
+        let manifests = tb.dir.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        let mut cluster = Cluster {
+            agent: None,
+            servers: Vec::new(),
+            manifests,
+            tb,
+        };
+        for name in pods {
+            cluster.add_backend(name);
+        }
+        cluster.tb.add_pod(0, "client").expect("client pod");
+        cluster
+    }
+
+    pub fn add_backend(&mut self, name: &str) -> Pod {
+        let pod = self.tb.add_pod(0, name).expect("pod");
+        let echo = find_binary("netlb-echo");
+        let log = self.tb.dir.join(format!("{name}.log"));
+        let server = ChildGuard::spawn_in(
+            &pod.netns,
+            &[
+                echo.to_str().unwrap(),
+                "serve",
+                "--name",
+                name,
+                "--http",
+                "9376",
+                "--udp-dns",
+                "53",
+                "--dns-answer",
+                &pod.ip.to_string(),
+                "--tcp-echo",
+                "7000",
+            ],
+            Some(&log),
+        )
+        .expect("echo server");
+        self.servers.push(server);
+        // Wait until it listens (a direct request, not through netlb).
+        let client_ns = self.tb.pod("client").map(|p| p.netns.clone()).ok();
+        let probe_ns = client_ns.unwrap_or_else(|| pod.netns.clone());
+        wait_until(Duration::from_secs(5), || {
+            curl(&self.tb, &probe_ns, &format!("http://{}:9376/", pod.ip), 1)
+        })
+        .unwrap_or_else(|| panic!("{name} does not serve"));
+        pod
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
+    }
+
+    pub fn start_agent(&mut self) {
+        self.start_agent_with(AgentSource::Manifests(self.manifests.clone()), "agent.log");
+    }
+
+    /// Starts the agent (logging to `log` in the run directory) and waits
+    /// for its first sync.
+    pub fn start_agent_with(&mut self, source: AgentSource, log: &str) {
+        let agent = AgentProcess::start(
+            &self.tb.nodes[0],
+            &AgentOptions {
+                binary: find_binary("netlb-agent"),
+                source,
+                extra_args: vec![],
+                cleanup_on_exit: true,
+            },
+            &self.tb.dir.join(log),
+        )
+        .expect("agent");
+        assert!(
+            agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
+            "agent did not sync:\n{}",
+            agent.log()
+        );
+        self.agent = Some(agent);
+    }
+
+    pub fn client(&self) -> String {
+        self.tb.pod("client").unwrap().netns.clone()
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+    }
+}
+
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One curl; the body on success.
+pub fn curl(tb: &Testbed, netns: &str, url: &str, timeout_s: u32) -> Option<String> {
+    let out = tb
+        .exec(netns, &["curl", "-sS", "-m", &timeout_s.to_string(), url])
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

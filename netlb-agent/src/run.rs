@@ -348,8 +348,19 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             }
         }
 
-        // Wake on link or watch events, or after a tick to poll manifests.
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        // Wake on link or watch events, after a tick to poll manifests, or
+        // as soon as a pending (rate-limited) sync is allowed, like
+        // kube-proxy's BoundedFrequencyRunner.
+        let mut wait = Duration::from_millis(100);
+        if dirty {
+            let since_sync = last_sync.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+            let since_attempt = last_attempt.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+            wait = wait
+                .min(opts.min_sync_interval.saturating_sub(since_sync))
+                .min(backoff_delay(failures).saturating_sub(since_attempt))
+                .max(Duration::from_millis(1));
+        }
+        match rx.recv_timeout(wait) {
             Ok(()) => {
                 while rx.try_recv().is_ok() {}
                 dirty = true;

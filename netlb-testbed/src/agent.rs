@@ -68,7 +68,10 @@ impl AgentProcess {
         })?;
         cmd.stdout(file)
             .stderr(err)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("NETLB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE");
         let child = ChildGuard::spawn(&format!("netlb-agent node{}", node.index), &mut cmd)?;
         Ok(Self {

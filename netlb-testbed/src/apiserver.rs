@@ -431,11 +431,11 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
 
 fn respond(mut stream: &TcpStream, status: &str, body: &Value) {
     let body = body.to_string();
-    let _ = write!(
-        stream,
+    let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = stream.write_all(response.as_bytes());
 }
 
 fn status_object(code: u16, reason: &str, message: &str) -> Value {
@@ -498,6 +498,7 @@ fn matches(object: &Value, namespace: &Option<String>, query: &BTreeMap<String, 
 
 fn serve_connection(stream: TcpStream, shared: &Shared) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = stream.set_nodelay(true);
     let Some(request) = read_request(&stream) else {
         return;
     };
@@ -630,7 +631,10 @@ fn serve_list(
 
 fn write_chunk(mut stream: &TcpStream, value: &Value) -> bool {
     let line = format!("{value}\n");
-    write!(stream, "{:x}\r\n{line}\r\n", line.len()).is_ok() && stream.flush().is_ok()
+    // One write per chunk: with several small writes, Nagle's algorithm and
+    // the client's delayed ACK would hold events back for tens of ms.
+    let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+    stream.write_all(chunk.as_bytes()).is_ok() && stream.flush().is_ok()
 }
 
 fn serve_watch(
@@ -658,9 +662,8 @@ fn serve_watch(
         .and_then(|rv| rv.parse().ok())
         .unwrap_or(0);
     let mut out = &stream;
-    let _ = write!(
-        out,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    let _ = out.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     );
     {
         let state = lock(shared);

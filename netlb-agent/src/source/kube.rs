@@ -149,6 +149,7 @@ where
             match stream.try_next().await {
                 Ok(Some(event)) => {
                     stats.events.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("{kind}: watch event");
                     if matches!(event, watcher::Event::InitDone)
                         && !synced.swap(true, Ordering::SeqCst)
                     {

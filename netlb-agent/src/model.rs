@@ -6,6 +6,7 @@
 //! never affect other Services.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
@@ -178,13 +179,13 @@ fn protocol_of(p: Option<&String>) -> String {
 /// Endpoints of one slice port, collected per service port name.
 type EndpointsByPort = BTreeMap<ServicePortName, Vec<Endpoint>>;
 
-fn collect_endpoints(
-    slices: &[EndpointSlice],
+fn collect_endpoints<E: Borrow<EndpointSlice>>(
+    slices: &[E],
     node: &NodeContext,
     issues: &mut Vec<ModelIssue>,
 ) -> EndpointsByPort {
     // kube-proxy walks a service's slices in name order.
-    let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+    let mut sorted: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
     sorted.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
@@ -443,12 +444,17 @@ fn parse_ipv4s<'a>(
     out
 }
 
-/// Builds the model from a consistent snapshot of objects.
-pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
+/// Builds the model from a consistent snapshot of objects (owned, or the
+/// `Arc`s of a reflector store).
+pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+    node: &NodeContext,
+) -> Model {
     let mut issues = Vec::new();
     let endpoints = collect_endpoints(slices, node, &mut issues);
     let mut ports = BTreeMap::new();
-    let mut sorted: Vec<&Service> = services.iter().collect();
+    let mut sorted: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
     sorted.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
@@ -1247,7 +1253,10 @@ mod tests {
         // The same proxy name, when configured, is ours.
         let mut ctx = node();
         ctx.proxy_name = Some("other".into());
-        assert_eq!(build(&services, &[], &ctx).ports.len(), 3);
+        assert_eq!(
+            build(&services, &[] as &[EndpointSlice], &ctx).ports.len(),
+            3
+        );
     }
 
     #[test]

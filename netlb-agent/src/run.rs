@@ -90,9 +90,9 @@ pub enum RunError {
 
 /// Objects of one consistent read of a source.
 struct Objects {
-    services: Vec<Service>,
-    endpoint_slices: Vec<EndpointSlice>,
-    node: Option<Node>,
+    services: Vec<Arc<Service>>,
+    endpoint_slices: Vec<Arc<EndpointSlice>>,
+    node: Option<Arc<Node>>,
 }
 
 enum Source {
@@ -151,8 +151,8 @@ impl Source {
                     metrics.invalid_object("manifest");
                 }
                 Ok(Some(Objects {
-                    services: snapshot.services,
-                    endpoint_slices: snapshot.endpoint_slices,
+                    services: snapshot.services.into_iter().map(Arc::new).collect(),
+                    endpoint_slices: snapshot.endpoint_slices.into_iter().map(Arc::new).collect(),
                     node: None,
                 }))
             }
@@ -190,7 +190,7 @@ struct ProgrammingLatency {
 }
 
 impl ProgrammingLatency {
-    fn pending(&self, slices: &[EndpointSlice]) -> Vec<SystemTime> {
+    fn pending(&self, slices: &[Arc<EndpointSlice>]) -> Vec<SystemTime> {
         let mut out = Vec::new();
         for slice in slices {
             let meta = &slice.metadata;
@@ -220,7 +220,7 @@ impl ProgrammingLatency {
         out
     }
 
-    fn record(&mut self, slices: &[EndpointSlice]) {
+    fn record(&mut self, slices: &[Arc<EndpointSlice>]) {
         self.seen = slices
             .iter()
             .map(|s| {

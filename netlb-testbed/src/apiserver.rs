@@ -107,7 +107,7 @@ struct State {
     objects: BTreeMap<Key, Value>,
     events: Vec<Event>,
     /// Paginated list snapshots by continue token.
-    snapshots: BTreeMap<String, (u64, Vec<Value>)>,
+    snapshots: BTreeMap<String, (u64, Arc<Vec<Value>>)>,
     next_uid: u64,
 }
 
@@ -576,7 +576,7 @@ fn serve_list(
             };
             let offset: usize = offset.parse().unwrap_or(0);
             match state.snapshots.get(id) {
-                Some((rv, items)) if *rv >= state.compacted => (*rv, items.clone(), offset),
+                Some((rv, items)) if *rv >= state.compacted => (*rv, Arc::clone(items), offset),
                 _ => {
                     drop(state);
                     shared.gone.fetch_add(1, Ordering::SeqCst);
@@ -600,7 +600,7 @@ fn serve_list(
                 .filter(|((r, _, _), o)| *r == resource && matches(o, &namespace, query))
                 .map(|(_, o)| o.clone())
                 .collect();
-            (state.rv, items, 0)
+            (state.rv, Arc::new(items), 0)
         }
     };
     let end = offset.saturating_add(limit).min(items.len());

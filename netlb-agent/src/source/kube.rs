@@ -74,9 +74,10 @@ pub enum ApiSourceError {
 /// Objects of one consistent read of the stores.
 #[derive(Clone, Debug, Default)]
 pub struct ApiSnapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub node: Option<Node>,
+    /// Shared with the reflector stores: reading a snapshot copies no object.
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub node: Option<Arc<Node>>,
 }
 
 /// Counters of the watchers, for metrics.
@@ -239,17 +240,12 @@ impl ApiSource {
             return None;
         }
         Some(ApiSnapshot {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            endpoint_slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: self.services.state(),
+            endpoint_slices: self.slices.state(),
             node: self
                 .nodes
                 .as_ref()
-                .and_then(|store| store.state().first().map(|n| (**n).clone())),
+                .and_then(|store| store.state().first().cloned()),
         })
     }
 }

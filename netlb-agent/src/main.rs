@@ -59,6 +59,10 @@ enum Command {
         /// in-cluster configuration, then ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Renew API watches this often; a watch silent for this long plus
+        /// 5 s is re-established (a half-open connection).
+        #[arg(long, default_value_t = 290)]
+        watch_timeout_s: u64,
         /// /healthz and /livez address (kube-proxy's default); "" disables.
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: String,
@@ -128,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             manifests,
             kubeconfig,
+            watch_timeout_s,
             healthz_bind_address,
             metrics_bind_address,
             netns,
@@ -154,6 +159,7 @@ fn main() -> anyhow::Result<()> {
                 None => SourceConfig::Api(ApiConfig {
                     kubeconfig,
                     node_name: node_name.clone(),
+                    watch_timeout: Duration::from_secs(watch_timeout_s),
                 }),
             };
             run::run(RunOptions {

@@ -118,6 +118,11 @@ struct Shared {
     watch_epoch: AtomicU64,
     delay_ms: AtomicU64,
     unavailable: AtomicBool,
+    /// Resources answered with 503 (while the others work).
+    unavailable_resources: Mutex<Vec<Resource>>,
+    /// Watches opened before the latest [`FakeApiServer::stall_watches`]
+    /// (epoch below this) stay connected but send nothing.
+    stall_epoch: AtomicU64,
     stopped: AtomicBool,
     /// Requests served, by kind ("list"/"watch"), for assertions.
     lists: AtomicU64,
@@ -165,6 +170,8 @@ impl FakeApiServer {
             watch_epoch: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
             unavailable: AtomicBool::new(false),
+            unavailable_resources: Mutex::new(Vec::new()),
+            stall_epoch: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
@@ -330,6 +337,27 @@ impl FakeApiServer {
         if unavailable {
             self.drop_watches();
         }
+    }
+
+    /// Answers requests for one resource with 503 while set (e.g. Services
+    /// list fine, EndpointSlices do not).
+    pub fn set_resource_unavailable(&self, resource: Resource, unavailable: bool) {
+        let mut list = self
+            .shared
+            .unavailable_resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        list.retain(|r| *r != resource);
+        if unavailable {
+            list.push(resource);
+        }
+    }
+
+    /// Every open watch stops sending anything, events and bookmarks alike,
+    /// and ignores its timeout, but stays connected: a half-open connection
+    /// from the client's side. Watches opened later are served normally.
+    pub fn stall_watches(&self) {
+        self.shared.stall_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// (lists, watches, 410 answers) served so far.
@@ -538,6 +566,23 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         );
         return;
     };
+    if shared
+        .unavailable_resources
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&resource)
+    {
+        respond(
+            &stream,
+            "503 Service Unavailable",
+            &status_object(
+                503,
+                "ServiceUnavailable",
+                "test double: resource set unavailable",
+            ),
+        );
+        return;
+    }
     let watch = matches!(
         request.query.get("watch").map(String::as_str),
         Some("1" | "true")
@@ -681,7 +726,19 @@ fn serve_watch(
     }
     let started = Instant::now();
     let mut last_bookmark = Instant::now();
+    let stall_epoch = shared.stall_epoch.load(Ordering::SeqCst);
     loop {
+        if shared.stall_epoch.load(Ordering::SeqCst) != stall_epoch {
+            // Stalled: never speaks again, until cut.
+            if shared.watch_epoch.load(Ordering::SeqCst) != epoch
+                || shared.stopped.load(Ordering::SeqCst)
+            {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         if shared.watch_epoch.load(Ordering::SeqCst) != epoch
             || shared.stopped.load(Ordering::SeqCst)
         {

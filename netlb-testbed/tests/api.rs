@@ -334,3 +334,79 @@ fn sigkill_and_restart_lose_no_requests() {
     a.c.agent = Some(restarted);
     a.wait_for_backends(&["myapp-1", "myapp-2"]);
 }
+
+#[test]
+fn nothing_is_programmed_before_services_and_slices_have_both_synced() {
+    let mut a = ApiCluster::new(&["myapp-1"]);
+    a.api.apply(my_service()).unwrap();
+    a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
+    // Services list fine; EndpointSlices cannot be listed yet.
+    a.api
+        .set_resource_unavailable(Resource::EndpointSlices, true);
+    let options = AgentOptions {
+        binary: find_binary("netlb-agent"),
+        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
+        extra_args: vec![],
+        cleanup_on_exit: true,
+    };
+    let agent =
+        AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
+    assert!(
+        agent.wait_for_log("Service: initial list complete", 1, Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.wait_for_log(
+        "waiting for Services and EndpointSlices",
+        1,
+        Duration::from_secs(5)
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    // Programming from Services alone would reject the ClusterIP (no
+    // endpoints known); nothing at all may be written.
+    assert!(
+        a.programmed().is_empty(),
+        "programmed from partial state: {:?}",
+        a.programmed()
+    );
+    assert!(!agent.log().contains("synced "), "{}", agent.log());
+    a.api
+        .set_resource_unavailable(Resource::EndpointSlices, false);
+    a.c.agent = Some(agent);
+    a.wait_for_backends(&["myapp-1"]);
+}
+
+#[test]
+fn half_open_watch_is_detected_and_replaced() {
+    let mut a = ApiCluster::new(&["myapp-1", "myapp-2"]);
+    a.api.apply(my_service()).unwrap();
+    a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
+    let options = AgentOptions {
+        binary: find_binary("netlb-agent"),
+        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
+        extra_args: vec!["--watch-timeout-s".into(), "2".into()],
+        cleanup_on_exit: true,
+    };
+    let agent =
+        AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
+    assert!(
+        agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    a.c.agent = Some(agent);
+    a.wait_for_backends(&["myapp-1"]);
+    // The open watches go silent without closing; the change made now only
+    // reaches the agent once it notices and watches again.
+    a.api.stall_watches();
+    a.api.apply(my_slice(&a.pods(&["myapp-2"]))).unwrap();
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(30), || {
+        (a.reached(6) == BTreeSet::from(["myapp-2".to_owned()])).then_some(())
+    })
+    .unwrap_or_else(|| panic!("stalled watch never replaced\n{}", a.c.agent_log()));
+    println!(
+        "recovered from a half-open watch in {:?}",
+        started.elapsed()
+    );
+}

@@ -16,6 +16,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::Sender,
     },
+    time::Duration,
 };
 
 use futures::TryStreamExt as _;
@@ -31,13 +32,27 @@ use kube::{
 };
 
 /// Where the API server is.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ApiConfig {
     /// A kubeconfig file; `None`: `KUBECONFIG`, then in-cluster config, then
     /// `~/.kube/config` (kube-rs' `Config::infer`).
     pub kubeconfig: Option<PathBuf>,
     /// This node, for its Node object (zone label, addresses).
     pub node_name: Option<String>,
+    /// Watches are renewed this often (the server ends them); a watch that
+    /// stays silent for this long plus 5 s is taken for a dead (half-open)
+    /// connection and re-established. kube-rs' defaults: 290 s and 295 s.
+    pub watch_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            node_name: None,
+            watch_timeout: Duration::from_secs(290),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +197,11 @@ impl ApiSource {
             .enable_all()
             .build()
             .map_err(|source| ApiSourceError::Runtime { source })?;
-        let config = runtime.block_on(client_config(&cfg))?;
+        let mut config = runtime.block_on(client_config(&cfg))?;
+        // Each read on a watch must see bytes within this time.
+        config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(5));
+        let watch_config =
+            watcher::Config::default().timeout(cfg.watch_timeout.as_secs().max(1) as u32);
         log::info!("API server {}", config.cluster_url);
         let client = runtime.block_on(async {
             Client::try_from(config).map_err(|source| ApiSourceError::Client { source })
@@ -194,7 +213,7 @@ impl ApiSource {
         let services = spawn_reflector(
             &runtime,
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
+            watch_config.clone(),
             notify.clone(),
             Arc::clone(&services_synced),
             Arc::clone(&stats),
@@ -202,7 +221,7 @@ impl ApiSource {
         let slices = spawn_reflector(
             &runtime,
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            watch_config.clone(),
             notify.clone(),
             Arc::clone(&slices_synced),
             Arc::clone(&stats),
@@ -211,7 +230,9 @@ impl ApiSource {
             spawn_reflector(
                 &runtime,
                 Api::<Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={name}")),
+                watch_config
+                    .clone()
+                    .fields(&format!("metadata.name={name}")),
                 notify.clone(),
                 Arc::new(AtomicBool::new(false)),
                 Arc::clone(&stats),

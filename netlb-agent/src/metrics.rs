@@ -110,34 +110,11 @@ pub struct Health {
 /// Go's `time.Time.String()` layout in UTC, which kube-proxy's health body
 /// uses (`2006-01-02 15:04:05.999999999 +0000 UTC`).
 fn go_time(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let mut nanos = format!("{:09}", d.subsec_nanos());
-    while nanos.ends_with('0') {
-        nanos.pop();
-    }
-    let frac = if nanos.is_empty() {
-        String::new()
-    } else {
-        format!(".{nanos}")
+    let Ok(ts) = k8s_openapi::jiff::Timestamp::try_from(t) else {
+        return String::new();
     };
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{frac} +0000 UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // `%.f`: the fraction without trailing zeros (none when zero), as Go.
+    ts.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string()
 }
 
 impl Metrics {

@@ -26,7 +26,7 @@ use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, limits};
 
 use crate::{
     dataplane::{BackendId, Dataplane, DataplaneError, RevNatIndex},
-    desired::{BackendAddr, DesiredState, FrontendKey},
+    desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +277,25 @@ impl Syncer {
         Ok(syncer)
     }
 
+    /// Fast path for the common case of a resync where most frontends did
+    /// not change: same header and the same (small) backend set, checked
+    /// without allocating.
+    fn unchanged(&self, key: &FrontendKey, want: &DesiredFrontend, rev_nat: RevNatIndex) -> bool {
+        const SMALL: usize = 16;
+        let Some(f) = self.frontends.get(key) else {
+            return false;
+        };
+        f.flags == want.flags
+            && f.rev_nat == rev_nat
+            && f.slots.len() == want.backends.len()
+            && want.backends.len() <= SMALL
+            && want.backends.iter().all(|b| {
+                self.backends
+                    .get(&b.addr)
+                    .is_some_and(|(id, _)| f.slots.contains(id))
+            })
+    }
+
     /// Number of frontends programmed.
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
@@ -358,6 +377,9 @@ impl Syncer {
         // 3. Changed and new frontends.
         for (key, want) in &desired.frontends {
             let rev_nat = self.rev_nat[&(key.address, key.port)];
+            if self.unchanged(key, want, rev_nat) {
+                continue;
+            }
             let wanted_ids: Vec<BackendId> = want
                 .backends
                 .iter()

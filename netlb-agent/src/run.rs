@@ -324,6 +324,9 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                     }
                 }
                 Ok(false) => {
+                    // The watch event that completes the initial lists sets
+                    // `dirty` again; no need to poll until then.
+                    dirty = false;
                     if !waiting_logged {
                         waiting_logged = true;
                         log::info!("waiting for Services and EndpointSlices to sync");

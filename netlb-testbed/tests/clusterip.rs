@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Cluster, VIP, curl, service_yaml, slice_yaml, wait_until};
+use common::{Cluster, VIP, curl, slice_yaml, wait_until};
 use netlb_testbed::{find_binary, process::ChildGuard, topology::Pod};
 
 #[test]
@@ -64,18 +64,7 @@ fn three_backends_share_300_requests() {
 #[test]
 fn udp_service_answers_dig() {
     let mut c = Cluster::new(&["dns-1", "dns-2"]);
-    let pods: Vec<Pod> = ["dns-1", "dns-2"]
-        .iter()
-        .map(|n| c.tb.pod(n).unwrap().clone())
-        .collect();
-    c.write(
-        "dns.yaml",
-        &service_yaml("dns", "10.96.0.53", "UDP", 53, 53),
-    );
-    c.write(
-        "dns-slice.yaml",
-        &slice_yaml("dns", "UDP", 53, &pods.iter().collect::<Vec<_>>()),
-    );
+    let pods = c.expose("dns", "10.96.0.53", "UDP", (53, 53), &["dns-1", "dns-2"]);
     c.start_agent();
     let mut answers = std::collections::BTreeSet::new();
     for i in 0..20 {
@@ -111,17 +100,12 @@ fn udp_service_answers_dig() {
 #[test]
 fn long_lived_connection_survives_backend_churn() {
     let mut c = Cluster::new(&["echo-1", "echo-2"]);
-    let pods: Vec<Pod> = ["echo-1", "echo-2"]
-        .iter()
-        .map(|n| c.tb.pod(n).unwrap().clone())
-        .collect();
-    c.write(
-        "echo.yaml",
-        &service_yaml("echo", "10.96.0.70", "TCP", 7000, 7000),
-    );
-    c.write(
-        "echo-slice.yaml",
-        &slice_yaml("echo", "TCP", 7000, &pods.iter().collect::<Vec<_>>()),
+    let pods = c.expose(
+        "echo",
+        "10.96.0.70",
+        "TCP",
+        (7000, 7000),
+        &["echo-1", "echo-2"],
     );
     c.start_agent();
 
@@ -214,12 +198,9 @@ fn long_lived_connection_survives_backend_churn() {
 #[test]
 fn pod_reaches_itself_through_its_service() {
     let mut c = Cluster::new(&["self-1"]);
-    let pod = c.tb.pod("self-1").unwrap().clone();
-    c.write(
-        "self.yaml",
-        &service_yaml("self", "10.96.0.80", "TCP", 80, 9376),
-    );
-    c.write("self-slice.yaml", &slice_yaml("self", "TCP", 9376, &[&pod]));
+    let pod = c
+        .expose("self", "10.96.0.80", "TCP", (80, 9376), &["self-1"])
+        .remove(0);
     c.start_agent();
     for _ in 0..5 {
         let body = curl(&c.tb, &pod.netns, "http://10.96.0.80/", 3)
@@ -233,11 +214,7 @@ fn pod_reaches_itself_through_its_service() {
 #[test]
 fn service_without_endpoints_is_refused_fast() {
     let mut c = Cluster::new(&[]);
-    c.write(
-        "empty.yaml",
-        &service_yaml("empty", "10.96.0.90", "TCP", 80, 9376),
-    );
-    c.write("empty-slice.yaml", &slice_yaml("empty", "TCP", 9376, &[]));
+    c.expose("empty", "10.96.0.90", "TCP", (80, 9376), &[]);
     c.start_agent();
     let started = Instant::now();
     let out =

@@ -113,6 +113,31 @@ impl Cluster {
         std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
     }
 
+    /// Writes a Service `name` (`cluster_ip:port` -> `target`) and its
+    /// EndpointSlice over the named backend pods; returns those pods.
+    pub fn expose(
+        &self,
+        name: &str,
+        cluster_ip: &str,
+        protocol: &str,
+        (port, target): (u16, u16),
+        backends: &[&str],
+    ) -> Vec<Pod> {
+        let pods: Vec<Pod> = backends
+            .iter()
+            .map(|n| self.tb.pod(n).expect("backend pod").clone())
+            .collect();
+        self.write(
+            &format!("{name}.yaml"),
+            &service_yaml(name, cluster_ip, protocol, port, target),
+        );
+        self.write(
+            &format!("{name}-slice.yaml"),
+            &slice_yaml(name, protocol, target, &pods.iter().collect::<Vec<_>>()),
+        );
+        pods
+    }
+
     pub fn start_agent(&mut self) {
         self.start_agent_with(AgentSource::Manifests(self.manifests.clone()), "agent.log");
     }

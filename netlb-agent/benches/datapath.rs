@@ -109,6 +109,7 @@ fn measure(services: u32) {
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: None,
         service_loopback: Some(Ipv4Addr::new(169, 254, 42, 1)),
+        snat_addr: Some(Ipv4Addr::new(192, 168, 77, 10)),
         sizes: MapSizes {
             service_entries: 1 << 20,
             backends: 1 << 19,

@@ -40,6 +40,13 @@ const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 0, 23),
 ];
 
+/// This node's address (north-south SNAT source), an outside client and a
+/// pod on another node.
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
+const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const EXT2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
+
 struct Datapath {
     ebpf: Ebpf,
     maps: AyaDataplane,
@@ -52,6 +59,7 @@ impl Datapath {
         let mut ebpf = loader::load(&LoadOptions {
             pin_dir: None,
             service_loopback: Some(LOOPBACK),
+            snat_addr: Some(NODE),
             sizes: Default::default(),
         })
         .expect("load the datapath (root and a BPF-capable kernel needed)");
@@ -68,6 +76,18 @@ impl Datapath {
     /// Programs a frontend `vip:port` with `backends` (address, target port),
     /// each under a new backend id (the first test service gets ids 100..).
     fn add_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
+        self.add_service_with(vip, port, proto, backends, 0);
+    }
+
+    /// As [`add_service`], with `backend_flags` on every backend.
+    fn add_service_with(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        backends: &[(Ipv4Addr, u16)],
+        backend_flags: u8,
+    ) {
         let base = ServiceKey {
             address_be: be_addr(vip),
             port_be: port.to_be(),
@@ -97,7 +117,7 @@ impl Datapath {
                         address_be: be_addr(*addr),
                         port_be: target.to_be(),
                         proto,
-                        flags: 0,
+                        flags: backend_flags,
                     },
                 )
                 .unwrap();
@@ -451,4 +471,195 @@ fn stale_conntrack_entry_reselects_a_live_backend() {
             .any(|(k, _)| k.direction == ct_dir::REPLY && k.saddr_be == be_addr(second)),
         "reply entry for the new backend"
     );
+}
+
+/// Runs `from_netdev` then `to_netdev` on a packet, as the node routes it in
+/// through the uplink and out again; both stages must pass it.
+fn through_node(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
+    let (verdict, routed) = dp.run(program_names::FROM_NETDEV, frame);
+    assert_eq!(verdict, TC_ACT_OK, "from_netdev");
+    Ipv4Packet::parse(&routed).unwrap().assert_checksums();
+    let (verdict, out) = dp.run(program_names::TO_NETDEV, &routed);
+    assert_eq!(verdict, TC_ACT_OK, "to_netdev");
+    out
+}
+
+#[test]
+fn nodeport_to_remote_backend_is_snated_and_reply_restored() {
+    for protocol in [proto::TCP, proto::UDP] {
+        let mut dp = Datapath::load();
+        dp.add_service(NODE, 30080, protocol, &[(REMOTE, 9376)]);
+        let build = |src, sport, dst, dport| match protocol {
+            proto::TCP => PacketBuilder::tcp(src, sport, dst, dport).syn(),
+            _ => PacketBuilder::udp(src, sport, dst, dport),
+        };
+
+        // In at the uplink: DNAT only (the kernel routes on the client's
+        // address); out again towards the backend's node: SNAT to the node.
+        let request = build(EXT, 40000, NODE, 30080).payload(b"request").build();
+        let (verdict, routed) = dp.run(program_names::FROM_NETDEV, &request);
+        assert_eq!(verdict, TC_ACT_OK);
+        let pkt = Ipv4Packet::parse(&routed).unwrap();
+        assert_eq!((pkt.saddr(), pkt.sport()), (EXT, 40000));
+        assert_eq!((pkt.daddr(), pkt.dport()), (REMOTE, 9376));
+        pkt.assert_checksums();
+        let (verdict, out) = dp.run(program_names::TO_NETDEV, &routed);
+        assert_eq!(verdict, TC_ACT_OK);
+        let pkt = Ipv4Packet::parse(&out).unwrap();
+        // The client's port is in the NAT range, so it is kept.
+        assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 40000));
+        assert_eq!((pkt.daddr(), pkt.dport()), (REMOTE, 9376));
+        assert_eq!(pkt.payload(), b"request");
+        pkt.assert_checksums();
+        assert_eq!(dp.stat(stat::SNAT_FLOW), 1);
+
+        // The backend's reply comes back to the node address and leaves
+        // towards the client as if from the node port.
+        let reply = build(REMOTE, 9376, NODE, 40000).payload(b"reply").build();
+        let (verdict, routed) = dp.run(program_names::FROM_NETDEV, &reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        let pkt = Ipv4Packet::parse(&routed).unwrap();
+        assert_eq!((pkt.saddr(), pkt.sport()), (REMOTE, 9376));
+        assert_eq!((pkt.daddr(), pkt.dport()), (EXT, 40000));
+        pkt.assert_checksums();
+        let (verdict, out) = dp.run(program_names::TO_NETDEV, &routed);
+        assert_eq!(verdict, TC_ACT_OK);
+        let pkt = Ipv4Packet::parse(&out).unwrap();
+        assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 30080));
+        assert_eq!((pkt.daddr(), pkt.dport()), (EXT, 40000));
+        assert_eq!(pkt.payload(), b"reply");
+        pkt.assert_checksums();
+        assert_eq!(dp.stat(stat::SNAT_REVERSE), 1);
+        assert_eq!(dp.stat(stat::REVERSE_NAT), 1);
+
+        // The second packet of the flow takes the same path without new
+        // entries.
+        let before = dp.conntrack_len();
+        assert_eq!(before, 4, "SERVICE, OUT+SNAT, NAT_IN, OUT+REV");
+        let out = through_node(&dp, &request);
+        let pkt = Ipv4Packet::parse(&out).unwrap();
+        assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 40000));
+        assert_eq!(dp.conntrack_len(), before);
+        assert_eq!(dp.stat(stat::NEW_FLOW), 1);
+    }
+}
+
+#[test]
+fn nodeport_snat_port_collision_takes_another_port() {
+    let mut dp = Datapath::load();
+    dp.add_service(NODE, 30080, proto::TCP, &[(REMOTE, 9376)]);
+    // Two clients with the same source port, and one with a port below the
+    // NAT range.
+    let mut nat_ports = Vec::new();
+    for (client, sport) in [(EXT, 40000), (EXT2, 40000), (EXT, 1234)] {
+        let syn = PacketBuilder::tcp(client, sport, NODE, 30080).syn().build();
+        let out = through_node(&dp, &syn);
+        let pkt = Ipv4Packet::parse(&out).unwrap();
+        assert_eq!(pkt.saddr(), NODE);
+        assert!(pkt.sport() >= 32768, "NAT port {} below range", pkt.sport());
+        nat_ports.push(pkt.sport());
+    }
+    assert_eq!(nat_ports[0], 40000);
+    assert_ne!(nat_ports[1], 40000, "second client must not reuse the port");
+    assert_ne!(nat_ports[2], nat_ports[1]);
+    // Each reply finds its own client.
+    for ((client, sport), nat_port) in [(EXT, 40000), (EXT2, 40000), (EXT, 1234)]
+        .into_iter()
+        .zip(nat_ports)
+    {
+        let synack = PacketBuilder::tcp(REMOTE, 9376, NODE, nat_port)
+            .syn()
+            .ack()
+            .build();
+        let out = through_node(&dp, &synack);
+        let pkt = Ipv4Packet::parse(&out).unwrap();
+        assert_eq!((pkt.daddr(), pkt.dport()), (client, sport));
+        assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 30080));
+        pkt.assert_checksums();
+    }
+}
+
+#[test]
+fn nodeport_to_local_backend_keeps_the_client_address() {
+    let mut dp = Datapath::load();
+    let local = BACKENDS[0];
+    dp.add_service_with(
+        NODE,
+        30080,
+        proto::TCP,
+        &[(local, 9376)],
+        netlb_common::backend_flags::LOCAL,
+    );
+    let syn = PacketBuilder::tcp(EXT, 40000, NODE, 30080).syn().build();
+    let (verdict, out) = dp.run(program_names::FROM_NETDEV, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    let pkt = Ipv4Packet::parse(&out).unwrap();
+    assert_eq!((pkt.saddr(), pkt.sport()), (EXT, 40000));
+    assert_eq!((pkt.daddr(), pkt.dport()), (local, 9376));
+    pkt.assert_checksums();
+    assert_eq!(dp.stat(stat::SNAT_FLOW), 0);
+    assert_eq!(dp.conntrack_len(), 2, "SERVICE and OUT+REV");
+    // The pod's reply leaves through the uplink with the node port as source.
+    let synack = PacketBuilder::tcp(local, 9376, EXT, 40000)
+        .syn()
+        .ack()
+        .payload(b"hi")
+        .build();
+    let (verdict, out) = dp.run(program_names::TO_NETDEV, &synack);
+    assert_eq!(verdict, TC_ACT_OK);
+    let pkt = Ipv4Packet::parse(&out).unwrap();
+    assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 30080));
+    assert_eq!((pkt.daddr(), pkt.dport()), (EXT, 40000));
+    assert_eq!(pkt.payload(), b"hi");
+    pkt.assert_checksums();
+}
+
+#[test]
+fn uplink_leaves_unrelated_traffic_alone() {
+    let mut dp = Datapath::load();
+    dp.add_service(NODE, 30080, proto::TCP, &[(REMOTE, 9376)]);
+    // Another port of the node, pod-to-pod traffic, and a packet to the node
+    // address that belongs to no SNATed flow: all pass unchanged.
+    for frame in [
+        PacketBuilder::tcp(EXT, 40000, NODE, 22).syn().build(),
+        PacketBuilder::tcp(REMOTE, 9376, BACKENDS[0], 40000)
+            .ack()
+            .build(),
+        PacketBuilder::udp(REMOTE, 9376, NODE, 50000).build(),
+    ] {
+        for program in [program_names::FROM_NETDEV, program_names::TO_NETDEV] {
+            let (verdict, out) = dp.run(program, &frame);
+            assert_eq!(verdict, TC_ACT_OK, "{program}");
+            assert_eq!(out, frame, "{program} changed the packet");
+        }
+    }
+    assert_eq!(dp.conntrack_len(), 0);
+}
+
+#[test]
+fn nodeport_local_policy_without_local_endpoints_drops() {
+    let mut dp = Datapath::load();
+    let key = ServiceKey {
+        address_be: be_addr(NODE),
+        port_be: 30080u16.to_be(),
+        backend_slot: 0,
+        proto: proto::TCP,
+        scope: scope::EXTERNAL,
+        pad: [0; 2],
+    };
+    dp.maps
+        .upsert_service(
+            &key,
+            &ServiceValue {
+                backend_id: 0,
+                rev_nat_index: 9,
+                count: 0,
+                flags: svc_flags::NODE_PORT | svc_flags::LOCAL_ONLY | svc_flags::DROP,
+            },
+        )
+        .unwrap();
+    let syn = PacketBuilder::tcp(EXT, 40000, NODE, 30080).syn().build();
+    let (verdict, _) = dp.run(program_names::FROM_NETDEV, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::DROP_NO_LOCAL_ENDPOINTS), 1);
 }

@@ -45,6 +45,12 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of a pod's host-side veth: packets going to the pod.
     pub const TO_POD: &str = "to_pod";
+    /// TC ingress of a node uplink: north-south traffic arriving.
+    pub const FROM_NETDEV: &str = "from_netdev";
+    /// TC egress of a node uplink: north-south traffic leaving.
+    pub const TO_NETDEV: &str = "to_netdev";
+    /// Every program, in load order.
+    pub const ALL: [&str; 4] = [FROM_POD, TO_POD, FROM_NETDEV, TO_NETDEV];
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -111,14 +117,31 @@ pub mod ct_dir {
     /// Client -> VIP, keyed as the client sent it (before DNAT).
     pub const SERVICE: u8 = 0;
     /// Backend -> client, keyed as the backend sends it (before reverse NAT).
+    /// Translated by `to_pod` (east-west flows).
     pub const REPLY: u8 = 1;
+    /// A north-south flow's packet as it leaves through an uplink (`to_netdev`,
+    /// after routing): client -> remote backend (source NAT to the node,
+    /// [`ct_flags::SNAT`](super::ct_flags::SNAT)) or backend -> client
+    /// (reverse NAT to the frontend, [`ct_flags::REV`](super::ct_flags::REV)).
+    pub const OUT: u8 = 2;
+    /// A reply to a source-NATed flow as it arrives at an uplink
+    /// (`from_netdev`): remote backend -> node address:NAT port. Its value's
+    /// `nat_addr_be`/`nat_port_be` hold the client to restore as destination.
+    /// The key doubles as the NAT port reservation.
+    pub const NAT_IN: u8 = 3;
 }
 
 /// `ConntrackValue::flags` bits.
 pub mod ct_flags {
     /// The flow was source-NATed to the service loopback address (hairpin):
-    /// the reply's destination must be restored to `client_addr`.
+    /// the reply's destination must be restored to `nat_addr_be`.
     pub const HAIRPIN: u16 = 1 << 0;
+    /// OUT entry: rewrite the source to `nat_addr_be`:`nat_port_be` (a
+    /// north-south flow to a backend on another node, externalTrafficPolicy
+    /// Cluster). On a SERVICE entry: the flow is source-NATed.
+    pub const SNAT: u16 = 1 << 1;
+    /// OUT entry: rewrite the source to the frontend of `rev_nat_index`.
+    pub const REV: u16 = 1 << 2;
 }
 
 /// Key of the `SERVICES` hash map.
@@ -217,13 +240,17 @@ pub struct ConntrackValue {
     pub backend_id: u32,
     /// Reverse NAT index of the frontend. Host byte order.
     pub rev_nat_index: u32,
-    /// REPLY entries of hairpin flows: the client's real address, restored as
-    /// the reply's destination. Network byte order (`be`); 0 otherwise.
-    pub client_addr_be: u32,
+    /// The address a NAT puts in: REPLY entries of hairpin flows and NAT_IN
+    /// entries, the client's real address (the reply's destination); OUT
+    /// entries with [`ct_flags::SNAT`], the node address (the source). Network
+    /// byte order (`be`); 0 otherwise.
+    pub nat_addr_be: u32,
     /// See [`ct_flags`]. Host byte order.
     pub flags: u16,
-    /// Always zero.
-    pub pad: [u8; 2],
+    /// The port that goes with `nat_addr_be` (NAT_IN: the client's port;
+    /// OUT with SNAT: the allocated NAT port). Network byte order (`be`); 0
+    /// when unused.
+    pub nat_port_be: u16,
     /// `bpf_ktime_get_ns()` of the last packet seen. Host byte order.
     pub last_seen_ns: u64,
 }
@@ -248,8 +275,11 @@ pub struct DatapathConfig {
     /// Hairpin source address (service loopback). Network byte order (`be`).
     /// 0 disables hairpin SNAT.
     pub service_loopback_be: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// This node's address for source NAT of north-south flows to backends
+    /// on other nodes (the address replies come back to). Network byte
+    /// order (`be`). 0 disables that SNAT (only local backends then work
+    /// from outside).
+    pub snat_addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
 
@@ -289,8 +319,15 @@ pub mod stat {
     pub const DROP_REJECT_FAILED: u32 = 13;
     /// Dropped: a Local traffic policy without local endpoints.
     pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 14;
+    /// North-south flows source-NATed to the node address (backend on
+    /// another node).
+    pub const SNAT_FLOW: u32 = 15;
+    /// Replies of source-NATed flows restored to the client at the uplink.
+    pub const SNAT_REVERSE: u32 = 16;
+    /// Dropped: no free source-NAT port for a new north-south flow.
+    pub const DROP_NAT_PORTS: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 18;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -309,11 +346,14 @@ pub mod stat {
         "drop_rewrite",
         "drop_reject_failed",
         "drop_no_local_endpoints",
+        "snat_flow",
+        "snat_reverse",
+        "drop_nat_ports",
     ];
 
     /// Whether the counter is a drop reason.
     pub const fn is_drop(index: u32) -> bool {
-        index >= DROP_MALFORMED_L3 && index < COUNT
+        (index >= DROP_MALFORMED_L3 && index <= DROP_NO_LOCAL_ENDPOINTS) || index == DROP_NAT_PORTS
     }
 }
 

@@ -54,7 +54,7 @@ pub fn create(
 ) -> Result<(), Reason> {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (reply_daddr_be, flags, client_addr_be) = match hairpin_source_be {
+    let (reply_daddr_be, flags, nat_addr_be) = match hairpin_source_be {
         Some(lo) => (lo, ct_flags::HAIRPIN, pkt.saddr_be),
         None => (pkt.saddr_be, 0, 0),
     };
@@ -70,19 +70,72 @@ pub fn create(
     let value = ConntrackValue {
         backend_id,
         rev_nat_index,
-        client_addr_be,
+        nat_addr_be,
         flags,
-        pad: [0; 2],
+        nat_port_be: 0,
         last_seen_ns: now,
     };
     maps::CONNTRACK
         .insert(reply_key, value, 0)
         .map_err(|_| Reason::CtWrite)?;
     let service_value = ConntrackValue {
-        client_addr_be: 0,
+        nat_addr_be: 0,
         ..value
     };
     maps::CONNTRACK
         .insert(key(pkt, ct_dir::SERVICE), service_value, 0)
         .map_err(|_| Reason::CtWrite)
+}
+
+/// A conntrack key from its parts.
+#[inline(always)]
+pub fn tuple(
+    saddr_be: u32,
+    sport_be: u16,
+    daddr_be: u32,
+    dport_be: u16,
+    proto: u8,
+    direction: u8,
+) -> ConntrackKey {
+    ConntrackKey {
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+        proto,
+        direction,
+        pad: [0; 2],
+    }
+}
+
+/// A fresh value stamped with the current time.
+#[inline(always)]
+pub fn value(backend_id: u32, rev_nat_index: u32, nat: (u32, u16), flags: u16) -> ConntrackValue {
+    ConntrackValue {
+        backend_id,
+        rev_nat_index,
+        nat_addr_be: nat.0,
+        flags,
+        nat_port_be: nat.1,
+        // SAFETY: helper without preconditions.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Inserts or replaces an entry.
+#[inline(always)]
+pub fn put(key: &ConntrackKey, value: &ConntrackValue) -> Result<(), Reason> {
+    maps::CONNTRACK
+        .insert(key, value, 0)
+        .map_err(|_| Reason::CtWrite)
+}
+
+/// `BPF_NOEXIST`: insert only if the key is free.
+const BPF_NOEXIST: u64 = 1;
+
+/// Inserts an entry only if its key is free (an atomic reservation).
+/// `false`: the key is taken.
+#[inline(always)]
+pub fn put_new(key: &ConntrackKey, value: &ConntrackValue) -> bool {
+    maps::CONNTRACK.insert(key, value, BPF_NOEXIST).is_ok()
 }

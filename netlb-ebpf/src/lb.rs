@@ -1,9 +1,10 @@
 //! Frontend lookup and backend selection (Cilium's `lb4_lookup_service` and
 //! `lb4_select_backend_id`, random-by-hash flavour).
 
-use netlb_common::{BackendValue, ServiceKey, ServiceValue, scope, svc_flags};
+use aya_ebpf::programs::TcContext;
+use netlb_common::{BackendValue, ServiceKey, ServiceValue, ct_dir, scope, stat, svc_flags};
 
-use crate::{maps, parse::Packet, verdict::Reason};
+use crate::{conntrack, maps, parse::Packet, reject, verdict::Reason};
 
 /// A frontend found for a packet: its key (with slot 0) and slot-0 value.
 pub struct Frontend {
@@ -80,4 +81,52 @@ pub fn select_backend(fe: &Frontend, hash: u32) -> Result<(u32, BackendValue), R
 pub fn backend(id: u32) -> Option<BackendValue> {
     // SAFETY: the value is copied out immediately.
     unsafe { maps::BACKENDS.get(id) }.copied()
+}
+
+/// The backend chosen for a packet.
+pub struct Selected {
+    pub id: u32,
+    pub backend: BackendValue,
+    /// No (usable) conntrack entry existed: the caller creates the flow.
+    pub new_flow: bool,
+}
+
+/// What to do with a packet to a frontend.
+pub enum Choice {
+    /// Already answered (ICMP reject): return this verdict.
+    Verdict(i32),
+    Backend(Selected),
+}
+
+/// The frontend stage shared by both ingress programs: reject or drop when
+/// there are no backends, follow the flow's conntrack entry when its
+/// backend still exists, select a backend otherwise.
+#[inline(always)]
+pub fn choose(ctx: &TcContext, pkt: &Packet, fe: &Frontend) -> Result<Choice, Reason> {
+    if fe.value.count == 0 {
+        if fe.value.flags & svc_flags::DROP != 0 {
+            return Err(Reason::NoLocalEndpoints);
+        }
+        return Ok(Choice::Verdict(reject::port_unreachable(ctx, pkt)?));
+    }
+    if let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::SERVICE)) {
+        match backend(entry.backend_id) {
+            Some(backend) => {
+                return Ok(Choice::Backend(Selected {
+                    id: entry.backend_id,
+                    backend,
+                    new_flow: false,
+                }));
+            }
+            // The backend was removed: pick a new one, as Cilium does for
+            // stale entries.
+            None => maps::count(stat::CT_RESELECT),
+        }
+    }
+    let (id, backend) = select_backend(fe, flow_hash(pkt))?;
+    Ok(Choice::Backend(Selected {
+        id,
+        backend,
+        new_flow: true,
+    }))
 }

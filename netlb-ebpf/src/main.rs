@@ -5,9 +5,15 @@
 //!   (sent to the service loopback address) are reverse-translated.
 //! - `to_pod` (TC egress of a pod's host-side veth): packets going to the pod.
 //!   Replies from backends are reverse-NATed so the client sees VIP:port.
+//! - `from_netdev` (TC ingress of a node uplink): NodePorts, external IPs and
+//!   load-balancer IPs are DNATed; replies of source-NATed flows get their
+//!   client back as destination.
+//! - `to_netdev` (TC egress of a node uplink): source NAT of north-south flows
+//!   to backends on other nodes, reverse NAT of replies to outside clients.
 //!
 //! Module per concern, after Cilium's `bpf/lib`: [`parse`] (headers),
-//! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`]
+//! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`],
+//! [`nodeport`] (north-south flows and their SNAT)
 //! (rewrites and checksums), [`reject`] (ICMP port unreachable), [`verdict`]
 //! (the one place errors become TC verdicts and drop counters).
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -27,6 +33,8 @@ mod lb;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
+#[cfg(target_arch = "bpf")]
+mod nodeport;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]

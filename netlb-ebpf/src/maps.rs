@@ -73,11 +73,11 @@ pub fn count_backend(id: u32, new_flow: bool) {
     }
 }
 
-/// The service loopback address (network byte order), 0 when unset.
+/// The runtime configuration (all zero, i.e. features off, when unset).
 #[inline(always)]
-pub fn service_loopback_be() -> u32 {
+pub fn config() -> DatapathConfig {
     match CONFIG.get(0) {
-        Some(cfg) => cfg.service_loopback_be,
-        None => 0,
+        Some(cfg) => *cfg,
+        None => DatapathConfig::default(),
     }
 }

@@ -76,6 +76,13 @@ fn rewrite_port(
     ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
 }
 
+/// SNAT of source address and port (north-south flows to remote backends).
+#[inline(always)]
+pub fn snat(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), Reason> {
+    rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, addr_be)?;
+    rewrite_port(ctx, pkt, L4_SPORT_OFF, pkt.sport_be, port_be)
+}
+
 /// DNAT: destination becomes the backend.
 #[inline(always)]
 pub fn dnat(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), Reason> {
@@ -108,7 +115,7 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
     rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, rev.address_be)?;
     rewrite_port(ctx, pkt, L4_SPORT_OFF, pkt.sport_be, rev.port_be)?;
     if entry.flags & ct_flags::HAIRPIN != 0 {
-        rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, entry.client_addr_be)?;
+        rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, entry.nat_addr_be)?;
     }
     maps::count(stat::REVERSE_NAT);
     Ok(true)

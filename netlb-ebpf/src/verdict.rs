@@ -20,6 +20,7 @@ pub enum Reason {
     Rewrite = stat::DROP_REWRITE,
     RejectFailed = stat::DROP_REJECT_FAILED,
     NoLocalEndpoints = stat::DROP_NO_LOCAL_ENDPOINTS,
+    NatPorts = stat::DROP_NAT_PORTS,
 }
 
 impl From<Reason> for i32 {

@@ -9,6 +9,7 @@
 
 pub mod dataplane;
 pub mod desired;
+pub mod healthcheck;
 pub mod http;
 pub mod ifaces;
 pub mod list;

@@ -1,0 +1,771 @@
+//! Per-Service health-check node ports, as kube-proxy serves them
+//! (pkg/proxy/healthcheck/service_health.go).
+//!
+//! A LoadBalancer Service with `externalTrafficPolicy: Local` gets a
+//! `spec.healthCheckNodePort`. Every node answers HTTP on that port: 200 when
+//! it has at least one local endpoint for the Service and the proxy itself is
+//! healthy, 503 otherwise, so the cloud load balancer only sends traffic to
+//! nodes that will not have to drop or forward it.
+//!
+//! One listener (and one accept thread) per Service; one short-lived thread
+//! per connection. Std threads only: the agent has no async runtime here.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+/// A Service's `(namespace, name)`.
+type ServiceKey = (String, String);
+
+/// How long an accept thread waits in poll(2) before looking at its stop
+/// flag again: the bound on how long a closed port stays bound.
+const POLL_INTERVAL_MS: libc::c_int = 100;
+
+/// Read and write timeout of a connection, so a silent or stalled client
+/// cannot keep its thread (and file descriptor) forever.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most bytes read from one request (request line and headers together).
+const MAX_REQUEST_BYTES: u64 = 16 * 1024;
+
+/// Most header lines read from one request.
+const MAX_HEADER_LINES: usize = 100;
+
+/// Why a Service's health-check node port is not being served.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthCheckError {
+    /// The Service asked for port 0, which would bind a random port that no
+    /// load balancer knows about.
+    #[error("service {namespace}/{name} has health-check node port 0")]
+    ZeroPort { namespace: String, name: String },
+    /// Binding or configuring the listening socket failed (typically the
+    /// port is already in use). Retried on the next `sync_services`.
+    #[error("failed to listen on health-check node port {port} for service {namespace}/{name}")]
+    Bind {
+        port: u16,
+        namespace: String,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The accept thread could not be started. Retried on the next
+    /// `sync_services`.
+    #[error(
+        "failed to start the listener thread for health-check node port {port} of service {namespace}/{name}"
+    )]
+    Spawn {
+        port: u16,
+        namespace: String,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// State every listener and connection thread reads at request time, so
+/// `sync_endpoints` and the proxy's health take effect on the next request.
+struct Shared {
+    /// Local endpoint counts; a Service missing here has 0.
+    counts: Mutex<BTreeMap<ServiceKey, usize>>,
+    proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Shared {
+    fn local_endpoints(&self, key: &ServiceKey) -> usize {
+        // A panic elsewhere while holding the lock leaves a map that is still
+        // a valid map; serving it beats taking every health check down.
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// One open health-check port. Dropping it closes the port: it raises the
+/// stop flag and joins the accept thread, which owns (and drops) the socket.
+struct Listener {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Asks the accept thread to stop without waiting for it, so that many
+    /// listeners can be signalled first and joined afterwards (one poll
+    /// interval in total instead of one per listener).
+    fn signal(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.signal();
+        if let Some(thread) = self.thread.take() {
+            // The accept loop does not panic; if it somehow did, the socket
+            // was dropped during unwinding, which is all we need here.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Closes every listener in `listeners` within about one poll interval.
+fn close_all(listeners: impl IntoIterator<Item = Listener>) {
+    let listeners: Vec<Listener> = listeners.into_iter().collect();
+    for listener in &listeners {
+        listener.signal();
+    }
+    // Each drop joins a thread that has already been told to stop.
+    drop(listeners);
+}
+
+/// Serves the health-check node ports of all `externalTrafficPolicy: Local`
+/// LoadBalancer Services, one listener on `0.0.0.0:<port>` per Service.
+pub struct ServiceHealthServer {
+    shared: Arc<Shared>,
+    listeners: BTreeMap<ServiceKey, Listener>,
+}
+
+impl ServiceHealthServer {
+    /// Creates a server with no listeners. `proxy_healthy` is asked on each
+    /// request; when it returns false every port answers 503 (kube-proxy
+    /// does the same so load balancers drain a node whose proxy is stuck).
+    pub fn new(proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                counts: Mutex::new(BTreeMap::new()),
+                proxy_healthy,
+            }),
+            listeners: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the set of listeners match `services`, the desired
+    /// `(namespace, name) -> health-check port`. Listeners of Services no
+    /// longer present, or whose port changed, are closed first so that a
+    /// port handed from one Service to another in the same call can be bound
+    /// again; then listeners are opened for every Service that lacks one.
+    ///
+    /// A port that cannot be served is logged and reported in the returned
+    /// errors; it does not stop the others, and since it still has no
+    /// listener it is retried on the next call.
+    pub fn sync_services(
+        &mut self,
+        services: &BTreeMap<(String, String), u16>,
+    ) -> Vec<HealthCheckError> {
+        let stale: Vec<ServiceKey> = self
+            .listeners
+            .iter()
+            .filter(|(key, listener)| services.get(*key) != Some(&listener.port))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let closing: Vec<Listener> = stale
+            .iter()
+            .filter_map(|key| {
+                let listener = self.listeners.remove(key)?;
+                log::info!(
+                    "closing health-check node port {} of service {}/{}",
+                    listener.port,
+                    key.0,
+                    key.1
+                );
+                Some(listener)
+            })
+            .collect();
+        close_all(closing);
+
+        let mut errors = Vec::new();
+        for (key, &port) in services {
+            if self.listeners.contains_key(key) {
+                continue;
+            }
+            match self.open(key, port) {
+                Ok(listener) => {
+                    log::info!(
+                        "serving health-check node port {port} for service {}/{}",
+                        key.0,
+                        key.1
+                    );
+                    self.listeners.insert(key.clone(), listener);
+                }
+                Err(err) => {
+                    log::warn!("{}", error_chain(&err));
+                    errors.push(err);
+                }
+            }
+        }
+        errors
+    }
+
+    /// Replaces the local endpoint counts by `(namespace, name)`; Services
+    /// missing from `counts` have 0. Takes effect on the next request.
+    pub fn sync_endpoints(&self, counts: &BTreeMap<(String, String), usize>) {
+        let mut current = self
+            .shared
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        current.clone_from(counts);
+    }
+
+    /// Ports currently listening, sorted.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.listeners.values().map(|l| l.port).collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    fn open(&self, key: &ServiceKey, port: u16) -> Result<Listener, HealthCheckError> {
+        let (namespace, name) = key.clone();
+        if port == 0 {
+            return Err(HealthCheckError::ZeroPort { namespace, name });
+        }
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        // Nonblocking so that a connection reset between poll(2) and
+        // accept(2) cannot leave the thread stuck in accept past a close.
+        let socket = TcpListener::bind(addr).and_then(|socket| {
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        });
+        let socket = match socket {
+            Ok(socket) => socket,
+            Err(source) => {
+                return Err(HealthCheckError::Bind {
+                    port,
+                    namespace,
+                    name,
+                    source,
+                });
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let service = Arc::new(key.clone());
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let shared = Arc::clone(&self.shared);
+            std::thread::Builder::new()
+                .name(format!("hc-{port}"))
+                .spawn(move || accept_loop(&socket, &stop, &service, &shared))
+        };
+        match thread {
+            Ok(thread) => Ok(Listener {
+                port,
+                stop,
+                thread: Some(thread),
+            }),
+            // The closure, and with it the socket, is dropped on failure.
+            Err(source) => Err(HealthCheckError::Spawn {
+                port,
+                namespace,
+                name,
+                source,
+            }),
+        }
+    }
+}
+
+impl Drop for ServiceHealthServer {
+    /// Closes all listeners. Connections already accepted finish on their own
+    /// threads (bounded by the I/O timeouts).
+    fn drop(&mut self) {
+        close_all(std::mem::take(&mut self.listeners).into_values());
+    }
+}
+
+/// `err` and its sources on one line, for logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
+}
+
+/// Accepts connections until `stop` is raised. Waits in poll(2) with a
+/// timeout rather than in a blocking accept, so a connection is picked up at
+/// once while a raised stop flag is noticed within `POLL_INTERVAL_MS`; the
+/// socket is closed when the caller's thread returns and drops it.
+fn accept_loop(
+    socket: &TcpListener,
+    stop: &AtomicBool,
+    service: &Arc<ServiceKey>,
+    shared: &Arc<Shared>,
+) {
+    let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    while !stop.load(Ordering::Acquire) {
+        let mut pollfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pollfd` is one valid pollfd we own for the whole call, and
+        // its fd stays open because `socket` is borrowed for this function.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                log::warn!("health-check node port {port}: poll failed: {err}");
+                // Do not spin on a persistent error; the stop flag is still
+                // checked every interval.
+                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS as u64));
+            }
+            continue;
+        }
+        if ready == 0 {
+            continue;
+        }
+        match socket.accept() {
+            Ok((stream, _)) => spawn_connection(stream, service, shared),
+            // Raced with a client that gave up, or a signal: nothing to do.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(err) => {
+                // E.g. EMFILE: the pending connection stays queued and poll
+                // would report it again at once, so back off.
+                log::warn!("health-check node port {port}: accept failed: {err}");
+                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS as u64));
+            }
+        }
+    }
+}
+
+fn spawn_connection(stream: TcpStream, service: &Arc<ServiceKey>, shared: &Arc<Shared>) {
+    let service = Arc::clone(service);
+    let shared = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("hc-conn".into())
+        .spawn(move || handle(stream, &service, &shared));
+    if let Err(err) = spawned {
+        // The stream is dropped with the closure: the client sees a reset
+        // and the load balancer retries on its next probe.
+        log::debug!("failed to start a health-check connection thread: {err}");
+    }
+}
+
+/// Answers one request and closes the connection. The request's method,
+/// path and headers are read (bounded) but ignored, as in kube-proxy.
+fn handle(stream: TcpStream, service: &ServiceKey, shared: &Shared) {
+    // Accepted sockets do not inherit O_NONBLOCK on Linux, but make sure:
+    // the timeouts below only apply to blocking sockets.
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(IO_TIMEOUT)).is_err()
+        || stream.set_write_timeout(Some(IO_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    if !read_request(&stream) {
+        return;
+    }
+    let count = shared.local_endpoints(service);
+    let healthy = (shared.proxy_healthy)();
+    let response = render_response(&service.0, &service.1, count, healthy);
+    let mut writer = &stream;
+    if writer.write_all(response.as_bytes()).is_ok() {
+        // Send FIN after the response so the client reads it to the end even
+        // if it sent more than we read.
+        let _ = stream.shutdown(Shutdown::Write);
+    }
+}
+
+/// Reads the request line and headers, at most `MAX_REQUEST_BYTES` and
+/// `MAX_HEADER_LINES`. Returns false when there is no request to answer
+/// (the client closed, timed out or sent nothing readable).
+fn read_request(stream: &TcpStream) -> bool {
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES));
+    // Bytes, not String: a request line that is not UTF-8 is still a request.
+    let mut line = Vec::new();
+    match reader.read_until(b'\n', &mut line) {
+        Ok(0) | Err(_) => return false,
+        Ok(_) => {}
+    }
+    for _ in 0..MAX_HEADER_LINES {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line == b"\r\n" || line == b"\n" => break,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
+/// The full HTTP response for a Service with `count` local endpoints.
+fn render_response(namespace: &str, name: &str, count: usize, proxy_healthy: bool) -> String {
+    let status = if count > 0 && proxy_healthy {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    let body = format!(
+        r#"{{"service":{{"namespace":"{}","name":"{}"}},"localEndpoints":{count},"serviceProxyHealthy":{proxy_healthy}}}"#,
+        json_escape(namespace),
+        json_escape(name),
+    );
+    format!(
+        "HTTP/1.1 {status}\r\n\
+         Content-Type: application/json\r\n\
+         X-Content-Type-Options: nosniff\r\n\
+         X-Load-Balancing-Endpoint-Weight: {count}\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         \r\n\
+         {body}",
+        body.len()
+    )
+}
+
+/// `s` as the inside of a JSON string. Kubernetes names cannot hold quotes,
+/// backslashes or control characters, but the body must stay valid JSON
+/// whatever the source hands us.
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        io::{Read as _, Write as _},
+        net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A port that was free a moment ago.
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn key(namespace: &str, name: &str) -> (String, String) {
+        (namespace.to_owned(), name.to_owned())
+    }
+
+    fn always_healthy() -> Arc<dyn Fn() -> bool + Send + Sync> {
+        Arc::new(|| true)
+    }
+
+    struct Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Response {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Sends one GET to 127.0.0.1:`port` and reads until the server closes.
+    fn get(port: u16, path: &str) -> Response {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nUser-Agent: test\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("no end of headers");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let mut parts = status_line.splitn(3, ' ');
+        assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+        let status = parts.next().unwrap().parse().unwrap();
+        let headers = lines
+            .map(|l| {
+                let (n, v) = l.split_once(':').expect("bad header");
+                (n.trim().to_owned(), v.trim().to_owned())
+            })
+            .collect();
+        let response = Response {
+            status,
+            headers,
+            body: body.to_owned(),
+        };
+        assert_eq!(
+            response.header("Content-Length"),
+            Some(response.body.len().to_string().as_str())
+        );
+        response
+    }
+
+    /// True once nothing accepts connections on 127.0.0.1:`port`, trying
+    /// for up to a second.
+    fn closed_within_a_second(port: u16) -> bool {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn unavailable_without_endpoints_then_ok() {
+        let port = free_port();
+        let mut server = ServiceHealthServer::new(always_healthy());
+        let errors = server.sync_services(&BTreeMap::from([(key("default", "web"), port)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(server.ports(), vec![port]);
+
+        let r = get(port, "/");
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.body,
+            r#"{"service":{"namespace":"default","name":"web"},"localEndpoints":0,"serviceProxyHealthy":true}"#
+        );
+        assert_eq!(r.header("X-Load-Balancing-Endpoint-Weight"), Some("0"));
+        assert_eq!(r.header("Content-Type"), Some("application/json"));
+        assert_eq!(r.header("X-Content-Type-Options"), Some("nosniff"));
+        assert_eq!(r.header("Connection"), Some("close"));
+
+        server.sync_endpoints(&BTreeMap::from([
+            (key("default", "web"), 2),
+            (key("default", "other"), 7),
+        ]));
+        // Any path is answered the same way.
+        let r = get(port, "/anything?x=1");
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains(r#""localEndpoints":2"#), "{}", r.body);
+        assert_eq!(r.header("X-Load-Balancing-Endpoint-Weight"), Some("2"));
+
+        // Missing from the new counts means 0 again.
+        server.sync_endpoints(&BTreeMap::from([(key("default", "other"), 7)]));
+        let r = get(port, "/healthz");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("X-Load-Balancing-Endpoint-Weight"), Some("0"));
+    }
+
+    #[test]
+    fn unavailable_when_proxy_unhealthy() {
+        let healthy = Arc::new(AtomicBool::new(false));
+        let probe = Arc::clone(&healthy);
+        let port = free_port();
+        let mut server = ServiceHealthServer::new(Arc::new(move || probe.load(Ordering::SeqCst)));
+        server.sync_endpoints(&BTreeMap::from([(key("ns", "svc"), 3)]));
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([(key("ns", "svc"), port)]))
+                .is_empty()
+        );
+
+        let r = get(port, "/");
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body
+                .ends_with(r#""localEndpoints":3,"serviceProxyHealthy":false}"#),
+            "{}",
+            r.body
+        );
+        assert_eq!(r.header("X-Load-Balancing-Endpoint-Weight"), Some("3"));
+
+        // Asked per request, not cached.
+        healthy.store(true, Ordering::SeqCst);
+        assert_eq!(get(port, "/").status, 200);
+    }
+
+    #[test]
+    fn removing_or_moving_a_service_closes_its_port() {
+        let (a, b) = (free_port(), free_port());
+        let mut server = ServiceHealthServer::new(always_healthy());
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([
+                    (key("ns", "one"), a),
+                    (key("ns", "two"), b)
+                ]))
+                .is_empty()
+        );
+        assert_eq!(get(a, "/").status, 503);
+
+        // Port change: the old port is closed and the new one served.
+        let c = free_port();
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([
+                    (key("ns", "one"), c),
+                    (key("ns", "two"), b)
+                ]))
+                .is_empty()
+        );
+        assert!(closed_within_a_second(a), "port {a} still open");
+        assert_eq!(get(c, "/").status, 503);
+
+        // Removal.
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([(key("ns", "two"), b)]))
+                .is_empty()
+        );
+        assert!(closed_within_a_second(c), "port {c} still open");
+        assert_eq!(server.ports(), vec![b]);
+        assert_eq!(get(b, "/").status, 503);
+
+        // Dropping the server closes the rest.
+        drop(server);
+        assert!(closed_within_a_second(b), "port {b} still open after drop");
+    }
+
+    #[test]
+    fn port_handed_to_another_service_in_one_sync() {
+        let port = free_port();
+        let mut server = ServiceHealthServer::new(always_healthy());
+        server.sync_endpoints(&BTreeMap::from([(key("ns", "new"), 1)]));
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([(key("ns", "old"), port)]))
+                .is_empty()
+        );
+        // The old listener must be closed before the new one binds.
+        let errors = server.sync_services(&BTreeMap::from([(key("ns", "new"), port)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        let r = get(port, "/");
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains(r#""name":"new""#), "{}", r.body);
+    }
+
+    #[test]
+    fn port_in_use_is_reported_and_retried() {
+        // Held by "someone else" on the same wildcard address the server uses.
+        let blocker = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let busy = blocker.local_addr().unwrap().port();
+        let free = free_port();
+        let mut server = ServiceHealthServer::new(always_healthy());
+        server.sync_endpoints(&BTreeMap::from([
+            (key("ns", "ok"), 1),
+            (key("ns", "busy"), 1),
+        ]));
+        let services = BTreeMap::from([(key("ns", "busy"), busy), (key("ns", "ok"), free)]);
+
+        let errors = server.sync_services(&services);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        match &errors[0] {
+            HealthCheckError::Bind {
+                port,
+                namespace,
+                name,
+                source,
+            } => {
+                assert_eq!(
+                    (*port, namespace.as_str(), name.as_str()),
+                    (busy, "ns", "busy")
+                );
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert_eq!(server.ports(), vec![free]);
+        assert_eq!(get(free, "/").status, 200);
+
+        // Once the port is released, the next sync picks it up.
+        drop(blocker);
+        let errors = server.sync_services(&services);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut expected = vec![busy, free];
+        expected.sort_unstable();
+        assert_eq!(server.ports(), expected);
+        assert_eq!(get(busy, "/").status, 200);
+    }
+
+    #[test]
+    fn zero_port_is_an_error_not_a_random_port() {
+        let mut server = ServiceHealthServer::new(always_healthy());
+        let errors = server.sync_services(&BTreeMap::from([(key("ns", "svc"), 0)]));
+        assert!(
+            matches!(&errors[..], [HealthCheckError::ZeroPort { namespace, name }] if namespace == "ns" && name == "svc"),
+            "{errors:?}"
+        );
+        assert!(server.ports().is_empty());
+    }
+
+    #[test]
+    fn names_are_json_escaped() {
+        let port = free_port();
+        let mut server = ServiceHealthServer::new(always_healthy());
+        let service = key(r"n\s", r#"we"b"#);
+        server.sync_endpoints(&BTreeMap::from([(service.clone(), 1)]));
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([(service, port)]))
+                .is_empty()
+        );
+        let r = get(port, "/");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body,
+            r#"{"service":{"namespace":"n\\s","name":"we\"b"},"localEndpoints":1,"serviceProxyHealthy":true}"#
+        );
+        assert_eq!(json_escape("a\nb\u{1}"), r"a\nb\u0001");
+    }
+
+    #[test]
+    fn silent_or_garbage_clients_do_not_break_the_listener() {
+        let port = free_port();
+        let mut server = ServiceHealthServer::new(always_healthy());
+        assert!(
+            server
+                .sync_services(&BTreeMap::from([(key("ns", "svc"), port)]))
+                .is_empty()
+        );
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        // Connects and says nothing: must not block other clients.
+        let _silent = TcpStream::connect(addr).unwrap();
+        // Connects and closes at once.
+        drop(TcpStream::connect(addr).unwrap());
+        // Sends an oversized, non-UTF-8 request: still answered.
+        let mut big = TcpStream::connect(addr).unwrap();
+        big.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut junk = vec![0xff_u8; 64 * 1024];
+        junk.extend_from_slice(b"\r\n\r\n");
+        // The server stops reading after its bound and may reset us
+        // mid-write; only the answer to a well-formed client matters below.
+        let _ = big.write_all(&junk);
+        assert_eq!(get(port, "/").status, 503);
+    }
+}

@@ -56,7 +56,7 @@ fn step(
     let model = model::build(services, slices, &NodeContext::default());
     let t_model = t.elapsed();
     let t = Instant::now();
-    let desired = desired::build(&model);
+    let desired = desired::build(&model, &[]);
     let t_desired = t.elapsed();
     let report = syncer.sync(dp, &desired).unwrap();
     (

@@ -9,8 +9,14 @@
 //!   view (scope EXTERNAL, local endpoints) and the pods' view (scope
 //!   INTERNAL) differ, and the scope-EXTERNAL frontend carries `TWO_SCOPES`.
 //!
-//! NodePort frontends need the node's addresses and the uplink hooks; they
-//! are added with north-south support.
+//! - every node port, on each of this node's NodePort addresses (the
+//!   addresses of its uplinks, or those in `--nodeport-addresses`), with the
+//!   same two views as external IPs. A frontend per address keeps the
+//!   datapath's lookup a single exact-match hash probe (Cilium programs
+//!   NodePorts the same way); the cost is one frontend per address.
+//!
+//! Traffic from outside arrives at the uplinks (`from_netdev`) and uses the
+//! scope-EXTERNAL view; pods (`from_pod`) use the INTERNAL one when present.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -122,9 +128,10 @@ impl DesiredState {
     }
 }
 
-/// Computes the desired frontends. Ports are visited in
+/// Computes the desired frontends; `nodeport_addresses` are this node's
+/// addresses that accept node ports. Ports are visited in
 /// (namespace, name, port) order, so the first claimant of an address wins.
-pub fn build(model: &Model) -> DesiredState {
+pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
     let mut state = DesiredState::default();
     for (name, port) in &model.ports {
         let Some(proto) = proto_number(&port.protocol) else {
@@ -157,16 +164,21 @@ pub fn build(model: &Model) -> DesiredState {
         let addresses = port
             .external_ips
             .iter()
-            .map(|ip| (*ip, svc_flags::EXTERNAL_IP))
+            .map(|ip| (*ip, port.port, svc_flags::EXTERNAL_IP))
             .chain(
                 port.load_balancer_ips
                     .iter()
-                    .map(|ip| (*ip, svc_flags::LOAD_BALANCER)),
-            );
-        for (ip, kind) in addresses {
+                    .map(|ip| (*ip, port.port, svc_flags::LOAD_BALANCER)),
+            )
+            .chain(port.node_port.into_iter().flat_map(|node_port| {
+                nodeport_addresses
+                    .iter()
+                    .map(move |ip| (*ip, node_port, svc_flags::NODE_PORT))
+            }));
+        for (ip, frontend_port, kind) in addresses {
             let key = FrontendKey {
                 address: ip,
-                port: port.port,
+                port: frontend_port,
                 proto,
                 scope: scope::EXTERNAL,
             };

@@ -1,11 +1,13 @@
-//! Pod interface discovery: enumerates interfaces matching name patterns and
-//! learns about new and removed ones from rtnetlink link notifications
-//! (`RTMGRP_LINK`), without shelling out to `ip`.
+//! Interface discovery: enumerates interfaces matching name patterns and
+//! their IPv4 addresses, and learns about changes from rtnetlink
+//! notifications (`RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR`), without shelling out
+//! to `ip`.
 
 use std::{
     collections::BTreeSet,
     ffi::CStr,
     io,
+    net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::mpsc::Sender,
     thread::JoinHandle,
@@ -67,15 +69,92 @@ pub fn interface_names() -> io::Result<BTreeSet<String>> {
     }
 }
 
-/// Interfaces matching any of `patterns`.
-pub fn matching_interfaces(patterns: &[NamePattern]) -> io::Result<BTreeSet<String>> {
-    Ok(interface_names()?
-        .into_iter()
-        .filter(|name| patterns.iter().any(|p| p.matches(name)))
-        .collect())
+/// An IPv4 address of a local interface.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InterfaceAddr {
+    pub ifname: String,
+    pub address: Ipv4Addr,
 }
 
-/// Opens an rtnetlink socket subscribed to link notifications. Open it on the
+/// IPv4 addresses of all interfaces of the current network namespace, in
+/// the kernel's order (per interface, the primary address first).
+pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddr>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs returns a linked list freed below with freeifaddrs;
+    // every pointer is checked for null before use and sockaddrs are only
+    // read as sockaddr_in when their family is AF_INET.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null()
+                && i32::from((*addr).sa_family) == libc::AF_INET
+                && !(*entry).ifa_name.is_null()
+            {
+                let sin = addr.cast::<libc::sockaddr_in>();
+                // `s_addr` holds the address in network order.
+                let ip = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+                out.push(InterfaceAddr {
+                    ifname: CStr::from_ptr((*entry).ifa_name)
+                        .to_string_lossy()
+                        .into_owned(),
+                    address: ip,
+                });
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    Ok(out)
+}
+
+/// An IPv4 CIDR, as `--nodeport-addresses` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid IPv4 CIDR {input:?} (want a.b.c.d/n)")]
+pub struct CidrError {
+    input: String,
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = CidrError;
+
+    fn from_str(input: &str) -> Result<Self, CidrError> {
+        let err = || CidrError {
+            input: input.to_owned(),
+        };
+        let (addr, prefix) = input.split_once('/').ok_or_else(err)?;
+        let network: Ipv4Addr = addr.parse().map_err(|_| err())?;
+        let prefix: u8 = prefix.parse().map_err(|_| err())?;
+        if prefix > 32 {
+            return Err(err());
+        }
+        Ok(Self { network, prefix })
+    }
+}
+
+impl Ipv4Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(ip) & mask == u32::from(self.network) & mask
+    }
+}
+
+/// Opens an rtnetlink socket subscribed to link and IPv4 address
+/// notifications. Open it on the
 /// thread that is in the right network namespace.
 pub fn link_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2)/bind(2) calls with a zeroed sockaddr_nl.
@@ -91,7 +170,7 @@ pub fn link_socket() -> io::Result<OwnedFd> {
         let fd = OwnedFd::from_raw_fd(fd);
         let mut addr: libc::sockaddr_nl = std::mem::zeroed();
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
         if libc::bind(
             fd.as_raw_fd(),
             (&raw const addr).cast(),
@@ -149,6 +228,30 @@ pub fn enter_netns(path: &std::path::Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c: Ipv4Cidr = "192.168.77.0/24".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(192, 168, 77, 10)));
+        assert!(!c.contains(Ipv4Addr::new(192, 168, 78, 10)));
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+        let host: Ipv4Cidr = "10.0.0.1/32".parse().unwrap();
+        assert!(host.contains(Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(!host.contains(Ipv4Addr::new(10, 0, 0, 2)));
+        for bad in ["10.0.0.0", "10.0.0.0/33", "x/8", "10.0.0/8", "/8"] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_listed() {
+        let addrs = ipv4_addresses().unwrap();
+        assert!(
+            addrs.iter().any(|a| a.address == Ipv4Addr::LOCALHOST),
+            "{addrs:?}"
+        );
+    }
 
     #[test]
     fn glob_patterns() {

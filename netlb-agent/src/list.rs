@@ -55,6 +55,9 @@ pub struct ConntrackRow {
     pub backend_id: u32,
     pub rev_nat_index: u32,
     pub hairpin: bool,
+    /// OUT entries with SNAT: the source they write; NAT_IN entries: the
+    /// client they restore.
+    pub nat: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -135,10 +138,13 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, DataplaneError> {
         .conntrack()?
         .into_iter()
         .map(|(k, v)| ConntrackRow {
-            direction: if k.direction == ct_dir::REPLY {
-                "reply"
-            } else {
-                "service"
+            direction: match k.direction {
+                ct_dir::SERVICE => "service",
+                ct_dir::REPLY => "reply",
+                ct_dir::OUT if v.flags & ct_flags::SNAT != 0 => "out-snat",
+                ct_dir::OUT => "out-rev",
+                ct_dir::NAT_IN => "nat-in",
+                _ => "unknown",
             },
             source: format!("{}:{}", addr(k.saddr_be), u16::from_be(k.sport_be)),
             destination: format!("{}:{}", addr(k.daddr_be), u16::from_be(k.dport_be)),
@@ -146,6 +152,8 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, DataplaneError> {
             backend_id: v.backend_id,
             rev_nat_index: v.rev_nat_index,
             hairpin: v.flags & ct_flags::HAIRPIN != 0,
+            nat: (v.nat_addr_be != 0 && v.flags & ct_flags::HAIRPIN == 0)
+                .then(|| format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be))),
         })
         .collect();
     rows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));

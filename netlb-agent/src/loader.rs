@@ -174,7 +174,46 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     /// Hairpin SNAT source; `None` disables hairpin SNAT.
     pub service_loopback: Option<Ipv4Addr>,
+    /// Source address for north-south flows to backends on other nodes;
+    /// `None` disables that SNAT. [`write_config`] changes it later.
+    pub snat_addr: Option<Ipv4Addr>,
     pub sizes: MapSizes,
+}
+
+fn be(ip: Option<Ipv4Addr>) -> u32 {
+    ip.map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0)
+}
+
+/// The datapath configuration for these options.
+pub fn datapath_config(
+    service_loopback: Option<Ipv4Addr>,
+    snat_addr: Option<Ipv4Addr>,
+) -> DatapathConfig {
+    // Addresses go in as their wire bytes (`be` fields): `from_ne_bytes` of
+    // the octets keeps the in-memory byte sequence.
+    DatapathConfig {
+        service_loopback_be: be(service_loopback),
+        snat_addr_be: be(snat_addr),
+    }
+}
+
+/// Writes the datapath configuration (slot 0 of the CONFIG array); the
+/// programs read it on every packet, so a change applies at once.
+pub fn write_config(ebpf: &mut Ebpf, config: DatapathConfig) -> Result<(), LoaderError> {
+    let map = ebpf
+        .map_mut(map_names::CONFIG)
+        .ok_or(LoaderError::MissingMap {
+            name: map_names::CONFIG,
+        })?;
+    let mut array: Array<&mut MapData, DatapathConfig> =
+        Array::try_from(map).map_err(|source| LoaderError::Map {
+            name: map_names::CONFIG,
+            source: Box::new(source),
+        })?;
+    array.set(0, config, 0).map_err(|source| LoaderError::Map {
+        name: map_names::CONFIG,
+        source: Box::new(source),
+    })
 }
 
 /// Loads the object and its programs and writes the datapath configuration.
@@ -211,7 +250,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
             pin_dir: opts.pin_dir.clone(),
             source: Box::new(source),
         })?;
-    for name in [program_names::FROM_POD, program_names::TO_POD] {
+    for name in program_names::ALL {
         program_mut(&mut ebpf, name)?
             .load()
             .map_err(|source| LoaderError::Program {
@@ -219,27 +258,10 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
                 source: Box::new(source),
             })?;
     }
-    let config = DatapathConfig {
-        service_loopback_be: opts
-            .service_loopback
-            .map(|ip| u32::from_ne_bytes(ip.octets()))
-            .unwrap_or(0),
-        pad: 0,
-    };
-    let map = ebpf
-        .map_mut(map_names::CONFIG)
-        .ok_or(LoaderError::MissingMap {
-            name: map_names::CONFIG,
-        })?;
-    let mut array: Array<&mut MapData, DatapathConfig> =
-        Array::try_from(map).map_err(|source| LoaderError::Map {
-            name: map_names::CONFIG,
-            source: Box::new(source),
-        })?;
-    array.set(0, config, 0).map_err(|source| LoaderError::Map {
-        name: map_names::CONFIG,
-        source: Box::new(source),
-    })?;
+    write_config(
+        &mut ebpf,
+        datapath_config(opts.service_loopback, opts.snat_addr),
+    )?;
     Ok(ebpf)
 }
 
@@ -262,17 +284,40 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-/// The two hooks on a pod interface.
-const POD_HOOKS: [(&str, TcAttachType, &str); 2] = [
-    (program_names::FROM_POD, TcAttachType::Ingress, "ingress"),
-    (program_names::TO_POD, TcAttachType::Egress, "egress"),
-];
+/// What an interface is to the datapath, which decides its programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's host-side veth: `from_pod` / `to_pod`.
+    Pod,
+    /// A node uplink: `from_netdev` / `to_netdev`.
+    Netdev,
+}
 
-/// Attaches the pod programs to interfaces and keeps their links pinned.
+impl Role {
+    /// The (program, hook, pin suffix) pairs of this role.
+    fn hooks(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+        match self {
+            Self::Pod => [
+                (program_names::FROM_POD, TcAttachType::Ingress, "ingress"),
+                (program_names::TO_POD, TcAttachType::Egress, "egress"),
+            ],
+            Self::Netdev => [
+                (program_names::FROM_NETDEV, TcAttachType::Ingress, "ingress"),
+                (program_names::TO_NETDEV, TcAttachType::Egress, "egress"),
+            ],
+        }
+    }
+}
+
+/// Pin suffixes, the same for every role (a pinned link is replaced in
+/// place by whatever program the interface's current role needs).
+const PIN_SUFFIXES: [&str; 2] = ["ingress", "egress"];
+
+/// Attaches the programs to interfaces and keeps their links pinned.
 pub struct Attacher {
     links_dir: PathBuf,
-    /// Interfaces with both hooks attached.
-    attached: BTreeMap<String, ()>,
+    /// Interfaces with both hooks attached, and their role.
+    attached: BTreeMap<String, Role>,
 }
 
 impl Attacher {
@@ -288,8 +333,9 @@ impl Attacher {
         })
     }
 
-    pub fn is_attached(&self, ifname: &str) -> bool {
-        self.attached.contains_key(ifname)
+    /// The role `ifname` is attached with, if any.
+    pub fn role(&self, ifname: &str) -> Option<Role> {
+        self.attached.get(ifname).copied()
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -301,12 +347,12 @@ impl Attacher {
         self.links_dir.join(format!("{ifname}_{direction}"))
     }
 
-    /// Attaches both hooks to `ifname`. A link pinned by an earlier agent is
-    /// updated in place (the old program keeps running until the new one
-    /// replaces it, so no packet goes unprocessed); otherwise a new TCX link is
-    /// created and pinned.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str) -> Result<(), LoaderError> {
-        for (program, attach_type, direction) in POD_HOOKS {
+    /// Attaches both hooks of `role` to `ifname`. A link pinned by an
+    /// earlier agent is updated in place (the old program keeps running until
+    /// the new one replaces it, so no packet goes unprocessed); otherwise a
+    /// new TCX link is created and pinned.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str, role: Role) -> Result<(), LoaderError> {
+        for (program, attach_type, direction) in role.hooks() {
             let pin = self.pin_path(ifname, direction);
             let prog = program_mut(ebpf, program)?;
             let attach_err = |source| LoaderError::Attach {
@@ -363,7 +409,7 @@ impl Attacher {
                 }
             }
         }
-        self.attached.insert(ifname.to_owned(), ());
+        self.attached.insert(ifname.to_owned(), role);
         Ok(())
     }
 
@@ -371,7 +417,7 @@ impl Attacher {
     /// when its last reference goes).
     pub fn detach(&mut self, ifname: &str) -> Result<(), LoaderError> {
         self.attached.remove(ifname);
-        for (_, _, direction) in POD_HOOKS {
+        for direction in PIN_SUFFIXES {
             remove_file(&self.pin_path(ifname, direction))?;
         }
         Ok(())
@@ -385,9 +431,9 @@ impl Attacher {
             .flatten()
             .filter_map(|entry| {
                 let name = entry.file_name().into_string().ok()?;
-                POD_HOOKS
+                PIN_SUFFIXES
                     .iter()
-                    .find_map(|(_, _, direction)| name.strip_suffix(&format!("_{direction}")))
+                    .find_map(|direction| name.strip_suffix(&format!("_{direction}")))
                     .map(str::to_owned)
             })
             .collect();

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use netlb_agent::{
-    ifaces::{self, NamePattern},
+    ifaces::{self, Ipv4Cidr, NamePattern},
     list,
     loader::{self, MapSizes},
     model::NodeContext,
@@ -80,6 +80,21 @@ enum Command {
         /// Name patterns of pod host-side interfaces (repeatable).
         #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*"])]
         pod_ifaces: Vec<String>,
+        /// Name patterns of node uplinks (repeatable): traffic from outside
+        /// the node to NodePorts, external IPs and load-balancer IPs arrives
+        /// there, and north-south SNAT happens there.
+        #[arg(long = "netdev", default_values = ["eth*", "ens*", "enp*", "eno*", "bond*"])]
+        netdevs: Vec<String>,
+        /// CIDRs whose local addresses accept node ports (kube-proxy's
+        /// --nodeport-addresses; repeatable or comma-separated). Default:
+        /// the addresses of the uplinks (--netdev).
+        #[arg(long = "nodeport-addresses", value_delimiter = ',')]
+        nodeport_addresses: Vec<Ipv4Cidr>,
+        /// This node's address for source NAT of north-south flows to
+        /// backends on other nodes. Default: the first address of the first
+        /// uplink.
+        #[arg(long)]
+        node_ip: Option<Ipv4Addr>,
         /// Source address for hairpin flows (a pod reaching itself through
         /// its Service).
         #[arg(long, default_value = "169.254.42.1")]
@@ -138,6 +153,9 @@ fn main() -> anyhow::Result<()> {
             netns,
             bpffs,
             pod_ifaces,
+            netdevs,
+            nodeport_addresses,
+            node_ip,
             service_loopback,
             node_name,
             proxy_name,
@@ -168,6 +186,9 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: parse_addr(&metrics_bind_address)?,
                 pin_dir: bpffs,
                 pod_ifaces: pod_ifaces.iter().map(|p| NamePattern::new(p)).collect(),
+                netdevs: netdevs.iter().map(|p| NamePattern::new(p)).collect(),
+                nodeport_cidrs: nodeport_addresses,
+                node_ip,
                 service_loopback: Some(service_loopback),
                 node: NodeContext {
                     node_name,
@@ -256,12 +277,21 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
                         r.destination.clone(),
                         r.backend_id.to_string(),
                         r.rev_nat_index.to_string(),
+                        r.nat.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
             (
                 serde_json::to_value(&rows)?,
-                &["DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "REVNAT"],
+                &[
+                    "DIR",
+                    "PROTO",
+                    "SOURCE",
+                    "DESTINATION",
+                    "BACKEND",
+                    "REVNAT",
+                    "NAT",
+                ],
                 table,
             )
         }

@@ -147,6 +147,35 @@ pub struct Model {
     pub issues: Vec<ModelIssue>,
 }
 
+/// A Service by (namespace, name), as health checks key them.
+pub type ServiceName = (String, String);
+
+impl Model {
+    /// What the health-check node port server serves, as kube-proxy derives
+    /// it: the health-check port of every Service that has one, and per
+    /// Service the number of local ready endpoints summed over its ports
+    /// (`EndpointsMap.LocalReadyEndpoints`).
+    pub fn health_checks(&self) -> (BTreeMap<ServiceName, u16>, BTreeMap<ServiceName, usize>) {
+        let mut ports = BTreeMap::new();
+        let mut counts = BTreeMap::new();
+        for (name, port) in &self.ports {
+            let key = (name.namespace.clone(), name.name.clone());
+            if let Some(hc) = port.health_check_node_port {
+                ports.insert(key.clone(), hc);
+            }
+            let local = port
+                .endpoints
+                .iter()
+                .filter(|e| e.is_local && e.ready)
+                .count();
+            if local > 0 {
+                *counts.entry(key).or_insert(0) += local;
+            }
+        }
+        (ports, counts)
+    }
+}
+
 fn labels_of(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> Option<&BTreeMap<String, String>> {
@@ -558,9 +587,12 @@ fn add_service(
                 .map(|t| t.max(0) as u32)
                 .unwrap_or(10_800)
         });
+    // kube-proxy's `NeedsHealthCheck`: only LoadBalancer Services with a
+    // Local external policy get a health-check node port.
     let health_check_node_port = spec
         .health_check_node_port
         .filter(|p| (1..=65535).contains(p))
+        .filter(|_| type_ == "LoadBalancer" && external_policy_local)
         .map(|p| p as u16);
     for port in spec.ports.iter().flatten() {
         let protocol = protocol_of(port.protocol.as_ref());
@@ -675,6 +707,8 @@ mod tests {
     use crate::desired::{self, DesiredState, FrontendKey};
 
     const NODE: &str = "node-a";
+    /// This node's NodePort address.
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
 
     fn node() -> NodeContext {
         NodeContext {
@@ -801,7 +835,7 @@ mod tests {
     enum Source {
         /// A pod on this node (the from_pod hook).
         Pod,
-        /// Outside the cluster (the uplink hooks, later issues): the
+        /// Outside the cluster (the uplink hooks): the
         /// scope-EXTERNAL frontend.
         External,
     }
@@ -847,7 +881,7 @@ mod tests {
         cases: &[(Source, u8, &str, u16, &str)],
     ) -> Model {
         let model = build(services, slices, &node());
-        let state = desired::build(&model);
+        let state = desired::build(&model, &[NODE_IP]);
         for (source, protocol, dest, port, want) in cases {
             assert_eq!(
                 flow(&state, *source, *protocol, dest, *port),
@@ -1099,6 +1133,18 @@ mod tests {
                 (External, TCP, "192.168.99.11", 80, "10.180.0.1:80"),
                 (Pod, TCP, "1.2.3.4", 80, "10.180.0.1:80, 10.180.1.1:80"),
                 (External, TCP, "1.2.3.4", 80, "10.180.0.1:80"),
+                (External, TCP, "192.168.77.10", 30080, "10.180.0.1:80"),
+                (
+                    Pod,
+                    TCP,
+                    "192.168.77.10",
+                    30080,
+                    "10.180.0.1:80, 10.180.1.1:80",
+                ),
+                // Node ports only on the node's addresses, and not on the
+                // service port.
+                (External, TCP, "192.168.77.11", 30080, "PASS"),
+                (External, TCP, "192.168.77.10", 80, "PASS"),
             ],
         );
         let sp = model.ports.values().next().unwrap();
@@ -1119,6 +1165,8 @@ mod tests {
             &remote,
             &[
                 (External, TCP, "1.2.3.4", 80, "DROP"),
+                (External, TCP, "192.168.77.10", 30080, "DROP"),
+                (Pod, TCP, "192.168.77.10", 30080, "10.180.1.1:80"),
                 (Pod, TCP, "1.2.3.4", 80, "10.180.1.1:80"),
                 (Pod, TCP, "172.30.0.1", 80, "10.180.1.1:80"),
             ],
@@ -1356,7 +1404,7 @@ mod tests {
                 vec![ep("10.180.0.2", NODE)],
             ),
         ];
-        let state = desired::build(&build(&services, &slices, &node()));
+        let state = desired::build(&build(&services, &slices, &node()), &[NODE_IP]);
         assert_eq!(flow(&state, Pod, TCP, "172.30.0.1", 80), "10.180.0.1:80");
         assert_eq!(state.conflicts.len(), 1);
     }

@@ -21,9 +21,11 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 
 use crate::{
     dataplane::kernel::{AyaDataplane, Observer},
-    desired, http, ifaces,
-    ifaces::NamePattern,
-    loader::{self, Attacher, LoadOptions, MapSizes},
+    desired,
+    healthcheck::ServiceHealthServer,
+    http, ifaces,
+    ifaces::{Ipv4Cidr, NamePattern},
+    loader::{self, Attacher, LoadOptions, MapSizes, Role},
     metrics::Metrics,
     model::{self, NodeContext},
     source::{
@@ -48,6 +50,12 @@ pub struct RunOptions {
     pub source: SourceConfig,
     pub pin_dir: PathBuf,
     pub pod_ifaces: Vec<NamePattern>,
+    /// Node uplinks (`from_netdev` / `to_netdev`).
+    pub netdevs: Vec<NamePattern>,
+    /// `--nodeport-addresses`; empty = the uplinks' addresses.
+    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// SNAT address for north-south flows; `None` = the first uplink address.
+    pub node_ip: Option<Ipv4Addr>,
     pub service_loopback: Option<Ipv4Addr>,
     pub node: NodeContext,
     pub sizes: MapSizes,
@@ -168,6 +176,45 @@ impl Source {
     }
 }
 
+/// This node's addresses as the datapath needs them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddresses {
+    /// Addresses that accept node ports.
+    pub nodeport: Vec<Ipv4Addr>,
+    /// Source address of north-south SNAT.
+    pub snat: Option<Ipv4Addr>,
+}
+
+/// Reads the node's addresses: NodePorts on the uplinks' addresses, or on
+/// every local address inside `--nodeport-addresses` (loopback excluded:
+/// the datapath never sees loopback traffic).
+fn node_addresses(opts: &RunOptions) -> std::io::Result<NodeAddresses> {
+    let all: Vec<ifaces::InterfaceAddr> = ifaces::ipv4_addresses()?
+        .into_iter()
+        .filter(|a| !a.address.is_loopback())
+        .collect();
+    let mut uplinks: Vec<&ifaces::InterfaceAddr> = all
+        .iter()
+        .filter(|a| opts.netdevs.iter().any(|p| p.matches(&a.ifname)))
+        .collect();
+    // Stable choice of "the first uplink": by name, then kernel order.
+    uplinks.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    let mut nodeport: Vec<Ipv4Addr> = if opts.nodeport_cidrs.is_empty() {
+        uplinks.iter().map(|a| a.address).collect()
+    } else {
+        all.iter()
+            .map(|a| a.address)
+            .filter(|ip| opts.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
+            .collect()
+    };
+    nodeport.sort();
+    nodeport.dedup();
+    Ok(NodeAddresses {
+        nodeport,
+        snat: opts.node_ip.or(uplinks.first().map(|a| a.address)),
+    })
+}
+
 /// Exponential backoff for failed syncs, capped at 30 s.
 fn backoff_delay(failures: u32) -> Duration {
     if failures == 0 {
@@ -255,9 +302,16 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         log::info!("serving /metrics on {bound}");
     }
 
+    let mut addresses = node_addresses(&opts).map_err(|source| RunError::Interfaces { source })?;
+    log::info!(
+        "node ports on {:?}, north-south SNAT to {:?}",
+        addresses.nodeport,
+        addresses.snat
+    );
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(opts.pin_dir.clone()),
         service_loopback: opts.service_loopback,
+        snat_addr: addresses.snat,
         sizes: opts.sizes,
     })?;
     let mut dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
@@ -268,6 +322,9 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         opts.pin_dir.display(),
     );
     let mut attacher = Attacher::new(&opts.pin_dir)?;
+    let health_metrics = Arc::clone(&metrics);
+    let mut health =
+        ServiceHealthServer::new(Arc::new(move || health_metrics.health(false).healthy));
 
     let (tx, rx) = mpsc::channel::<()>();
     let socket = ifaces::link_socket().map_err(|source| RunError::Interfaces { source })?;
@@ -296,7 +353,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     metrics.queued_update();
 
     while !term.load(Ordering::Relaxed) {
-        reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces);
+        reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces, &opts.netdevs);
         if source.poll_changed() {
             dirty = true;
             metrics.queued_update();
@@ -306,6 +363,22 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             && last_attempt.is_none_or(|t| t.elapsed() >= backoff_delay(failures));
         if (dirty || resync_due) && rate_ok {
             last_attempt = Some(Instant::now());
+            match node_addresses(&opts) {
+                Ok(now) if now != addresses => {
+                    log::info!(
+                        "node addresses changed: node ports on {:?}, north-south SNAT to {:?}",
+                        now.nodeport,
+                        now.snat
+                    );
+                    let config = loader::datapath_config(opts.service_loopback, now.snat);
+                    match loader::write_config(&mut ebpf, config) {
+                        Ok(()) => addresses = now,
+                        Err(e) => log::error!("{e}: {}", error_chain(&e)),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::error!("cannot read the node's addresses: {e}"),
+            }
             match sync_step(
                 &opts,
                 &source,
@@ -313,6 +386,8 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                 &mut dataplane,
                 &metrics,
                 &mut latency,
+                &addresses,
+                &mut health,
             ) {
                 Ok(true) => {
                     dirty = false;
@@ -400,6 +475,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
 }
 
 /// One sync: `Ok(false)` when the source has not synced yet.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop's state, borrowed piecewise; a struct would only rename it"
+)]
 fn sync_step(
     opts: &RunOptions,
     source: &Source,
@@ -407,6 +486,8 @@ fn sync_step(
     dataplane: &mut AyaDataplane,
     metrics: &Metrics,
     latency: &mut ProgrammingLatency,
+    addresses: &NodeAddresses,
+    health: &mut ServiceHealthServer,
 ) -> Result<bool, SyncStepError> {
     let Some(objects) = source.objects(metrics)? else {
         return Ok(false);
@@ -436,10 +517,17 @@ fn sync_step(
         log::warn!("{issue}");
         metrics.invalid_object("model");
     }
-    let desired = desired::build(&model);
+    let desired = desired::build(&model, &addresses.nodeport);
     let report = syncer
         .sync(dataplane, &desired)
         .map_err(SyncStepError::Sync)?;
+    // Health-check node ports follow what was just programmed, as
+    // kube-proxy updates its service health server after each sync.
+    let (hc_services, hc_counts) = model.health_checks();
+    for e in health.sync_services(&hc_services) {
+        log::warn!("{e}: {}", error_chain(&e));
+    }
+    health.sync_endpoints(&hc_counts);
     let now = SystemTime::now();
     for trigger in triggers {
         metrics.programming_latency(now.duration_since(trigger).unwrap_or_default());
@@ -463,19 +551,39 @@ fn sync_step(
     Ok(true)
 }
 
-/// Attaches to new matching interfaces and drops the pins of vanished ones.
-fn reconcile_interfaces(ebpf: &mut aya::Ebpf, attacher: &mut Attacher, patterns: &[NamePattern]) {
-    let present = match ifaces::matching_interfaces(patterns) {
+/// Attaches to new matching interfaces (uplinks get the netdev programs,
+/// pod interfaces the pod programs; a name matching both is an uplink) and
+/// drops the pins of vanished ones.
+fn reconcile_interfaces(
+    ebpf: &mut aya::Ebpf,
+    attacher: &mut Attacher,
+    pods: &[NamePattern],
+    netdevs: &[NamePattern],
+) {
+    let names = match ifaces::interface_names() {
         Ok(names) => names,
         Err(e) => {
             log::error!("cannot list interfaces: {e}");
             return;
         }
     };
-    for ifname in &present {
-        if !attacher.is_attached(ifname) {
-            match attacher.attach(ebpf, ifname) {
-                Ok(()) => log::info!("attached to {ifname}"),
+    let present: BTreeMap<String, Role> = names
+        .into_iter()
+        .filter_map(|name| {
+            let role = if netdevs.iter().any(|p| p.matches(&name)) {
+                Role::Netdev
+            } else if pods.iter().any(|p| p.matches(&name)) {
+                Role::Pod
+            } else {
+                return None;
+            };
+            Some((name, role))
+        })
+        .collect();
+    for (ifname, role) in &present {
+        if attacher.role(ifname) != Some(*role) {
+            match attacher.attach(ebpf, ifname, *role) {
+                Ok(()) => log::info!("attached to {ifname} ({role:?})"),
                 // The interface may have gone between listing and attaching.
                 Err(e) => log::warn!("{e}: {}", error_chain(&e)),
             }
@@ -485,7 +593,7 @@ fn reconcile_interfaces(ebpf: &mut aya::Ebpf, attacher: &mut Attacher, patterns:
         .pinned_interfaces()
         .into_iter()
         .chain(attacher.attached().map(str::to_owned))
-        .filter(|name| !present.contains(name))
+        .filter(|name| !present.contains_key(name))
         .collect();
     for ifname in stale {
         match attacher.detach(&ifname) {

@@ -158,6 +158,9 @@ impl Source {
                     log::warn!("ignored manifest object: {error}");
                     metrics.invalid_object("manifest");
                 }
+                for allocation in &snapshot.allocations {
+                    log::debug!("allocated {allocation}");
+                }
                 Ok(Some(Objects {
                     services: snapshot.services.into_iter().map(Arc::new).collect(),
                     endpoint_slices: snapshot.endpoint_slices.into_iter().map(Arc::new).collect(),

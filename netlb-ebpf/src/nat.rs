@@ -8,7 +8,7 @@
 //! (network order) words, which is what the ones'-complement sum is defined
 //! over, so no byte swapping is needed.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
 use netlb_common::{ct_dir, ct_flags, proto, stat};
 
 use crate::{
@@ -119,4 +119,27 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
     }
     maps::count(stat::REVERSE_NAT);
     Ok(true)
+}
+
+/// Sends a packet back out of the interface it arrived on, with its
+/// Ethernet addresses swapped: a hairpinned reply, translated, goes straight
+/// back to the pod that sent it. It must not go through the kernel's
+/// routing: its new source may be an address of the node itself (a NodePort
+/// on the node's IP), and a packet arriving with a local source address is
+/// dropped as a martian.
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> Result<i32, Reason> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| Reason::Rewrite)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| Reason::Rewrite)?;
+    // SAFETY: reading the context's ifindex.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: helper without preconditions.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Err(Reason::Rewrite);
+    }
+    Ok(verdict)
 }

@@ -50,8 +50,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
     let loopback_be = maps::config().service_loopback_be;
     if loopback_be != 0 && pkt.daddr_be == loopback_be {
         // A backend answering a hairpinned flow: translate it back here,
-        // since the reply is addressed to the client's own pod.
-        nat::reverse(ctx, &pkt)?;
+        // since the reply is addressed to the client's own pod, and send it
+        // straight back (see `nat::bounce`).
+        if nat::reverse(ctx, &pkt)? {
+            return Ok(nat::bounce(ctx)?);
+        }
         return Ok(TC_ACT_OK);
     }
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {

@@ -44,6 +44,7 @@ impl AgentProcess {
             .arg("--bpffs")
             .arg(&node.bpffs)
             .args(["--pod-iface", "veth*"])
+            .args(["--netdev", "uplink0"])
             .args(["--hostname-override", &format!("node{}", node.index)])
             .args(["--min-sync-interval-ms", "10"]);
         match &opts.source {

@@ -109,6 +109,110 @@ struct State {
     /// Paginated list snapshots by continue token.
     snapshots: BTreeMap<String, (u64, Arc<Vec<Value>>)>,
     next_uid: u64,
+    /// Service allocations so far (cluster IPs from 10.96.1.0, node ports
+    /// from 30000).
+    next_cluster_ip: u32,
+    next_node_port: u16,
+}
+
+impl State {
+    fn node_port_in_use(&self, port: u64) -> bool {
+        self.objects.iter().any(|((resource, _, _), obj)| {
+            *resource == Resource::Services
+                && (obj["spec"]["ports"].as_array().is_some_and(|ports| {
+                    ports.iter().any(|p| p["nodePort"].as_u64() == Some(port))
+                }) || obj["spec"]["healthCheckNodePort"].as_u64() == Some(port))
+        })
+    }
+
+    fn allocate_node_port(&mut self) -> u64 {
+        loop {
+            let port = 30000 + u64::from(self.next_node_port % 2768);
+            self.next_node_port = self.next_node_port.wrapping_add(1);
+            if !self.node_port_in_use(port) {
+                return port;
+            }
+        }
+    }
+
+    /// What the real API server does to a Service on write: defaults
+    /// (type, policies, protocol, targetPort) and allocations (cluster IP,
+    /// node ports, health-check node port), keeping the earlier object's
+    /// allocations; status is a subresource, so a write without one keeps
+    /// the current status (the test writes it as a cloud controller would).
+    fn default_and_allocate_service(&mut self, object: &mut Value, previous: Option<&Value>) {
+        let prev_spec = previous.map(|p| p["spec"].clone()).unwrap_or(Value::Null);
+        if object.get("spec").is_none() {
+            object["spec"] = json!({});
+        }
+        let spec = &mut object["spec"];
+        if spec["type"].as_str().is_none() {
+            spec["type"] = json!("ClusterIP");
+        }
+        let type_ = spec["type"].as_str().unwrap_or("ClusterIP").to_owned();
+        if type_ == "ExternalName" {
+            return;
+        }
+        if spec["clusterIP"].as_str().is_none_or(str::is_empty) {
+            let ip = match prev_spec["clusterIP"].as_str() {
+                Some(ip) if !ip.is_empty() => ip.to_owned(),
+                _ => {
+                    self.next_cluster_ip += 1;
+                    let n = 256 + self.next_cluster_ip;
+                    format!("10.96.{}.{}", n / 256, n % 256)
+                }
+            };
+            spec["clusterIP"] = json!(ip);
+        }
+        if spec["clusterIPs"].as_array().is_none() {
+            spec["clusterIPs"] = json!([spec["clusterIP"].clone()]);
+        }
+        if spec["internalTrafficPolicy"].as_str().is_none() {
+            spec["internalTrafficPolicy"] = json!("Cluster");
+        }
+        let external = type_ == "NodePort" || type_ == "LoadBalancer";
+        if external && spec["externalTrafficPolicy"].as_str().is_none() {
+            spec["externalTrafficPolicy"] = json!("Cluster");
+        }
+        let mut ports: Vec<Value> = spec["ports"].as_array().cloned().unwrap_or_default();
+        for port in &mut ports {
+            if port["protocol"].as_str().is_none() {
+                port["protocol"] = json!("TCP");
+            }
+            if port.get("targetPort").is_none() {
+                port["targetPort"] = port["port"].clone();
+            }
+            if external && port["nodePort"].as_u64().is_none() {
+                let kept = prev_spec["ports"].as_array().and_then(|prev| {
+                    prev.iter()
+                        .find(|p| p["port"] == port["port"] && p["protocol"] == port["protocol"])
+                        .and_then(|p| p["nodePort"].as_u64())
+                });
+                let node_port = match kept {
+                    Some(p) => p,
+                    None => self.allocate_node_port(),
+                };
+                port["nodePort"] = json!(node_port);
+            }
+        }
+        let spec = &mut object["spec"];
+        spec["ports"] = json!(ports);
+        if type_ == "LoadBalancer"
+            && spec["externalTrafficPolicy"] == "Local"
+            && spec["healthCheckNodePort"].as_u64().is_none()
+        {
+            let port = match prev_spec["healthCheckNodePort"].as_u64() {
+                Some(p) => p,
+                None => self.allocate_node_port(),
+            };
+            object["spec"]["healthCheckNodePort"] = json!(port);
+        }
+        if object.get("status").is_none()
+            && let Some(status) = previous.and_then(|p| p.get("status"))
+        {
+            object["status"] = status.clone();
+        }
+    }
 }
 
 struct Shared {
@@ -239,6 +343,9 @@ impl FakeApiServer {
         let rv = state.rv;
         let key = (resource, namespace.clone(), name);
         let previous = state.objects.get(&key).cloned();
+        if resource == Resource::Services {
+            state.default_and_allocate_service(&mut object, previous.as_ref());
+        }
         let meta = object
             .as_object_mut()
             .expect("object")

@@ -409,6 +409,26 @@ impl Testbed {
         &self.pods
     }
 
+    /// Routes `prefix` (external IPs, load-balancer IPs) from the fabric to
+    /// a node, as the network in front of a cluster does. Only the fabric
+    /// namespace of this topology is changed.
+    pub fn route_to_node(&self, prefix: &str, node: usize) -> Result<(), TestbedError> {
+        let n = self
+            .nodes
+            .get(node)
+            .ok_or(TestbedError::UnknownNode { index: node })?;
+        ip(&[
+            "-n",
+            &self.fabric,
+            "route",
+            "replace",
+            prefix,
+            "via",
+            &n.uplink_ip.to_string(),
+        ])?;
+        Ok(())
+    }
+
     /// Runs a command in a namespace and returns its output (success or not).
     pub fn exec(&self, netns: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
         std::process::Command::new("ip")

@@ -66,6 +66,8 @@ pub struct ManifestSnapshot {
     pub errors: Vec<ObjectError>,
     /// Documents of other kinds (Deployments, ...), ignored.
     pub skipped: usize,
+    /// What [`allocate`] filled in, one line each.
+    pub allocations: Vec<String>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -123,7 +125,129 @@ pub fn load_dir(dir: &Path) -> Result<ManifestSnapshot, ManifestError> {
         })?;
         load_text(&file, &text, &mut snapshot);
     }
+    snapshot.allocations = allocate(&mut snapshot.services);
     Ok(snapshot)
+}
+
+/// FNV-1a: a hash that is the same in every build, so every agent reading
+/// one directory allocates the same addresses and ports.
+fn stable_hash(parts: &[&str]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h
+}
+
+/// First free value from `start`, probing upwards and wrapping in `range`.
+fn probe(
+    range: std::ops::RangeInclusive<u32>,
+    start: u32,
+    used: &mut std::collections::BTreeSet<u32>,
+) -> Option<u32> {
+    let (lo, hi) = (*range.start(), *range.end());
+    let size = hi - lo + 1;
+    (0..size)
+        .map(|i| lo + (start % size + i) % size)
+        .find(|v| used.insert(*v))
+}
+
+/// Cluster IPs the manifest source allocates: the upper half of
+/// 10.96.0.0/16, like the API server's dynamic band (explicit addresses
+/// are usually chosen low).
+const MANIFEST_CLUSTER_IPS: std::ops::RangeInclusive<u32> = 0x0a60_8001..=0x0a60_fffe;
+/// The default NodePort range.
+const NODE_PORTS: std::ops::RangeInclusive<u32> = 30_000..=32_767;
+
+/// Does what the API server does on create for Services that leave it
+/// open: a cluster IP, node ports for NodePort and LoadBalancer ports, a
+/// health-check node port for LoadBalancer Services with a Local external
+/// policy. Values are derived from the Service's name, so every agent
+/// reading the same directory agrees without talking to the others; values
+/// set in the manifests are kept and never handed out twice. Returns one
+/// line per allocation, for logs.
+pub fn allocate(services: &mut [Service]) -> Vec<String> {
+    let mut used_ips = std::collections::BTreeSet::new();
+    let mut used_ports = std::collections::BTreeSet::new();
+    for svc in services.iter() {
+        let Some(spec) = &svc.spec else { continue };
+        for ip in spec
+            .cluster_ip
+            .iter()
+            .chain(spec.cluster_ips.iter().flatten())
+        {
+            if let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() {
+                used_ips.insert(u32::from(ip));
+            }
+        }
+        for port in spec.ports.iter().flatten() {
+            if let Some(p) = port.node_port.filter(|p| *p > 0) {
+                used_ports.insert(p as u32);
+            }
+        }
+        if let Some(p) = spec.health_check_node_port.filter(|p| *p > 0) {
+            used_ports.insert(p as u32);
+        }
+    }
+    let mut order: Vec<usize> = (0..services.len()).collect();
+    let key = |svc: &Service| {
+        (
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    order.sort_by_key(|i| key(&services[*i]));
+    let mut log = Vec::new();
+    for i in order {
+        let (ns, name) = key(&services[i]);
+        let Some(spec) = services[i].spec.as_mut() else {
+            continue;
+        };
+        let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
+        if type_ == "ExternalName" {
+            continue;
+        }
+        let unset = spec.cluster_ip.as_deref().is_none_or(str::is_empty)
+            && spec.cluster_ips.as_ref().is_none_or(|ips| ips.is_empty());
+        if unset {
+            let start = stable_hash(&[&ns, &name]);
+            if let Some(ip) = probe(MANIFEST_CLUSTER_IPS, start, &mut used_ips) {
+                let ip = std::net::Ipv4Addr::from(ip).to_string();
+                log.push(format!("{ns}/{name}: clusterIP {ip}"));
+                spec.cluster_ip = Some(ip);
+            }
+        }
+        if type_ == "NodePort" || type_ == "LoadBalancer" {
+            for port in spec.ports.iter_mut().flatten() {
+                if port.node_port.is_some_and(|p| p > 0) {
+                    continue;
+                }
+                let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+                let start = stable_hash(&[&ns, &name, &port.port.to_string(), &protocol]);
+                if let Some(p) = probe(NODE_PORTS, start, &mut used_ports) {
+                    log.push(format!(
+                        "{ns}/{name}: port {}/{protocol} nodePort {p}",
+                        port.port
+                    ));
+                    port.node_port = Some(p as i32);
+                }
+            }
+        }
+        if type_ == "LoadBalancer"
+            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && spec.health_check_node_port.is_none_or(|p| p <= 0)
+        {
+            let start = stable_hash(&[&ns, &name, "healthCheckNodePort"]);
+            if let Some(p) = probe(NODE_PORTS, start, &mut used_ports) {
+                log.push(format!("{ns}/{name}: healthCheckNodePort {p}"));
+                spec.health_check_node_port = Some(p as i32);
+            }
+        }
+    }
+    log
 }
 
 /// Parses one file's text (YAML, possibly multi-document; JSON is YAML).
@@ -202,6 +326,93 @@ fn add_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_fills_what_an_api_server_would_and_is_deterministic() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: nginx-external-service
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector:
+    app.kubernetes.io/name: nginx
+  ports:
+    - protocol: TCP
+      port: 80
+      targetPort: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: fixed
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+    - port: 53
+      protocol: UDP
+      nodePort: 30053
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: plain
+spec:
+  ports:
+    - port: 80
+"#;
+        let snapshot = |reverse: bool| {
+            let mut s = ManifestSnapshot::default();
+            load_text(Path::new("t.yaml"), text, &mut s);
+            if reverse {
+                s.services.reverse();
+            }
+            let log = allocate(&mut s.services);
+            s.services.sort_by_key(|svc| svc.metadata.name.clone());
+            (s.services, log)
+        };
+        let (services, log) = snapshot(false);
+        let (again, _) = snapshot(true);
+        assert_eq!(services, again, "allocation depends on input order");
+        let spec = |name: &str| {
+            services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .and_then(|s| s.spec.clone())
+                .unwrap()
+        };
+        let lb = spec("nginx-external-service");
+        let ip: std::net::Ipv4Addr = lb.cluster_ip.as_deref().unwrap().parse().unwrap();
+        assert!(MANIFEST_CLUSTER_IPS.contains(&u32::from(ip)), "{ip}");
+        let node_port = lb.ports.as_ref().unwrap()[0].node_port.unwrap();
+        let hc = lb.health_check_node_port.unwrap();
+        assert!((30000..=32767).contains(&node_port));
+        assert!((30000..=32767).contains(&hc));
+        assert_ne!(node_port, hc);
+        assert_ne!(node_port, 30053);
+        // Explicit values stay; ClusterIP Services get no node port.
+        let fixed = spec("fixed");
+        assert_eq!(fixed.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(fixed.ports.unwrap()[0].node_port, Some(30053));
+        let plain = spec("plain");
+        assert!(plain.cluster_ip.is_some());
+        assert_eq!(plain.ports.unwrap()[0].node_port, None);
+        assert_eq!(log.len(), 4, "{log:?}");
+    }
+
+    #[test]
+    fn node_port_allocation_never_repeats_when_the_range_is_crowded() {
+        let mut used = std::collections::BTreeSet::new();
+        for p in 30000..32767u32 {
+            used.insert(p);
+        }
+        // One port left: every start finds it, then none is left.
+        assert_eq!(probe(NODE_PORTS, 12345, &mut used), Some(32767));
+        assert_eq!(probe(NODE_PORTS, 1, &mut used), None);
+    }
 
     fn load(text: &str) -> ManifestSnapshot {
         let mut s = ManifestSnapshot::default();

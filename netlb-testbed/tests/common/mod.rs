@@ -16,9 +16,66 @@ use netlb_testbed::{
 
 pub const VIP: &str = "10.96.0.10";
 
+/// HTTP status code and body of one curl (status 0 when nothing answered).
+pub fn curl_status(tb: &Testbed, netns: &str, url: &str, timeout_s: u32) -> (u16, String) {
+    let Ok(out) = tb.exec(
+        netns,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            &timeout_s.to_string(),
+            "-w",
+            "\n%{http_code}",
+            url,
+        ],
+    ) else {
+        return (0, String::new());
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// `n` requests on new connections; one "NAME PEER_IP:PORT" line each.
+/// Panics with the agents' logs when any request fails.
+pub fn curl_many(c: &Cluster, netns: &str, url: &str, n: usize) -> Vec<(String, String)> {
+    let mut args = vec!["curl", "-sS", "-m", "5", "-H", "Connection: close"];
+    for _ in 0..n {
+        args.push(url);
+    }
+    let out = c.tb.exec(netns, &args).unwrap();
+    assert!(
+        out.status.success(),
+        "curl {url} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.agent_logs()
+    );
+    let lines: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let name = parts.next().unwrap_or("").to_owned();
+            let peer = parts
+                .next()
+                .unwrap_or("")
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            (name, peer)
+        })
+        .collect();
+    assert_eq!(lines.len(), n, "{lines:?}");
+    lines
+}
+
 /// Fields drop in order: processes before the topology.
 pub struct Cluster {
+    /// The agent of node 0.
     pub agent: Option<AgentProcess>,
+    /// The agents of nodes 1.. (multi-node clusters).
+    pub peers: Vec<AgentProcess>,
     pub servers: Vec<ChildGuard>,
     pub manifests: PathBuf,
     pub tb: Testbed,
@@ -42,8 +99,8 @@ pub fn slice_yaml(service: &str, protocol: &str, port: u16, pods: &[&Pod]) -> St
     );
     for pod in pods {
         s.push_str(&format!(
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node0\n    targetRef: {{kind: Pod, name: {}}}\n",
-            pod.ip, pod.name
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
+            pod.ip, pod.node, pod.name
         ));
     }
     if pods.is_empty() {
@@ -56,24 +113,36 @@ impl Cluster {
     /// One node, `pods` backend pods serving HTTP on 9376, DNS on 53 and TCP
     /// echo on 7000, and a `client` pod.
     pub fn new(pods: &[&str]) -> Self {
-        let tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
+        let pods: Vec<(&str, usize)> = pods.iter().map(|p| (*p, 0)).collect();
+        Self::multi(1, &pods)
+    }
+
+    /// `nodes` nodes, backend pods `(name, node)`, and a `client` pod on
+    /// node 0.
+    pub fn multi(nodes: usize, pods: &[(&str, usize)]) -> Self {
+        let tb = Testbed::new(TestbedSpec { nodes }).expect("testbed");
         let manifests = tb.dir.join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
         let mut cluster = Cluster {
             agent: None,
+            peers: Vec::new(),
             servers: Vec::new(),
             manifests,
             tb,
         };
-        for name in pods {
-            cluster.add_backend(name);
+        for (name, node) in pods {
+            cluster.add_backend_on(*node, name);
         }
         cluster.tb.add_pod(0, "client").expect("client pod");
         cluster
     }
 
     pub fn add_backend(&mut self, name: &str) -> Pod {
-        let pod = self.tb.add_pod(0, name).expect("pod");
+        self.add_backend_on(0, name)
+    }
+
+    pub fn add_backend_on(&mut self, node: usize, name: &str) -> Pod {
+        let pod = self.tb.add_pod(node, name).expect("pod");
         let echo = find_binary("netlb-echo");
         let log = self.tb.dir.join(format!("{name}.log"));
         let server = ChildGuard::spawn_in(
@@ -85,6 +154,8 @@ impl Cluster {
                 name,
                 "--http",
                 "9376",
+                "--http",
+                "80",
                 "--udp-dns",
                 "53",
                 "--dns-answer",
@@ -164,6 +235,49 @@ impl Cluster {
         self.agent = Some(agent);
     }
 
+    /// Starts one agent per node from the manifest directory and waits for
+    /// each one's first sync.
+    pub fn start_agents(&mut self) {
+        let source = AgentSource::Manifests(self.manifests.clone());
+        self.start_agents_with(source);
+    }
+
+    pub fn start_agents_with(&mut self, source: AgentSource) {
+        for node in self.tb.nodes.clone() {
+            let agent = AgentProcess::start(
+                &node,
+                &AgentOptions {
+                    binary: find_binary("netlb-agent"),
+                    source: source.clone(),
+                    extra_args: vec![],
+                    cleanup_on_exit: true,
+                },
+                &self.tb.dir.join(format!("agent-node{}.log", node.index)),
+            )
+            .expect("agent");
+            assert!(
+                agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
+                "agent of node{} did not sync:\n{}",
+                node.index,
+                agent.log()
+            );
+            if node.index == 0 {
+                self.agent = Some(agent);
+            } else {
+                self.peers.push(agent);
+            }
+        }
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        self.agent
+            .iter()
+            .chain(&self.peers)
+            .map(|a| format!("--- node{} ---\n{}", a.node.index, a.log()))
+            .collect()
+    }
+
     pub fn client(&self) -> String {
         self.tb.pod("client").unwrap().netns.clone()
     }
@@ -184,6 +298,30 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A Service's EndpointSlice with several ports `(name, protocol, port)`.
+pub fn slice_yaml_ports(service: &str, ports: &[(&str, &str, u16)], pods: &[&Pod]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
+    );
+    for (name, protocol, port) in ports {
+        s.push_str(&format!(
+            "  - name: \"{name}\"\n    protocol: {protocol}\n    port: {port}\n"
+        ));
+    }
+    s.push_str(if pods.is_empty() {
+        "endpoints: []\n"
+    } else {
+        "endpoints:\n"
+    });
+    for pod in pods {
+        s.push_str(&format!(
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
+            pod.ip, pod.node, pod.name
+        ));
+    }
+    s
 }
 
 /// One curl; the body on success.

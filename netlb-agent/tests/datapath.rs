@@ -668,3 +668,64 @@ fn nodeport_local_policy_without_local_endpoints_drops() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(dp.stat(stat::DROP_NO_LOCAL_ENDPOINTS), 1);
 }
+
+#[test]
+fn closed_flow_entries_do_not_capture_a_new_connection_on_the_same_tuple() {
+    let mut dp = Datapath::load();
+    let local = BACKENDS[0];
+    dp.add_service_with(
+        NODE,
+        30080,
+        proto::TCP,
+        &[(local, 9376)],
+        netlb_common::backend_flags::LOCAL,
+    );
+    let syn = PacketBuilder::tcp(EXT, 40000, NODE, 30080).syn().build();
+    assert_eq!(dp.run(program_names::FROM_NETDEV, &syn).0, TC_ACT_OK);
+    // Both sides close.
+    let server_fin = PacketBuilder::tcp(local, 9376, EXT, 40000)
+        .fin()
+        .ack()
+        .build();
+    let (_, out) = dp.run(program_names::TO_NETDEV, &server_fin);
+    assert_eq!(
+        Ipv4Packet::parse(&out).unwrap().saddr(),
+        NODE,
+        "FIN translated"
+    );
+    let client_fin = PacketBuilder::tcp(EXT, 40000, NODE, 30080)
+        .fin()
+        .ack()
+        .build();
+    let (_, out) = dp.run(program_names::FROM_NETDEV, &client_fin);
+    assert_eq!(
+        Ipv4Packet::parse(&out).unwrap().daddr(),
+        local,
+        "FIN translated"
+    );
+
+    // The client now reaches the pod directly from the same port: the pod's
+    // SYN-ACK must leave untranslated, not as the closed node-port flow.
+    let direct_synack = PacketBuilder::tcp(local, 9376, EXT, 40000)
+        .syn()
+        .ack()
+        .build();
+    let (verdict, out) = dp.run(program_names::TO_NETDEV, &direct_synack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out, direct_synack,
+        "stale entry applied to a new connection"
+    );
+
+    // A new connection to the node port from the same port is a new flow.
+    assert_eq!(dp.run(program_names::FROM_NETDEV, &syn).0, TC_ACT_OK);
+    assert_eq!(dp.stat(stat::NEW_FLOW), 2);
+    let synack = PacketBuilder::tcp(local, 9376, EXT, 40000)
+        .syn()
+        .ack()
+        .build();
+    let (_, out) = dp.run(program_names::TO_NETDEV, &synack);
+    let pkt = Ipv4Packet::parse(&out).unwrap();
+    assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 30080));
+    pkt.assert_checksums();
+}

@@ -142,6 +142,11 @@ pub mod ct_flags {
     pub const SNAT: u16 = 1 << 1;
     /// OUT entry: rewrite the source to the frontend of `rev_nat_index`.
     pub const REV: u16 = 1 << 2;
+    /// A TCP FIN or RST went through this entry: the connection is closing.
+    /// A SYN that finds a closing entry starts a new connection on a reused
+    /// tuple, so the entry is stale: it is removed rather than applied (the
+    /// part of netfilter's TCP state tracking that matters for NAT).
+    pub const CLOSING: u16 = 1 << 3;
 }
 
 /// Key of the `SERVICES` hash map.

@@ -5,7 +5,11 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netlb_common::{ConntrackKey, ConntrackValue, ct_dir, ct_flags};
 
-use crate::{maps, parse::Packet, verdict::Reason};
+use crate::{
+    maps,
+    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    verdict::Reason,
+};
 
 /// Refresh `last_seen_ns` at most this often, so established flows do not
 /// write to a shared cache line on every packet.
@@ -37,6 +41,28 @@ pub fn lookup(key: &ConntrackKey) -> Option<ConntrackValue> {
         }
         Some(*entry)
     }
+}
+
+/// Looks up the entry `key` for `pkt` with TCP close tracking: FIN or RST
+/// marks the entry [`ct_flags::CLOSING`]; a SYN that finds a closing entry
+/// belongs to a new connection reusing the tuple, so the stale entry is
+/// removed and not applied (`None`).
+#[inline(always)]
+pub fn lookup_flow(key: &ConntrackKey, pkt: &Packet) -> Option<ConntrackValue> {
+    let entry = maps::CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer to a live map value; flag and timestamp updates are
+    // plain stores (a racing CPU can only store the same flag or a similar
+    // time).
+    unsafe {
+        if pkt.tcp_flags & TCP_SYN != 0 && (*entry).flags & ct_flags::CLOSING != 0 {
+            let _ = maps::CONNTRACK.remove(key);
+            return None;
+        }
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            (*entry).flags |= ct_flags::CLOSING;
+        }
+    }
+    lookup(key)
 }
 
 /// Creates both entries of a new flow. The REPLY entry is written first so

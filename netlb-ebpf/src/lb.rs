@@ -109,7 +109,7 @@ pub fn choose(ctx: &TcContext, pkt: &Packet, fe: &Frontend) -> Result<Choice, Re
         }
         return Ok(Choice::Verdict(reject::port_unreachable(ctx, pkt)?));
     }
-    if let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::SERVICE)) {
+    if let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::SERVICE), pkt) {
         match backend(entry.backend_id) {
             Some(backend) => {
                 return Ok(Choice::Backend(Selected {

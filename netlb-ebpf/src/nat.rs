@@ -103,7 +103,7 @@ pub fn snat_addr(ctx: &TcContext, pkt: &Packet, addr_be: u32) -> Result<(), Reas
 /// Returns whether the packet was translated.
 #[inline(always)]
 pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
-    let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::REPLY)) else {
+    let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::REPLY), pkt) else {
         return Ok(false);
     };
     // SAFETY: the value is copied out immediately.

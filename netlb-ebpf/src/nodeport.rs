@@ -116,12 +116,14 @@ fn reserve_port(
         if conntrack::put_new(&key, &value) {
             return Ok(port_be);
         }
-        // The same client flow again (its SERVICE entry was evicted first):
-        // keep its port, so the backend sees one connection.
+        // The same client tuple again (its SERVICE entry was evicted, or
+        // it starts a new connection after the old one closed): keep its
+        // port, with a fresh entry.
         if let Some(existing) = conntrack::lookup(&key)
             && existing.nat_addr_be == pkt.saddr_be
             && existing.nat_port_be == pkt.sport_be
         {
+            conntrack::put(&key, &value)?;
             return Ok(port_be);
         }
         port = random_port();
@@ -140,7 +142,7 @@ fn random_port() -> u32 {
 /// destination. Returns whether the packet was one.
 #[inline(always)]
 pub fn restore_reply(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
-    let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::NAT_IN)) else {
+    let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::NAT_IN), pkt) else {
         return Ok(false);
     };
     nat::dnat(ctx, pkt, entry.nat_addr_be, entry.nat_port_be)?;
@@ -152,7 +154,7 @@ pub fn restore_reply(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
 /// node: SNAT towards remote backends, reverse NAT of replies to clients.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, pkt: &Packet) -> Result<(), Reason> {
-    let Some(entry) = conntrack::lookup(&conntrack::key(pkt, ct_dir::OUT)) else {
+    let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::OUT), pkt) else {
         return Ok(());
     };
     if entry.flags & ct_flags::SNAT != 0 {

@@ -58,9 +58,17 @@ pub struct Packet {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 for UDP.
+    pub tcp_flags: u8,
     /// Offset of the L4 checksum field.
     pub l4_csum_off: usize,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+/// Offset of the TCP flags byte.
+const TCP_FLAGS_OFF: usize = L4_OFF + 13;
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
@@ -118,12 +126,20 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
     let ports = ptr_at::<[u16; 2]>(ctx, L4_OFF).ok_or(Reason::TruncatedL4)?;
     // SAFETY: `ptr_at` checked the bounds.
     let [sport_be, dport_be] = unsafe { *ports };
+    let tcp_flags = if protocol == proto::TCP {
+        let flags = ptr_at::<u8>(ctx, TCP_FLAGS_OFF).ok_or(Reason::TruncatedL4)?;
+        // SAFETY: `ptr_at` checked the bounds.
+        unsafe { *flags }
+    } else {
+        0
+    };
     Ok(Some(Packet {
         saddr_be,
         daddr_be,
         sport_be,
         dport_be,
         proto: protocol,
+        tcp_flags,
         l4_csum_off,
     }))
 }

@@ -108,6 +108,31 @@ fn bench() -> anyhow::Result<()> {
             "datapath",
         ],
     )?;
+    // The topology benches find the agent and echo binaries next to them.
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "netlb-agent",
+            "-p",
+            "netlb-testbed",
+            "--bins",
+        ],
+    )?;
+    cmd(
+        "cargo",
+        &[
+            "bench",
+            "-p",
+            "netlb-testbed",
+            "--features",
+            "privileged-tests",
+            "--bench",
+            "north_south",
+        ],
+    )?;
     Ok(())
 }
 

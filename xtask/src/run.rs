@@ -1,7 +1,8 @@
-//! `cargo xtask run`: the demo. A node and pods in network namespaces, the
-//! Kubernetes docs' `my-service` with an EndpointSlice for three pods
-//! labelled `app.kubernetes.io/name: MyApp`, the agent, live per-backend
-//! counters; Ctrl-C removes everything.
+//! `cargo xtask run`: the demo. Two nodes, pods and an outside client in
+//! network namespaces; the Kubernetes docs' `my-service` (ClusterIP) and
+//! their NodePort example, with an EndpointSlice each for three pods
+//! labelled `app.kubernetes.io/name: MyApp` (two on node0, one on node1);
+//! one agent per node, live per-backend counters; Ctrl-C removes everything.
 
 use std::{
     sync::{
@@ -45,6 +46,47 @@ spec:
       targetPort: 9376
 ";
 
+/// The docs' NodePort example ("Type NodePort"), with the demo pods' port.
+/// No clusterIP: the manifest source allocates one, as the API server would.
+const MY_NODEPORT_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-nodeport-service
+spec:
+  type: NodePort
+  selector:
+    app.kubernetes.io/name: MyApp
+  ports:
+    - port: 80
+      targetPort: 9376
+      nodePort: 30007
+";
+
+/// `n` requests to `url` from `netns`, each on a new connection, counted by
+/// "backend, as seen from peer address".
+fn request_summary(
+    tb: &Testbed,
+    netns: &str,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let out = tb.exec(netns, &["curl", "-sS", "-m", "3", url])?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        let mut words = body.split_whitespace();
+        let key = match (words.next(), words.next()) {
+            (Some(name), Some(peer)) => {
+                format!("{name} (sees {})", peer.split(':').next().unwrap_or(peer))
+            }
+            _ => "(failed)".to_owned(),
+        };
+        *counts.entry(key).or_insert(0usize) += 1;
+    }
+    Ok(counts)
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     cmd(
         "cargo",
@@ -61,12 +103,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let release = root().join("target/release");
     netlb_testbed::topology::cleanup_stale(None);
 
-    let mut tb = Testbed::new(TestbedSpec { nodes: 1 }).context("creating the demo topology")?;
+    let mut tb = Testbed::new(TestbedSpec { nodes: 2 }).context("creating the demo topology")?;
     let manifests = tb.dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
     let mut pods = Vec::new();
-    for name in ["myapp-1", "myapp-2", "myapp-3"] {
-        pods.push(tb.add_pod(0, name)?);
+    for (name, node) in [("myapp-1", 0), ("myapp-2", 0), ("myapp-3", 1)] {
+        pods.push(tb.add_pod(node, name)?);
     }
     let client = tb.add_pod(0, "client")?;
     let mut servers = Vec::new();
@@ -85,51 +127,80 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             None,
         )?);
     }
-    let mut slice = String::from(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: my-service-abc12\n  labels:\n    kubernetes.io/service-name: my-service\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: TCP\n    port: 9376\nendpoints:\n",
-    );
-    for pod in &pods {
-        slice.push_str(&format!(
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node0\n    targetRef: {{kind: Pod, name: {}}}\n",
-            pod.ip, pod.name
-        ));
+    for service in ["my-service", "my-nodeport-service"] {
+        let mut slice = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: TCP\n    port: 9376\nendpoints:\n",
+        );
+        for pod in &pods {
+            slice.push_str(&format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
+                pod.ip, pod.node, pod.name
+            ));
+        }
+        std::fs::write(
+            manifests.join(format!("{service}-endpointslice.yaml")),
+            slice,
+        )?;
     }
     std::fs::write(manifests.join("my-service.yaml"), MY_SERVICE)?;
-    std::fs::write(manifests.join("my-service-endpointslice.yaml"), slice)?;
+    std::fs::write(
+        manifests.join("my-nodeport-service.yaml"),
+        MY_NODEPORT_SERVICE,
+    )?;
 
     let agent_bin = release.join("netlb-agent");
-    let node = tb.nodes[0].clone();
-    let agent = AgentProcess::start(
-        &node,
-        &AgentOptions {
-            binary: agent_bin.clone(),
-            source: AgentSource::Manifests(manifests.clone()),
-            extra_args: vec![],
-            cleanup_on_exit: true,
-        },
-        &tb.dir.join("agent.log"),
-    )?;
-    if !agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)) {
-        anyhow::bail!("the agent did not sync:\n{}", agent.log());
+    let mut agents = Vec::new();
+    for node in tb.nodes.clone() {
+        let log = tb.dir.join(format!("agent-node{}.log", node.index));
+        let agent = AgentProcess::start(
+            &node,
+            &AgentOptions {
+                binary: agent_bin.clone(),
+                source: AgentSource::Manifests(manifests.clone()),
+                extra_args: vec![],
+                cleanup_on_exit: true,
+            },
+            &log,
+        )?;
+        if !agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)) {
+            anyhow::bail!(
+                "the agent of node{} did not sync:\n{}",
+                node.index,
+                agent.log()
+            );
+        }
+        agents.push(agent);
     }
+    let node = tb.nodes[0].clone();
     let bpffs = node.bpffs.display().to_string();
+    let node_ips: Vec<String> = tb.nodes.iter().map(|n| n.uplink_ip.to_string()).collect();
     println!("\nnetlb demo is up (run {}):", tb.run);
     println!(
-        "  Service my-service: ClusterIP 10.96.0.10 port 80 -> pods {} on 9376",
+        "  pods: {}",
         pods.iter()
-            .map(|p| format!("{} {}", p.name, p.ip))
+            .map(|p| format!("{} {} on node{}", p.name, p.ip, p.node))
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!("  Service my-service: ClusterIP 10.96.0.10 port 80 -> the pods' 9376");
+    println!(
+        "  Service my-nodeport-service: NodePort 30007 on every node ({}) -> the pods' 9376",
+        node_ips.join(", ")
+    );
+    println!("  outside client: namespace {} ({})", tb.ext, tb.ext_ip);
     println!(
         "  manifests (edit them, the agent follows): {}",
         manifests.display()
     );
-    println!("  agent log: {}", tb.dir.join("agent.log").display());
+    println!("  agent logs: {}/agent-node*.log", tb.dir.display());
     println!("\nTry, from another shell:");
     println!(
         "  ip netns exec {} curl -s http://10.96.0.10/",
         client.netns
+    );
+    println!(
+        "  ip netns exec {} curl -s http://{}:30007/",
+        tb.ext, node_ips[1]
     );
     println!("  {} list services --bpffs {bpffs}", agent_bin.display());
     println!("  {} list conntrack --bpffs {bpffs}", agent_bin.display());
@@ -139,22 +210,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     if let Some(n) = args.requests {
-        let mut counts = std::collections::BTreeMap::new();
-        for _ in 0..n {
-            let out = tb.exec(
-                &client.netns,
-                &["curl", "-sS", "-m", "3", "http://10.96.0.10/"],
-            )?;
-            let body = String::from_utf8_lossy(&out.stdout);
-            let name = body
-                .split_whitespace()
-                .next()
-                .unwrap_or("(failed)")
-                .to_owned();
-            *counts.entry(name).or_insert(0usize) += 1;
+        let counts = request_summary(&tb, &client.netns, "http://10.96.0.10/", n)?;
+        println!(
+            "\n{n} requests from pod {} to my-service: {counts:?}",
+            client.name
+        );
+        let mut failed = counts.contains_key("(failed)");
+        for ip in &node_ips {
+            let counts = request_summary(&tb, &tb.ext, &format!("http://{ip}:30007/"), n)?;
+            println!("{n} requests from outside to NodePort {ip}:30007: {counts:?}");
+            failed |= counts.contains_key("(failed)");
         }
-        println!("\n{n} requests from {}: {counts:?}", client.name);
         print_counters(&agent_bin, &bpffs);
+        if failed {
+            anyhow::bail!("some demo requests failed");
+        }
     } else {
         let stop = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
@@ -170,7 +240,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    drop(agent);
+    drop(agents);
     drop(servers);
     drop(tb);
     println!("removed the demo topology");

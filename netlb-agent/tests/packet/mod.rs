@@ -91,6 +91,11 @@ impl PacketBuilder {
         self
     }
 
+    pub fn fin(mut self) -> Self {
+        self.tcp_flags |= 0x01;
+        self
+    }
+
     pub fn payload(mut self, payload: &[u8]) -> Self {
         self.payload = payload.to_vec();
         self

@@ -10,6 +10,11 @@
 //! `netlb-echo tcp-client --connect IP:PORT --interval-ms N --duration-s S`:
 //! one connection; prints the greeting, sends a numbered line every interval
 //! and checks its echo (2 s each); exits 0 only if every line came back.
+//!
+//! `netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S]`:
+//! new connections as fast as possible, one HTTP request each (`Connection:
+//! close`; the client ends each with RST so no 4-tuple lingers); prints
+//! `connections=N failures=F seconds=S rate=R`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -20,7 +25,7 @@ use std::{
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]"
+        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S]"
     );
     ExitCode::from(2)
 }
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("tcp-client") => tcp_client(&args[1..]),
+        Some("connect-rate") => connect_rate(&args[1..]),
         _ => usage(),
     }
 }
@@ -259,5 +265,90 @@ fn tcp_client(args: &[String]) -> ExitCode {
         std::thread::sleep(interval);
     }
     println!("ok: {sent} lines echoed");
+    ExitCode::SUCCESS
+}
+
+/// One connection with one request; whether a 200 came back.
+fn one_request(addr: &SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: netlb\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = Vec::new();
+    // The server closes after the response: read to EOF.
+    let ok = stream.read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.1 200");
+    // Close with RST (SO_LINGER 0): neither side keeps the 4-tuple in
+    // TIME_WAIT, so the client's ports can be reused at once, as a load
+    // generator needs at thousands of connections per second.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    ok
+}
+
+fn connect_rate(args: &[String]) -> ExitCode {
+    let Some(addr) = values(args, "--connect")
+        .first()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        return usage();
+    };
+    let threads: usize = values(args, "--threads")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let duration = Duration::from_secs(
+        values(args, "--duration-s")
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+    );
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while started.elapsed() < duration {
+                    if one_request(&addr) {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for worker in workers {
+        let (o, f) = worker.join().unwrap_or((0, 0));
+        ok += o;
+        failed += f;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "connections={ok} failures={failed} seconds={seconds:.2} rate={:.0}",
+        ok as f64 / seconds
+    );
+    if ok == 0 {
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }

@@ -43,6 +43,23 @@ pub fn root() -> PathBuf {
 }
 
 /// Runs a command in the workspace root, failing on a non-zero exit.
+/// Builds the agent and the test binaries (`netlb-echo`) in release mode,
+/// where the demo and the topology benches look for them.
+pub fn build_release_bins() -> anyhow::Result<()> {
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "netlb-agent",
+            "-p",
+            "netlb-testbed",
+            "--bins",
+        ],
+    )
+}
+
 pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
     eprintln!("+ {program} {}", args.join(" "));
     let status = Command::new(program)
@@ -109,18 +126,7 @@ fn bench() -> anyhow::Result<()> {
         ],
     )?;
     // The topology benches find the agent and echo binaries next to them.
-    cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "netlb-agent",
-            "-p",
-            "netlb-testbed",
-            "--bins",
-        ],
-    )?;
+    build_release_bins()?;
     cmd(
         "cargo",
         &[

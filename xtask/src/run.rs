@@ -19,7 +19,7 @@ use netlb_testbed::{
     topology::{Testbed, TestbedSpec},
 };
 
-use crate::{cmd, root};
+use crate::{build_release_bins, root};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -88,18 +88,7 @@ fn request_summary(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "-p",
-            "netlb-agent",
-            "-p",
-            "netlb-testbed",
-            "--bins",
-        ],
-    )?;
+    build_release_bins()?;
     let release = root().join("target/release");
     netlb_testbed::topology::cleanup_stale(None);
 

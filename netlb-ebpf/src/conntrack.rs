@@ -15,16 +15,35 @@ use crate::{
 /// write to a shared cache line on every packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
+/// The conntrack key of a packet's own tuple.
 #[inline(always)]
 pub fn key(pkt: &Packet, direction: u8) -> ConntrackKey {
-    ConntrackKey {
-        saddr_be: pkt.saddr_be,
-        daddr_be: pkt.daddr_be,
-        sport_be: pkt.sport_be,
-        dport_be: pkt.dport_be,
-        proto: pkt.proto,
+    tuple(
+        pkt.saddr_be,
+        pkt.sport_be,
+        pkt.daddr_be,
+        pkt.dport_be,
+        pkt.proto,
         direction,
-        pad: [0; 2],
+    )
+}
+
+/// Refreshes a live entry's `last_seen_ns` (at most every
+/// [`LAST_SEEN_GRANULARITY_NS`]) and copies it out.
+///
+/// # Safety
+/// `entry` points to a live value of the conntrack map. The field update is
+/// a plain store (a racing writer on another CPU can only store a similar
+/// timestamp).
+#[inline(always)]
+unsafe fn refresh(entry: *mut ConntrackValue) -> ConntrackValue {
+    // SAFETY: per the function's contract.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+        *entry
     }
 }
 
@@ -32,27 +51,19 @@ pub fn key(pkt: &Packet, direction: u8) -> ConntrackKey {
 #[inline(always)]
 pub fn lookup(key: &ConntrackKey) -> Option<ConntrackValue> {
     let entry = maps::CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: pointer to a live map value; the field update is a plain store
-    // (a racing writer on another CPU can only store a similar timestamp).
-    unsafe {
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*entry).last_seen_ns = now;
-        }
-        Some(*entry)
-    }
+    // SAFETY: a live map value.
+    Some(unsafe { refresh(entry) })
 }
 
 /// Looks up the entry `key` for `pkt` with TCP close tracking: FIN or RST
 /// marks the entry [`ct_flags::CLOSING`]; a SYN that finds a closing entry
 /// belongs to a new connection reusing the tuple, so the stale entry is
-/// removed and not applied (`None`).
+/// removed and not applied (`None`). One map lookup, as [`lookup`].
 #[inline(always)]
 pub fn lookup_flow(key: &ConntrackKey, pkt: &Packet) -> Option<ConntrackValue> {
     let entry = maps::CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: pointer to a live map value; flag and timestamp updates are
-    // plain stores (a racing CPU can only store the same flag or a similar
-    // time).
+    // SAFETY: pointer to a live map value; the flag update is a plain store
+    // (a racing CPU can only store the same flag).
     unsafe {
         if pkt.tcp_flags & TCP_SYN != 0 && (*entry).flags & ct_flags::CLOSING != 0 {
             let _ = maps::CONNTRACK.remove(key);
@@ -61,14 +72,14 @@ pub fn lookup_flow(key: &ConntrackKey, pkt: &Packet) -> Option<ConntrackValue> {
         if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             (*entry).flags |= ct_flags::CLOSING;
         }
+        Some(refresh(entry))
     }
-    lookup(key)
 }
 
 /// Creates both entries of a new flow. The REPLY entry is written first so
 /// that no reply can arrive before its reverse translation exists.
-/// `reply_daddr_be`: where the backend sends replies (the client, or the
-/// service loopback address for a hairpin flow).
+/// `hairpin_source_be`: the service loopback address when the client is its
+/// own backend (the backend then replies to it, not to the client).
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
@@ -78,39 +89,29 @@ pub fn create(
     rev_nat_index: u32,
     hairpin_source_be: Option<u32>,
 ) -> Result<(), Reason> {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let (reply_daddr_be, flags, nat_addr_be) = match hairpin_source_be {
         Some(lo) => (lo, ct_flags::HAIRPIN, pkt.saddr_be),
         None => (pkt.saddr_be, 0, 0),
     };
-    let reply_key = ConntrackKey {
-        saddr_be: backend_addr_be,
-        daddr_be: reply_daddr_be,
-        sport_be: backend_port_be,
-        dport_be: pkt.sport_be,
-        proto: pkt.proto,
-        direction: ct_dir::REPLY,
-        pad: [0; 2],
-    };
-    let value = ConntrackValue {
-        backend_id,
-        rev_nat_index,
-        nat_addr_be,
-        flags,
-        nat_port_be: 0,
-        last_seen_ns: now,
-    };
-    maps::CONNTRACK
-        .insert(reply_key, value, 0)
-        .map_err(|_| Reason::CtWrite)?;
-    let service_value = ConntrackValue {
-        nat_addr_be: 0,
-        ..value
-    };
-    maps::CONNTRACK
-        .insert(key(pkt, ct_dir::SERVICE), service_value, 0)
-        .map_err(|_| Reason::CtWrite)
+    let value = value(backend_id, rev_nat_index, (nat_addr_be, 0), flags);
+    put(
+        &tuple(
+            backend_addr_be,
+            backend_port_be,
+            reply_daddr_be,
+            pkt.sport_be,
+            pkt.proto,
+            ct_dir::REPLY,
+        ),
+        &value,
+    )?;
+    put(
+        &key(pkt, ct_dir::SERVICE),
+        &ConntrackValue {
+            nat_addr_be: 0,
+            ..value
+        },
+    )
 }
 
 /// A conntrack key from its parts.

@@ -97,6 +97,23 @@ pub fn snat_addr(ctx: &TcContext, pkt: &Packet, addr_be: u32) -> Result<(), Reas
     rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, addr_be)
 }
 
+/// Reverse NAT of a reply's source: it becomes the frontend of
+/// `rev_nat_index`. `false` when that frontend is gone: the reply passes as
+/// it is, like a reply whose conntrack entry kube-proxy has flushed.
+#[inline(always)]
+pub fn source_to_frontend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    rev_nat_index: u32,
+) -> Result<bool, Reason> {
+    // SAFETY: the value is copied out immediately.
+    let Some(rev) = (unsafe { maps::REV_NAT.get(rev_nat_index) }).copied() else {
+        return Ok(false);
+    };
+    snat(ctx, pkt, rev.address_be, rev.port_be)?;
+    Ok(true)
+}
+
 /// Reverse NAT of a reply, if the packet belongs to a tracked flow: the
 /// source becomes the frontend (VIP:port); for hairpin flows the destination
 /// goes back from the service loopback address to the client.
@@ -106,14 +123,9 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
     let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::REPLY), pkt) else {
         return Ok(false);
     };
-    // SAFETY: the value is copied out immediately.
-    let Some(rev) = (unsafe { maps::REV_NAT.get(entry.rev_nat_index) }).copied() else {
-        // The frontend is gone; the reply passes as it is, like a reply whose
-        // conntrack entry kube-proxy has flushed.
+    if !source_to_frontend(ctx, pkt, entry.rev_nat_index)? {
         return Ok(false);
-    };
-    rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, rev.address_be)?;
-    rewrite_port(ctx, pkt, L4_SPORT_OFF, pkt.sport_be, rev.port_be)?;
+    }
     if entry.flags & ct_flags::HAIRPIN != 0 {
         rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, entry.nat_addr_be)?;
     }
@@ -122,11 +134,11 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
 }
 
 /// Sends a packet back out of the interface it arrived on, with its
-/// Ethernet addresses swapped: a hairpinned reply, translated, goes straight
-/// back to the pod that sent it. It must not go through the kernel's
-/// routing: its new source may be an address of the node itself (a NodePort
-/// on the node's IP), and a packet arriving with a local source address is
-/// dropped as a martian.
+/// Ethernet addresses swapped (an ICMP reject, or a hairpinned reply going
+/// straight back to the pod that sent it). A hairpinned reply must not go
+/// through the kernel's routing: its new source may be an address of the
+/// node itself (a NodePort on the node's IP), and a packet arriving with a
+/// local source address is dropped as a martian.
 #[inline(always)]
 pub fn bounce(ctx: &TcContext) -> Result<i32, Reason> {
     let macs: [u8; 12] = ctx.load(0).map_err(|_| Reason::Rewrite)?;

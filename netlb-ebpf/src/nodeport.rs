@@ -160,14 +160,7 @@ pub fn egress(ctx: &TcContext, pkt: &Packet) -> Result<(), Reason> {
     if entry.flags & ct_flags::SNAT != 0 {
         return nat::snat(ctx, pkt, entry.nat_addr_be, entry.nat_port_be);
     }
-    if entry.flags & ct_flags::REV != 0 {
-        // SAFETY: the value is copied out immediately.
-        let Some(rev) = (unsafe { maps::REV_NAT.get(entry.rev_nat_index) }).copied() else {
-            // The frontend is gone: pass the reply as it is, like a reply
-            // whose conntrack entry kube-proxy has flushed.
-            return Ok(());
-        };
-        nat::snat(ctx, pkt, rev.address_be, rev.port_be)?;
+    if entry.flags & ct_flags::REV != 0 && nat::source_to_frontend(ctx, pkt, entry.rev_nat_index)? {
         maps::count(stat::REVERSE_NAT);
     }
     Ok(())

@@ -8,14 +8,13 @@
 //! `[eth][IPv4 VIP -> client][ICMP 3/3][original IPv4 header][first 8 bytes of L4]`.
 
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_skb_change_tail},
     programs::TcContext,
 };
 use netlb_common::{proto, stat};
 
 use crate::{
-    maps,
+    maps, nat,
     parse::{ETH_HLEN, IP_HLEN, IP_OFF, L4_OFF, Packet},
     verdict::Reason,
 };
@@ -88,7 +87,6 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Reason> {
     // A UDP datagram may be shorter than 8 bytes of L4 payload... but its
     // header alone is 8 bytes and TCP's is 20, both checked by the parser.
     let quoted_l4: [u8; QUOTED_L4] = ctx.load(L4_OFF).map_err(|_| Reason::RejectFailed)?;
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| Reason::RejectFailed)?;
 
     let mut icmp = IcmpError {
         kind: ICMP_DEST_UNREACH,
@@ -125,24 +123,12 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Reason> {
     if ret != 0 {
         return Err(Reason::RejectFailed);
     }
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0)
-        .map_err(|_| Reason::RejectFailed)?;
     ctx.store(IP_OFF, &ip, 0)
         .map_err(|_| Reason::RejectFailed)?;
     ctx.store(L4_OFF, &icmp, 0)
         .map_err(|_| Reason::RejectFailed)?;
 
-    // SAFETY: reading the context's ifindex.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     maps::count(stat::REJECT);
     // Egress of the interface the packet came in on: back to the client.
-    // SAFETY: helper without preconditions.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if verdict != TC_ACT_REDIRECT {
-        return Err(Reason::RejectFailed);
-    }
-    Ok(verdict)
+    nat::bounce(ctx).map_err(|_| Reason::RejectFailed)
 }

@@ -3,17 +3,13 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use netlb_common::{ct_dir, ct_flags, proto, scope, stat};
+use netlb_common::{ct_dir, ct_flags, from_be_addr, proto, scope, stat};
 use serde::Serialize;
 
 use crate::dataplane::{
     Dataplane, DataplaneError,
     kernel::{AyaDataplane, Observer},
 };
-
-fn addr(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(be.to_ne_bytes())
-}
 
 fn proto_name(p: u8) -> String {
     match p {
@@ -74,7 +70,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
     let mut slots = BTreeMap::new();
     for (key, value) in &maps.services {
         let fe = (
-            addr(key.address_be),
+            from_be_addr(key.address_be),
             u16::from_be(key.port_be),
             key.proto,
             key.scope,
@@ -101,7 +97,11 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
                 .map(|slot| match slots.get(&(fe, slot)) {
                     Some(id) => match backends.get(id) {
                         Some(b) => {
-                            format!("{}:{} ({id})", addr(b.address_be), u16::from_be(b.port_be))
+                            format!(
+                                "{}:{} ({id})",
+                                from_be_addr(b.address_be),
+                                u16::from_be(b.port_be)
+                            )
                         }
                         None => format!("<missing backend {id}>"),
                     },
@@ -120,7 +120,7 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
         let stats = observer.backend_stats(id)?;
         rows.push(BackendRow {
             id,
-            address: addr(b.address_be),
+            address: from_be_addr(b.address_be),
             port: u16::from_be(b.port_be),
             protocol: proto_name(b.proto),
             flags: b.flags,
@@ -146,14 +146,19 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, DataplaneError> {
                 ct_dir::NAT_IN => "nat-in",
                 _ => "unknown",
             },
-            source: format!("{}:{}", addr(k.saddr_be), u16::from_be(k.sport_be)),
-            destination: format!("{}:{}", addr(k.daddr_be), u16::from_be(k.dport_be)),
+            source: format!("{}:{}", from_be_addr(k.saddr_be), u16::from_be(k.sport_be)),
+            destination: format!("{}:{}", from_be_addr(k.daddr_be), u16::from_be(k.dport_be)),
             protocol: proto_name(k.proto),
             backend_id: v.backend_id,
             rev_nat_index: v.rev_nat_index,
             hairpin: v.flags & ct_flags::HAIRPIN != 0,
-            nat: (v.nat_addr_be != 0 && v.flags & ct_flags::HAIRPIN == 0)
-                .then(|| format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be))),
+            nat: (v.nat_addr_be != 0 && v.flags & ct_flags::HAIRPIN == 0).then(|| {
+                format!(
+                    "{}:{}",
+                    from_be_addr(v.nat_addr_be),
+                    u16::from_be(v.nat_port_be)
+                )
+            }),
         })
         .collect();
     rows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));

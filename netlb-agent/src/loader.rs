@@ -19,7 +19,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use netlb_common::{DatapathConfig, limits, map_names, program_names};
+use netlb_common::{DatapathConfig, be_addr, limits, map_names, program_names};
 
 /// The datapath object, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlb"));
@@ -180,20 +180,15 @@ pub struct LoadOptions {
     pub sizes: MapSizes,
 }
 
-fn be(ip: Option<Ipv4Addr>) -> u32 {
-    ip.map(|ip| u32::from_ne_bytes(ip.octets())).unwrap_or(0)
-}
-
 /// The datapath configuration for these options.
 pub fn datapath_config(
     service_loopback: Option<Ipv4Addr>,
     snat_addr: Option<Ipv4Addr>,
 ) -> DatapathConfig {
-    // Addresses go in as their wire bytes (`be` fields): `from_ne_bytes` of
-    // the octets keeps the in-memory byte sequence.
+    // An unset address is 0, which the datapath reads as "off".
     DatapathConfig {
-        service_loopback_be: be(service_loopback),
-        snat_addr_be: be(snat_addr),
+        service_loopback_be: service_loopback.map(be_addr).unwrap_or(0),
+        snat_addr_be: snat_addr.map(be_addr).unwrap_or(0),
     }
 }
 

@@ -22,7 +22,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, limits};
+use netlb_common::{
+    BackendValue, RevNatValue, ServiceKey, ServiceValue, be_addr, from_be_addr, limits,
+};
 
 use crate::{
     dataplane::{BackendId, Dataplane, DataplaneError, RevNatIndex},
@@ -94,14 +96,6 @@ impl Ids {
         self.next = top + 1;
         self.free = (1..=top).filter(|id| !used.contains(id)).collect();
     }
-}
-
-fn be_addr(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-fn from_be_addr(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(be.to_ne_bytes())
 }
 
 fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {

@@ -17,6 +17,17 @@
 //! own map by id and reverse NAT information lives in a third map by index.
 #![no_std]
 
+/// An IPv4 address as `_be` fields hold it: its wire bytes in memory order
+/// (so `from_ne_bytes` of the octets, whatever the host's byte order).
+pub fn be_addr(ip: core::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The address a `_be` field holds (inverse of [`be_addr`]).
+pub fn from_be_addr(be: u32) -> core::net::Ipv4Addr {
+    core::net::Ipv4Addr::from(be.to_ne_bytes())
+}
+
 /// Names of the maps in the eBPF object; the agent finds them by these names
 /// and pins them under `<bpffs>/<name>`.
 pub mod map_names {

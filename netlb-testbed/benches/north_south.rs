@@ -14,6 +14,7 @@ use std::time::Duration;
 use netlb_testbed::{
     agent::{AgentOptions, AgentProcess, AgentSource},
     find_binary,
+    manifests::endpoint_slice_yaml,
     process::ChildGuard,
     topology::{Testbed, TestbedSpec},
 };
@@ -79,10 +80,7 @@ fn main() {
     .unwrap();
     std::fs::write(
         manifests.join("slice.yaml"),
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n  - {{name: \"\", protocol: TCP, port: 9376}}\nendpoints:\n  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node1\n",
-            pod.ip
-        ),
+        endpoint_slice_yaml("web", &[("", "TCP", 9376)], &[&pod]),
     )
     .unwrap();
     let mut agents = Vec::new();

@@ -1,11 +1,12 @@
 //! Test infrastructure shared by netlb's tests, `cargo xtask run` and the
 //! benchmarks: hermetic network-namespace topologies ([`topology`]), the real
-//! agent as a child process ([`agent`]), and an API-server test double
-//! ([`apiserver`]). Everything created is named with a per-run prefix and
+//! agent as a child process ([`agent`]), an API-server test double
+//! ([`apiserver`]) and the manifests they feed it ([`manifests`]). Everything created is named with a per-run prefix and
 //! removed on drop, also when a test fails.
 
 pub mod agent;
 pub mod apiserver;
+pub mod manifests;
 pub mod process;
 pub mod topology;
 

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Cluster, VIP, curl, slice_yaml, wait_until};
+use common::{Cluster, VIP, curl, curl_many, slice_yaml, wait_until};
 use netlb_testbed::{find_binary, process::ChildGuard, topology::Pod};
 
 #[test]
@@ -34,25 +34,11 @@ fn three_backends_share_300_requests() {
     c.start_agent();
 
     // 300 requests, each on a new connection (new source port, new flow).
-    let mut args = vec!["curl", "-sS", "-m", "5", "-H", "Connection: close"];
-    let url = format!("http://{VIP}/");
-    for _ in 0..300 {
-        args.push(&url);
-    }
-    let out = c.tb.exec(&c.client(), &args).unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.agent_log()
-    );
     let mut counts = std::collections::BTreeMap::new();
-    for line in body.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        *counts.entry(name.to_owned()).or_insert(0) += 1;
+    for (name, peer) in curl_many(&c, &c.client(), &format!("http://{VIP}/"), 300) {
         // The backend sees the client's own address (no SNAT).
-        assert!(line.contains("10.244.0.13:"), "unexpected peer in {line:?}");
+        assert_eq!(peer, "10.244.0.13", "unexpected peer for {name}");
+        *counts.entry(name).or_insert(0) += 1;
     }
     assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
     for pod in &pods {

@@ -10,11 +10,12 @@ mod common;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use common::{Cluster, curl, curl_many, curl_status, slice_yaml_ports, wait_until};
+use common::{Cluster, curl, curl_many, curl_status, wait_until};
 use netlb_testbed::{
     agent::AgentSource,
     apiserver::{FakeApiServer, Resource},
     find_binary,
+    manifests::endpoint_slice_yaml,
     topology::Pod,
 };
 use serde_json::{Value, json};
@@ -75,7 +76,7 @@ fn node_ports_on_every_node_reach_backends_on_every_node() {
     let backends = pods(&c, &["web-0", "web-1"]);
     c.write(
         "web-slice.yaml",
-        &slice_yaml_ports(
+        &endpoint_slice_yaml(
             "web",
             &[("http", "TCP", 9376), ("dns", "UDP", 53)],
             &refs(&backends),
@@ -132,18 +133,34 @@ fn lb_service(status_ip: &str, hc_port: u16) -> String {
     )
 }
 
+const LB_HEALTH_PORT: u16 = 32001;
+
+/// The `lb` Service's EndpointSlice over the named pods.
+fn set_lb_endpoints(c: &Cluster, names: &[&str]) {
+    let endpoints = pods(c, names);
+    c.write(
+        "lb-slice.yaml",
+        &endpoint_slice_yaml("lb", &[("", "TCP", 9376)], &refs(&endpoints)),
+    );
+}
+
+/// Waits until `node`'s health-check node port of `lb` answers `code`.
+fn wait_for_health(c: &Cluster, node: Ipv4Addr, code: u16) {
+    let url = format!("http://{node}:{LB_HEALTH_PORT}/");
+    wait_until(Duration::from_secs(5), || {
+        (curl_status(&c.tb, &c.tb.ext, &url, 2).0 == code).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{url} never answered {code}\n{}", c.agent_logs()));
+}
+
 #[test]
 fn local_policy_keeps_the_client_address_and_health_checks_follow_local_endpoints() {
     let mut c = Cluster::multi(2, &[("lb-0", 0), ("lb-1", 1)]);
     let lb_ip = "198.51.100.7";
     // The network in front of the cluster sends the LB IP to node1.
     c.tb.route_to_node(&format!("{lb_ip}/32"), 1).unwrap();
-    c.write("lb.yaml", &lb_service(lb_ip, 32001));
-    let only_node1 = pods(&c, &["lb-1"]);
-    c.write(
-        "lb-slice.yaml",
-        &slice_yaml_ports("lb", &[("", "TCP", 9376)], &refs(&only_node1)),
-    );
+    c.write("lb.yaml", &lb_service(lb_ip, LB_HEALTH_PORT));
+    set_lb_endpoints(&c, &["lb-1"]);
     c.start_agents();
     let ext = c.tb.ext.clone();
     let (n0, n1) = (node_ip(&c, 0), node_ip(&c, 1));
@@ -157,28 +174,21 @@ fn local_policy_keeps_the_client_address_and_health_checks_follow_local_endpoint
     // node0 has no local endpoint: its node port drops (kube-proxy's DROP),
     // its health check says so.
     assert!(curl(&c.tb, &ext, &format!("http://{n0}:30081/"), 1).is_none());
-    let (code, body) = curl_status(&c.tb, &ext, &format!("http://{n0}:32001/"), 2);
+    let (code, body) = curl_status(&c.tb, &ext, &format!("http://{n0}:{LB_HEALTH_PORT}/"), 2);
     assert_eq!(code, 503, "{body}");
     assert!(body.contains(r#""localEndpoints":0"#), "{body}");
     assert!(
         body.contains(r#""service":{"namespace":"default","name":"lb"}"#),
         "{body}"
     );
-    let (code, body) = curl_status(&c.tb, &ext, &format!("http://{n1}:32001/"), 2);
+    let (code, body) = curl_status(&c.tb, &ext, &format!("http://{n1}:{LB_HEALTH_PORT}/"), 2);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(r#""localEndpoints":1"#), "{body}");
 
     // An endpoint starts on node0: its health check turns 200 and its node
     // port serves, still without SNAT.
-    let both = pods(&c, &["lb-0", "lb-1"]);
-    c.write(
-        "lb-slice.yaml",
-        &slice_yaml_ports("lb", &[("", "TCP", 9376)], &refs(&both)),
-    );
-    wait_until(Duration::from_secs(5), || {
-        (curl_status(&c.tb, &ext, &format!("http://{n0}:32001/"), 2).0 == 200).then_some(())
-    })
-    .unwrap_or_else(|| panic!("node0 health check stayed 503\n{}", c.agent_logs()));
+    set_lb_endpoints(&c, &["lb-0", "lb-1"]);
+    wait_for_health(&c, n0, 200);
     for (backend, peer) in curl_many(&c, &ext, &format!("http://{n0}:30081/"), 10) {
         assert_eq!((backend.as_str(), peer.as_str()), ("lb-0", EXT_IP));
     }
@@ -186,15 +196,8 @@ fn local_policy_keeps_the_client_address_and_health_checks_follow_local_endpoint
     // The node1 endpoint goes: node1 turns 503 and drops the LB IP's
     // traffic; pods still reach the LB IP through the cluster-wide
     // endpoints (kube-proxy short-circuits in-cluster traffic).
-    let only_node0 = pods(&c, &["lb-0"]);
-    c.write(
-        "lb-slice.yaml",
-        &slice_yaml_ports("lb", &[("", "TCP", 9376)], &refs(&only_node0)),
-    );
-    wait_until(Duration::from_secs(5), || {
-        (curl_status(&c.tb, &ext, &format!("http://{n1}:32001/"), 2).0 == 503).then_some(())
-    })
-    .unwrap_or_else(|| panic!("node1 health check stayed 200\n{}", c.agent_logs()));
+    set_lb_endpoints(&c, &["lb-0"]);
+    wait_for_health(&c, n1, 503);
     assert!(curl(&c.tb, &ext, &format!("http://{lb_ip}/"), 1).is_none());
     let client = c.client();
     for (backend, _) in curl_many(&c, &client, &format!("http://{lb_ip}/"), 5) {
@@ -216,7 +219,7 @@ fn external_ips_pods_reaching_node_ports_and_hairpin() {
     let backends = pods(&c, &["ex-0", "ex-1"]);
     c.write(
         "ex-slice.yaml",
-        &slice_yaml_ports("ex", &[("", "TCP", 9376)], &refs(&backends)),
+        &endpoint_slice_yaml("ex", &[("", "TCP", 9376)], &refs(&backends)),
     );
     c.start_agents();
     let ext = c.tb.ext.clone();
@@ -306,7 +309,7 @@ spec:
 const NGINX_LB_IP: &str = "198.51.100.30";
 
 fn nginx_slice(service: &str, pods: &[&Pod]) -> String {
-    slice_yaml_ports(service, &[("", "TCP", 80)], pods).replace(
+    endpoint_slice_yaml(service, &[("", "TCP", 80)], pods).replace(
         &format!("name: {service}-abc12"),
         &format!("name: {service}-x7k2p"),
     )

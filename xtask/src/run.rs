@@ -15,8 +15,9 @@ use std::{
 use anyhow::Context as _;
 use netlb_testbed::{
     agent::{AgentOptions, AgentProcess, AgentSource},
+    manifests::endpoint_slice_yaml,
     process::ChildGuard,
-    topology::{Testbed, TestbedSpec},
+    topology::{Pod, Testbed, TestbedSpec},
 };
 
 use crate::{build_release_bins, root};
@@ -116,19 +117,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             None,
         )?);
     }
+    let pod_refs: Vec<&Pod> = pods.iter().collect();
     for service in ["my-service", "my-nodeport-service"] {
-        let mut slice = format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: TCP\n    port: 9376\nendpoints:\n",
-        );
-        for pod in &pods {
-            slice.push_str(&format!(
-                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
-                pod.ip, pod.node, pod.name
-            ));
-        }
         std::fs::write(
             manifests.join(format!("{service}-endpointslice.yaml")),
-            slice,
+            endpoint_slice_yaml(service, &[("", "TCP", 9376)], &pod_refs),
         )?;
     }
     std::fs::write(manifests.join("my-service.yaml"), MY_SERVICE)?;

@@ -10,6 +10,7 @@ use std::{
 use netlb_testbed::{
     agent::{AgentOptions, AgentProcess, AgentSource},
     find_binary,
+    manifests::endpoint_slice_yaml,
     process::ChildGuard,
     topology::{Pod, Testbed, TestbedSpec},
 };
@@ -93,20 +94,9 @@ pub fn service_yaml(
     )
 }
 
+/// A one-port EndpointSlice over `pods`.
 pub fn slice_yaml(service: &str, protocol: &str, port: u16, pods: &[&Pod]) -> String {
-    let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: \"\"\n    protocol: {protocol}\n    port: {port}\nendpoints:\n"
-    );
-    for pod in pods {
-        s.push_str(&format!(
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
-            pod.ip, pod.node, pod.name
-        ));
-    }
-    if pods.is_empty() {
-        s = s.replace("endpoints:\n", "endpoints: []\n");
-    }
-    s
+    endpoint_slice_yaml(service, &[("", protocol, port)], pods)
 }
 
 impl Cluster {
@@ -298,30 +288,6 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A Service's EndpointSlice with several ports `(name, protocol, port)`.
-pub fn slice_yaml_ports(service: &str, ports: &[(&str, &str, u16)], pods: &[&Pod]) -> String {
-    let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc12\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
-    );
-    for (name, protocol, port) in ports {
-        s.push_str(&format!(
-            "  - name: \"{name}\"\n    protocol: {protocol}\n    port: {port}\n"
-        ));
-    }
-    s.push_str(if pods.is_empty() {
-        "endpoints: []\n"
-    } else {
-        "endpoints:\n"
-    });
-    for pod in pods {
-        s.push_str(&format!(
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    nodeName: node{}\n    targetRef: {{kind: Pod, name: {}}}\n",
-            pod.ip, pod.node, pod.name
-        ));
-    }
-    s
 }
 
 /// One curl; the body on success.

@@ -5,16 +5,13 @@
 //! programmed. Reports medians; asserts nothing. Run with `cargo xtask bench`.
 
 #[path = "../tests/packet/mod.rs"]
-#[expect(
-    dead_code,
-    reason = "shared with the datapath tests, which use all of it"
-)]
 mod packet;
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use netlb_agent::{
+    config::DatapathSettings,
     dataplane::{Dataplane, kernel::AyaDataplane},
     loader::{self, LoadOptions, MapSizes},
 };
@@ -24,6 +21,8 @@ use netlb_common::{
 use packet::{Ipv4Packet, PacketBuilder, be_addr};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+/// `TCX_NEXT` (-1) as BPF_PROG_TEST_RUN reports it.
+const TCX_NEXT: u32 = u32::MAX;
 const SAMPLES: u16 = 2000;
 
 fn vip(i: u32) -> Ipv4Addr {
@@ -108,8 +107,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn measure(services: u32) {
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: None,
-        service_loopback: Some(Ipv4Addr::new(169, 254, 42, 1)),
-        snat_addr: Some(Ipv4Addr::new(192, 168, 77, 10)),
+        settings: DatapathSettings {
+            service_loopback: Some(Ipv4Addr::new(169, 254, 42, 1)),
+            snat_addr: Some(Ipv4Addr::new(192, 168, 77, 10)),
+            ..Default::default()
+        },
         sizes: MapSizes {
             service_entries: 1 << 20,
             backends: 1 << 19,
@@ -136,29 +138,41 @@ fn measure(services: u32) {
     let mut out = vec![0u8; 256];
 
     let mut first = Vec::new();
+    let mut synack = Vec::new();
     let mut established = Vec::new();
     let mut reply = Vec::new();
     for sport in 20000..20000 + SAMPLES {
         let syn = PacketBuilder::tcp(CLIENT, sport, target, 80).syn().build();
         let (verdict, d, len) = run_once(from_pod, &syn, &mut out);
-        assert_eq!(verdict, 0);
+        assert_eq!(verdict, TCX_NEXT);
         first.push(d);
         let backend = Ipv4Packet::parse(&out[..len]).expect("dnat output").daddr();
-        let (_, d, _) = run_once(from_pod, &syn, &mut out);
-        established.push(d);
-        let synack = PacketBuilder::tcp(backend, 9376, CLIENT, sport)
+        let syn_ack = PacketBuilder::tcp(backend, 9376, CLIENT, sport)
             .syn()
             .ack()
             .build();
-        let (_, d, _) = run_once(to_pod, &synack, &mut out);
-        reply.push(d);
+        synack.push(run_once(to_pod, &syn_ack, &mut out).1);
+        // Data both ways on the established connection.
+        let data = PacketBuilder::tcp(CLIENT, sport, target, 80)
+            .ack()
+            .payload(b"GET / HTTP/1.1")
+            .build();
+        established.push(run_once(from_pod, &data, &mut out).1);
+        let answer = PacketBuilder::tcp(backend, 9376, CLIENT, sport)
+            .ack()
+            .payload(b"HTTP/1.1 200 OK")
+            .build();
+        reply.push(run_once(to_pod, &answer, &mut out).1);
     }
     // An established flow's packet run back to back by the kernel: the
     // average per run, without the per-syscall overhead.
-    let syn = PacketBuilder::tcp(CLIENT, 20000, target, 80).syn().build();
+    let data = PacketBuilder::tcp(CLIENT, 20000, target, 80)
+        .ack()
+        .payload(b"GET / HTTP/1.1")
+        .build();
     let batched = from_pod
         .test_run(TestRunOptions {
-            data_in: Some(&syn),
+            data_in: Some(&data),
             data_out: Some(&mut out),
             repeat: 100_000,
             ..Default::default()
@@ -173,11 +187,12 @@ fn measure(services: u32) {
         .collect();
 
     println!(
-        "services={services:>6} (programmed in {programmed:?}): first packet {:>4} ns, established {:>4} ns ({} ns averaged over 100,000 back-to-back runs), reply {:>4} ns, no-match {:>4} ns (medians of {SAMPLES} single runs)",
+        "services={services:>6} (programmed in {programmed:?}): first packet {:>4} ns, established {:>4} ns ({} ns averaged over 100,000 back-to-back runs), reply {:>4} ns, SYN-ACK reply {:>4} ns, no-match {:>4} ns (medians of {SAMPLES} single runs)",
         median(first).as_nanos(),
         median(established).as_nanos(),
         batched.as_nanos(),
         median(reply).as_nanos(),
+        median(synack).as_nanos(),
         median(passthrough).as_nanos(),
     );
 }

@@ -18,11 +18,17 @@
 //! Traffic from outside arrives at the uplinks (`from_netdev`) and uses the
 //! scope-EXTERNAL view; pods (`from_pod`) use the INTERNAL one when present.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use netlb_common::{backend_flags, proto, scope, svc_flags};
 
-use crate::model::{Model, ServicePortName, Targets};
+use crate::{
+    conntrack::UdpServing,
+    model::{Model, ServicePortName, Targets},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -61,6 +67,9 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
     /// Frontends two Services claimed; the first (by namespace/name) won.
     pub conflicts: Vec<String>,
+    /// Serving endpoints of every UDP frontend that has some (the
+    /// conntrack garbage collector's stale-UDP rule).
+    pub udp_serving: UdpServing,
 }
 
 impl DesiredState {
@@ -137,6 +146,9 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
         let Some(proto) = proto_number(&port.protocol) else {
             continue;
         };
+        if proto == netlb_common::proto::UDP {
+            record_udp_serving(&mut state.udp_serving, port, nodeport_addresses);
+        }
         let (internal, internal_flags) = backends(&port.internal, proto);
         for ip in &port.cluster_ips {
             state.insert(
@@ -209,4 +221,41 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
         }
     }
     state
+}
+
+/// kube-proxy's `CleanStaleEntries` set for one UDP port: every frontend
+/// address (cluster IPs, external IPs, load-balancer IPs, node ports on
+/// this node's addresses) with the serving endpoints, whatever the traffic
+/// policies and topology: changes to the Service must not affect
+/// existing flows, only an endpoint that stops serving does.
+fn record_udp_serving(
+    out: &mut UdpServing,
+    port: &crate::model::ServicePort,
+    nodeport_addresses: &[Ipv4Addr],
+) {
+    let serving: BTreeSet<(Ipv4Addr, u16)> = port
+        .endpoints
+        .iter()
+        .filter(|e| e.serving)
+        .map(|e| (e.address, e.port))
+        .collect();
+    if serving.is_empty() {
+        return;
+    }
+    let frontends = port
+        .cluster_ips
+        .iter()
+        .chain(&port.external_ips)
+        .chain(&port.load_balancer_ips)
+        .map(|ip| (*ip, port.port))
+        .chain(
+            port.node_port
+                .into_iter()
+                .flat_map(|np| nodeport_addresses.iter().map(move |ip| (*ip, np))),
+        );
+    for frontend in frontends {
+        out.entry(frontend)
+            .or_default()
+            .extend(serving.iter().copied());
+    }
 }

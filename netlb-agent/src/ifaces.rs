@@ -153,9 +153,9 @@ impl Ipv4Cidr {
     }
 }
 
-/// Opens an rtnetlink socket subscribed to link and IPv4 address
-/// notifications. Open it on the
-/// thread that is in the right network namespace.
+/// Opens an rtnetlink socket subscribed to link, IPv4 address and IPv4
+/// route notifications. Open it on the thread that is in the right network
+/// namespace.
 pub fn link_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2)/bind(2) calls with a zeroed sockaddr_nl.
     unsafe {
@@ -170,7 +170,8 @@ pub fn link_socket() -> io::Result<OwnedFd> {
         let fd = OwnedFd::from_raw_fd(fd);
         let mut addr: libc::sockaddr_nl = std::mem::zeroed();
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        addr.nl_groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV4_ROUTE) as u32;
         if libc::bind(
             fd.as_raw_fd(),
             (&raw const addr).cast(),
@@ -183,10 +184,15 @@ pub fn link_socket() -> io::Result<OwnedFd> {
     }
 }
 
-/// Reads link notifications from `socket` and sends `()` on `tx` for each
-/// batch: the receiver re-enumerates interfaces, which also covers a buffer
-/// overrun (ENOBUFS) that lost messages. Ends when the receiver is gone.
-pub fn spawn_watcher(socket: OwnedFd, tx: Sender<()>) -> io::Result<JoinHandle<()>> {
+/// Reads link notifications from `socket`, sets `changed` and sends `()` on
+/// `tx` for each batch: the receiver re-enumerates interfaces and routes,
+/// which also covers a buffer overrun (ENOBUFS) that lost messages. Ends
+/// when the receiver is gone.
+pub fn spawn_watcher(
+    socket: OwnedFd,
+    changed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tx: Sender<()>,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("netlink-links".into())
         .spawn(move || {
@@ -206,11 +212,49 @@ pub fn spawn_watcher(socket: OwnedFd, tx: Sender<()>) -> io::Result<JoinHandle<(
                         }
                     }
                 }
+                changed.store(true, std::sync::atomic::Ordering::Relaxed);
                 if tx.send(()).is_err() {
                     return;
                 }
             }
         })
+}
+
+/// Addresses routed as a single host (`/32`) through an interface matching
+/// `patterns`: the pod addresses of routed CNIs (Calico, Cilium's native
+/// routing, kindnet, the test topology), by interface index, in the
+/// datapath's byte order. Read from `/proc/net/route`, whose `Destination`
+/// and `Mask` columns print the raw (network-order) word as hex.
+pub fn pod_routes(patterns: &[NamePattern]) -> io::Result<std::collections::BTreeMap<u32, u32>> {
+    let text = std::fs::read_to_string("/proc/net/route")?;
+    Ok(parse_pod_routes(&text, patterns, |name| {
+        let name = std::ffi::CString::new(name).ok()?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        (index != 0).then_some(index)
+    }))
+}
+
+fn parse_pod_routes(
+    text: &str,
+    patterns: &[NamePattern],
+    ifindex: impl Fn(&str) -> Option<u32>,
+) -> std::collections::BTreeMap<u32, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(iface), Some(dst), Some(mask)) = (cols.first(), cols.get(1), cols.get(7)) else {
+            continue;
+        };
+        if *mask != "FFFFFFFF" || !patterns.iter().any(|p| p.matches(iface)) {
+            continue;
+        }
+        let (Ok(dst), Some(index)) = (u32::from_str_radix(dst, 16), ifindex(iface)) else {
+            continue;
+        };
+        out.insert(dst, index);
+    }
+    out
 }
 
 /// Enters the network namespace at `path` (e.g. `/run/netns/NAME`). Call it
@@ -251,6 +295,26 @@ mod tests {
             addrs.iter().any(|a| a.address == Ipv4Addr::LOCALHOST),
             "{addrs:?}"
         );
+    }
+
+    #[test]
+    fn pod_routes_are_host_routes_through_pod_interfaces() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            uplink0\t004DA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            vethab1\t0B00F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+            vethab2\t0C00F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+            uplink0\t0101A8C0\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        let routes = parse_pod_routes(text, &[NamePattern::new("veth*")], |name| match name {
+            "vethab1" => Some(11),
+            "vethab2" => Some(12),
+            _ => None,
+        });
+        let want: std::collections::BTreeMap<u32, u32> = [
+            (netlb_common::be_addr(Ipv4Addr::new(10, 244, 0, 11)), 11),
+            (netlb_common::be_addr(Ipv4Addr::new(10, 244, 0, 12)), 12),
+        ]
+        .into();
+        assert_eq!(routes, want);
     }
 
     #[test]

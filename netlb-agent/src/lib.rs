@@ -7,6 +7,8 @@
 //! `sync` (minimal diff, make-before-break) -> [`dataplane::Dataplane`]
 //! (the only seam to the kernel: `dataplane::aya` or `dataplane::fake`).
 
+pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod desired;
 pub mod healthcheck;

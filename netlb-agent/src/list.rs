@@ -3,12 +3,15 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use netlb_common::{ct_dir, ct_flags, from_be_addr, proto, scope, stat};
+use netlb_common::{CtState, ct_flags, ct_kind, from_be_addr, proto, scope, stat};
 use serde::Serialize;
 
-use crate::dataplane::{
-    Dataplane, DataplaneError,
-    kernel::{AyaDataplane, Observer},
+use crate::{
+    conntrack::monotonic_now_s,
+    dataplane::{
+        ConntrackTable, Dataplane, DataplaneError,
+        kernel::{AyaDataplane, KernelConntrack, Observer},
+    },
 };
 
 fn proto_name(p: u8) -> String {
@@ -44,16 +47,29 @@ pub struct BackendRow {
 
 #[derive(Serialize)]
 pub struct ConntrackRow {
-    pub direction: &'static str,
+    /// `service` (a connection) or the link kind (`reply`, `egress`,
+    /// `nat-in`, `host`).
+    pub kind: &'static str,
+    pub protocol: String,
     pub source: String,
     pub destination: String,
-    pub protocol: String,
+    /// Connections: `opening`, `established` or `closing`.
+    pub state: Option<&'static str>,
+    /// Connections: the backend (DNAT destination); NAT_IN links: the
+    /// client they restore.
+    pub target: Option<String>,
     pub backend_id: u32,
     pub rev_nat_index: u32,
-    pub hairpin: bool,
-    /// OUT entries with SNAT: the source they write; NAT_IN entries: the
-    /// client they restore.
+    /// Source-NATed connections and their links: the node address and NAT
+    /// port.
     pub nat: Option<String>,
+    pub hairpin: bool,
+    /// Seconds since the connection was created.
+    pub age_s: u64,
+    /// Seconds until the connection expires unless more packets come
+    /// (links: until they are checked against their connection again);
+    /// negative when it is due for garbage collection.
+    pub expires_in_s: i64,
 }
 
 #[derive(Serialize)]
@@ -113,11 +129,11 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
 }
 
 pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
-    let maps = AyaDataplane::open(pin_dir)?.dump()?;
-    let observer = Observer::open(pin_dir)?;
+    let dp = AyaDataplane::open(pin_dir)?;
+    let maps = dp.dump()?;
     let mut rows = Vec::with_capacity(maps.backends.len());
     for (id, b) in maps.backends {
-        let stats = observer.backend_stats(id)?;
+        let stats = dp.backend_stats(id)?;
         rows.push(BackendRow {
             id,
             address: from_be_addr(b.address_be),
@@ -133,35 +149,43 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
 }
 
 pub fn conntrack(pin_dir: &Path) -> Result<Vec<ConntrackRow>, DataplaneError> {
-    let observer = Observer::open(pin_dir)?;
-    let mut rows: Vec<ConntrackRow> = observer
-        .conntrack()?
+    let table = KernelConntrack::open(pin_dir)?;
+    let now = i64::from(monotonic_now_s());
+    let endpoint =
+        |addr: u32, port_be: u16| format!("{}:{}", from_be_addr(addr), u16::from_be(port_be));
+    let mut rows: Vec<ConntrackRow> = table
+        .entries()?
         .into_iter()
-        .map(|(k, v)| ConntrackRow {
-            direction: match k.direction {
-                ct_dir::SERVICE => "service",
-                ct_dir::REPLY => "reply",
-                ct_dir::OUT if v.flags & ct_flags::SNAT != 0 => "out-snat",
-                ct_dir::OUT => "out-rev",
-                ct_dir::NAT_IN => "nat-in",
-                _ => "unknown",
-            },
-            source: format!("{}:{}", from_be_addr(k.saddr_be), u16::from_be(k.sport_be)),
-            destination: format!("{}:{}", from_be_addr(k.daddr_be), u16::from_be(k.dport_be)),
-            protocol: proto_name(k.proto),
-            backend_id: v.backend_id,
-            rev_nat_index: v.rev_nat_index,
-            hairpin: v.flags & ct_flags::HAIRPIN != 0,
-            nat: (v.nat_addr_be != 0 && v.flags & ct_flags::HAIRPIN == 0).then(|| {
-                format!(
-                    "{}:{}",
-                    from_be_addr(v.nat_addr_be),
-                    u16::from_be(v.nat_port_be)
-                )
-            }),
+        .map(|(k, v)| {
+            let snat =
+                v.flags & ct_flags::SNAT != 0 || (k.kind == ct_kind::NAT_IN && v.nat_port_be != 0);
+            ConntrackRow {
+                kind: match k.kind {
+                    ct_kind::SERVICE => "service",
+                    ct_kind::REPLY => "reply",
+                    ct_kind::EGRESS => "egress",
+                    ct_kind::NAT_IN => "nat-in",
+                    ct_kind::HOST => "host",
+                    _ => "unknown",
+                },
+                protocol: proto_name(k.proto),
+                source: endpoint(k.saddr, k.sport_be),
+                destination: endpoint(k.daddr, k.dport_be),
+                state: (k.kind == ct_kind::SERVICE).then(|| CtState::of(k.proto, v.flags).name()),
+                target: matches!(k.kind, ct_kind::SERVICE | ct_kind::NAT_IN)
+                    .then(|| endpoint(v.target_addr, v.target_port_be)),
+                backend_id: v.backend_id,
+                rev_nat_index: v.rev_nat_index,
+                nat: snat.then(|| endpoint(v.nat_addr, v.nat_port_be)),
+                hairpin: v.flags & ct_flags::HAIRPIN != 0,
+                age_s: (now - i64::from(v.created_s)).max(0) as u64,
+                expires_in_s: i64::from(v.lifetime_s) - now,
+            }
         })
         .collect();
-    rows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+    rows.sort_by(|a, b| {
+        (&a.source, &a.destination, a.kind).cmp(&(&b.source, &b.destination, b.kind))
+    });
     Ok(rows)
 }
 

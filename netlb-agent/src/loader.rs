@@ -6,20 +6,24 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::{Array, MapData, MapInfo, MapType},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use netlb_common::{DatapathConfig, be_addr, limits, map_names, program_names};
+use netlb_common::{
+    BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
+    ServiceValue, limits, map_names, program_names, stat,
+};
+
+use crate::config::DatapathSettings;
 
 /// The datapath object, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlb"));
@@ -31,6 +35,7 @@ pub struct MapSizes {
     pub backends: u32,
     pub rev_nat: u32,
     pub conntrack: u32,
+    pub pod_sources: u32,
 }
 
 impl Default for MapSizes {
@@ -40,6 +45,7 @@ impl Default for MapSizes {
             backends: limits::MAX_BACKENDS,
             rev_nat: limits::MAX_REV_NAT,
             conntrack: limits::MAX_CONNTRACK,
+            pod_sources: limits::MAX_POD_SOURCES,
         }
     }
 }
@@ -172,24 +178,85 @@ pub struct LoadOptions {
     /// bpffs directory for pinned maps and links; `None` = nothing pinned
     /// (datapath tests).
     pub pin_dir: Option<PathBuf>,
-    /// Hairpin SNAT source; `None` disables hairpin SNAT.
-    pub service_loopback: Option<Ipv4Addr>,
-    /// Source address for north-south flows to backends on other nodes;
-    /// `None` disables that SNAT. [`write_config`] changes it later.
-    pub snat_addr: Option<Ipv4Addr>,
+    /// The runtime configuration; [`write_config`] changes it later.
+    pub settings: DatapathSettings,
     pub sizes: MapSizes,
 }
 
-/// The datapath configuration for these options.
-pub fn datapath_config(
-    service_loopback: Option<Ipv4Addr>,
-    snat_addr: Option<Ipv4Addr>,
-) -> DatapathConfig {
-    // An unset address is 0, which the datapath reads as "off".
-    DatapathConfig {
-        service_loopback_be: service_loopback.map(be_addr).unwrap_or(0),
-        snat_addr_be: snat_addr.map(be_addr).unwrap_or(0),
+/// What a map of the object looks like: its type, key and value sizes and
+/// entries. A pinned map that differs (an older agent's layout, or other
+/// sizes given on the command line) cannot be adopted.
+fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        map_names::SERVICES => (
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            sizes.service_entries,
+        ),
+        map_names::BACKENDS => (
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<BackendValue>(),
+            sizes.backends,
+        ),
+        map_names::REV_NAT => (
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<RevNatValue>(),
+            sizes.rev_nat,
+        ),
+        map_names::CONNTRACK => (
+            MapType::Hash,
+            size_of::<CtKey4>(),
+            size_of::<CtEntry4>(),
+            sizes.conntrack,
+        ),
+        map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::COUNT),
+        map_names::BACKEND_STATS => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<BackendStats>(),
+            sizes.backends + 1,
+        ),
+        map_names::CONFIG => (MapType::Array, 4, size_of::<DatapathConfig>(), 1),
+        map_names::POD_SOURCES => (MapType::Hash, 4, 4, sizes.pod_sources),
+        _ => return None,
+    })
+}
+
+/// Removes the pin of a map whose shape is not the one this agent loads, so
+/// that a fresh map is created (a map's layout cannot change in place). The
+/// old map lives on while programs still use it, so traffic keeps flowing
+/// until the new programs replace them in the pinned links; a replaced
+/// conntrack map loses the connections it tracked.
+fn drop_incompatible_pin(
+    name: &'static str,
+    path: &Path,
+    sizes: &MapSizes,
+) -> Result<(), LoaderError> {
+    let Ok(info) = MapInfo::from_pin(path) else {
+        return Ok(());
+    };
+    let Some((kind, key, value, entries)) = expected_shape(name, sizes) else {
+        return Ok(());
+    };
+    let found = (
+        info.map_type().ok(),
+        info.key_size() as usize,
+        info.value_size() as usize,
+        info.max_entries(),
+    );
+    if found != (Some(kind), key, value, entries) {
+        log::warn!(
+            "pinned map {} has another shape ({found:?}, want {:?}); creating it anew",
+            path.display(),
+            (kind, key, value, entries)
+        );
+        remove_file(path)?;
     }
+    Ok(())
 }
 
 /// Writes the datapath configuration (slot 0 of the CONFIG array); the
@@ -221,7 +288,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         .map_max_entries(map_names::BACKENDS, opts.sizes.backends)
         .map_max_entries(map_names::BACKEND_STATS, opts.sizes.backends + 1)
         .map_max_entries(map_names::REV_NAT, opts.sizes.rev_nat)
-        .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack);
+        .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack)
+        .map_max_entries(map_names::POD_SOURCES, opts.sizes.pod_sources);
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
             ensure_bpffs(dir)?;
@@ -237,6 +305,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         None => Vec::new(),
     };
     for (name, path) in &map_paths {
+        drop_incompatible_pin(name, path, &opts.sizes)?;
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader
@@ -253,10 +322,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
                 source: Box::new(source),
             })?;
     }
-    write_config(
-        &mut ebpf,
-        datapath_config(opts.service_loopback, opts.snat_addr),
-    )?;
+    write_config(&mut ebpf, opts.settings.to_config())?;
     Ok(ebpf)
 }
 
@@ -385,11 +451,17 @@ impl Attacher {
                     drop(prog.take_link(id).map_err(attach_err)?);
                 }
                 None => {
+                    // First in the TCX chain: every program after netlb's (a
+                    // CNI's policy, the bandwidth plugin's classic clsact
+                    // filters, which run after all TCX programs) sees packets
+                    // as kube-proxy's NAT leaves them (DNATed on ingress,
+                    // SNATed on egress), and netlb hands every packet on
+                    // with TCX_NEXT.
                     let id = prog
                         .attach_with_options(
                             ifname,
                             attach_type,
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
                         )
                         .map_err(attach_err)?;
                     let link = prog.take_link(id).map_err(attach_err)?;

@@ -5,6 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use netlb_agent::{
+    config::{CtTimeouts, DatapathSettings, GoDuration, PortRange},
     ifaces::{self, Ipv4Cidr, NamePattern},
     list,
     loader::{self, MapSizes},
@@ -120,6 +121,37 @@ enum Command {
         max_rev_nat: u32,
         #[arg(long, default_value_t = MapSizes::default().conntrack)]
         max_conntrack: u32,
+        /// Conntrack: TCP connections with a SYN but no reply yet expire
+        /// after this idle time (Go duration syntax).
+        #[arg(long, default_value = "60s")]
+        conntrack_tcp_timeout_syn: GoDuration,
+        /// Conntrack: established TCP connections expire after this idle
+        /// time (kube-proxy's flag name; Cilium's default).
+        #[arg(long, default_value = "6h")]
+        conntrack_tcp_timeout_established: GoDuration,
+        /// Conntrack: TCP connections closed by a RST or by FINs from both
+        /// sides are forgotten (and their NAT ports freed) after this.
+        #[arg(long, default_value = "10s")]
+        conntrack_tcp_timeout_close: GoDuration,
+        /// Conntrack: UDP (and other) flows expire after this idle time.
+        #[arg(long, default_value = "60s")]
+        conntrack_udp_timeout: GoDuration,
+        /// How often the conntrack garbage collector sweeps (every second
+        /// while the table is over half full).
+        #[arg(long, default_value = "10s")]
+        conntrack_gc_interval: GoDuration,
+        /// Source ports of north-south SNAT (MIN-MAX). The default stays
+        /// below the NodePort range and the kernel's ephemeral ports.
+        #[arg(long, default_value = "1024-29999")]
+        nat_port_range: PortRange,
+        /// The cluster's NodePort range (the API server's
+        /// --service-node-port-range).
+        #[arg(long, default_value = "30000-32767")]
+        service_node_port_range: PortRange,
+        /// Drop packets from pod interfaces that open or close a Service
+        /// connection with another pod's source address.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        validate_pod_source: bool,
         /// Detach and unpin everything on exit (demos, tests).
         #[arg(long)]
         cleanup_on_exit: bool,
@@ -165,6 +197,14 @@ fn main() -> anyhow::Result<()> {
             max_backends,
             max_rev_nat,
             max_conntrack,
+            conntrack_tcp_timeout_syn,
+            conntrack_tcp_timeout_established,
+            conntrack_tcp_timeout_close,
+            conntrack_udp_timeout,
+            conntrack_gc_interval,
+            nat_port_range,
+            service_node_port_range,
+            validate_pod_source,
             cleanup_on_exit,
         } => {
             if let Some(netns) = &netns {
@@ -189,7 +229,20 @@ fn main() -> anyhow::Result<()> {
                 netdevs: netdevs.iter().map(|p| NamePattern::new(p)).collect(),
                 nodeport_cidrs: nodeport_addresses,
                 node_ip,
-                service_loopback: Some(service_loopback),
+                datapath: DatapathSettings {
+                    service_loopback: Some(service_loopback),
+                    snat_addr: None,
+                    timeouts: CtTimeouts {
+                        tcp_syn: conntrack_tcp_timeout_syn.0,
+                        tcp_established: conntrack_tcp_timeout_established.0,
+                        tcp_close: conntrack_tcp_timeout_close.0,
+                        other: conntrack_udp_timeout.0,
+                    },
+                    nat_ports: nat_port_range,
+                    node_ports: service_node_port_range,
+                    validate_source: validate_pod_source,
+                },
+                gc_interval: conntrack_gc_interval.0,
                 node: NodeContext {
                     node_name,
                     proxy_name,
@@ -200,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                     backends: max_backends,
                     rev_nat: max_rev_nat,
                     conntrack: max_conntrack,
+                    ..MapSizes::default()
                 },
                 min_sync_interval: Duration::from_millis(min_sync_interval_ms),
                 resync_interval: Duration::from_secs(resync_interval_s),
@@ -271,26 +325,30 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
                 .iter()
                 .map(|r| {
                     vec![
-                        r.direction.to_owned(),
+                        r.kind.to_owned(),
                         r.protocol.clone(),
                         r.source.clone(),
                         r.destination.clone(),
-                        r.backend_id.to_string(),
-                        r.rev_nat_index.to_string(),
+                        r.state.unwrap_or("-").to_owned(),
+                        r.target.clone().unwrap_or_else(|| "-".into()),
                         r.nat.clone().unwrap_or_else(|| "-".into()),
+                        r.age_s.to_string(),
+                        r.expires_in_s.to_string(),
                     ]
                 })
                 .collect();
             (
                 serde_json::to_value(&rows)?,
                 &[
-                    "DIR",
+                    "KIND",
                     "PROTO",
                     "SOURCE",
                     "DESTINATION",
-                    "BACKEND",
-                    "REVNAT",
+                    "STATE",
+                    "TARGET",
                     "NAT",
+                    "AGE(s)",
+                    "EXPIRES(s)",
                 ],
                 table,
             )

@@ -90,6 +90,19 @@ struct State {
     node_eligible: bool,
     datapath: [u64; stat::COUNT as usize],
     watch_errors: u64,
+    conntrack: ConntrackMetrics,
+}
+
+/// What the conntrack garbage collector reports.
+#[derive(Debug, Default)]
+struct ConntrackMetrics {
+    entries: u64,
+    capacity: u64,
+    connections: [u64; 3],
+    nat_ports_in_use: u64,
+    sweeps: u64,
+    deleted: BTreeMap<&'static str, u64>,
+    last_sweep_seconds: f64,
 }
 
 /// All metrics of one agent; shared between the sync loop and the HTTP
@@ -137,6 +150,7 @@ impl Metrics {
                 node_eligible: true,
                 datapath: [0; stat::COUNT as usize],
                 watch_errors: 0,
+                conntrack: ConntrackMetrics::default(),
             }),
             health_timeout,
         }
@@ -198,6 +212,21 @@ impl Metrics {
 
     pub fn set_datapath_counters(&self, counters: [u64; stat::COUNT as usize]) {
         self.lock().datapath = counters;
+    }
+
+    /// A conntrack sweep finished.
+    pub fn conntrack_swept(&self, report: &crate::conntrack::SweepReport) {
+        let mut s = self.lock();
+        let c = &mut s.conntrack;
+        c.entries = report.entries as u64;
+        c.capacity = u64::from(report.capacity);
+        c.connections = report.connections;
+        c.nat_ports_in_use = report.nat_ports_in_use;
+        c.sweeps += 1;
+        for (cause, n) in &report.deleted {
+            *c.deleted.entry(cause).or_default() += n;
+        }
+        c.last_sweep_seconds = report.duration.as_secs_f64();
     }
 
     pub fn set_watch_errors(&self, errors: u64) {
@@ -309,6 +338,50 @@ impl Metrics {
             "# HELP netlb_watch_errors_total API watch errors (retried with backoff).\n# TYPE netlb_watch_errors_total counter\nnetlb_watch_errors_total {}",
             s.watch_errors
         );
+        let c = &s.conntrack;
+        let _ = writeln!(
+            out,
+            "# HELP netlb_conntrack_connections Tracked connections by state (at the last sweep).\n# TYPE netlb_conntrack_connections gauge"
+        );
+        for state in [
+            netlb_common::CtState::Opening,
+            netlb_common::CtState::Established,
+            netlb_common::CtState::Closing,
+        ] {
+            let _ = writeln!(
+                out,
+                "netlb_conntrack_connections{{state=\"{}\"}} {}",
+                state.name(),
+                c.connections[state as usize]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netlb_conntrack_entries Conntrack map entries (connections and their links) at the last sweep.\n# TYPE netlb_conntrack_entries gauge\nnetlb_conntrack_entries {}\n# HELP netlb_conntrack_capacity Conntrack map size.\n# TYPE netlb_conntrack_capacity gauge\nnetlb_conntrack_capacity {}",
+            c.entries, c.capacity
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_nat_ports_in_use North-south SNAT ports held by live connections.\n# TYPE netlb_nat_ports_in_use gauge\nnetlb_nat_ports_in_use {}",
+            c.nat_ports_in_use
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_conntrack_gc_sweeps_total Conntrack garbage collection sweeps.\n# TYPE netlb_conntrack_gc_sweeps_total counter\nnetlb_conntrack_gc_sweeps_total {}\n# HELP netlb_conntrack_gc_last_sweep_seconds Duration of the last sweep.\n# TYPE netlb_conntrack_gc_last_sweep_seconds gauge\nnetlb_conntrack_gc_last_sweep_seconds {}",
+            c.sweeps, c.last_sweep_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_conntrack_gc_deleted_total Conntrack entries deleted by the garbage collector, by cause.\n# TYPE netlb_conntrack_gc_deleted_total counter"
+        );
+        for cause in crate::conntrack::Cause::ALL {
+            let _ = writeln!(
+                out,
+                "netlb_conntrack_gc_deleted_total{{cause=\"{}\"}} {}",
+                cause.name(),
+                c.deleted.get(cause.name()).copied().unwrap_or(0)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP netlb_datapath_drops_total Packets dropped by the datapath, by reason.\n# TYPE netlb_datapath_drops_total counter"

@@ -20,7 +20,9 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
-    dataplane::kernel::{AyaDataplane, Observer},
+    config::DatapathSettings,
+    conntrack::Collector,
+    dataplane::kernel::{AyaDataplane, KernelConntrack, Observer, PodSources},
     desired,
     healthcheck::ServiceHealthServer,
     http, ifaces,
@@ -56,7 +58,11 @@ pub struct RunOptions {
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
     /// SNAT address for north-south flows; `None` = the first uplink address.
     pub node_ip: Option<Ipv4Addr>,
-    pub service_loopback: Option<Ipv4Addr>,
+    /// The datapath's runtime settings (the SNAT address is filled in from
+    /// the node's addresses).
+    pub datapath: DatapathSettings,
+    /// How often the conntrack garbage collector sweeps.
+    pub gc_interval: Duration,
     pub node: NodeContext,
     pub sizes: MapSizes,
     /// Minimum time between two syncs (kube-proxy's `minSyncPeriod`).
@@ -86,6 +92,11 @@ pub enum RunError {
     Listen(#[from] http::ListenError),
     #[error("failed to watch network interfaces")]
     Interfaces {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to start a thread")]
+    Threads {
         #[source]
         source: std::io::Error,
     },
@@ -311,15 +322,27 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         addresses.nodeport,
         addresses.snat
     );
+    let mut settings = DatapathSettings {
+        snat_addr: addresses.snat,
+        ..opts.datapath.clone()
+    };
+    warn_about_nat_ports(&settings);
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(opts.pin_dir.clone()),
-        service_loopback: opts.service_loopback,
-        snat_addr: addresses.snat,
+        settings: settings.clone(),
         sizes: opts.sizes,
     })?;
     let mut dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     let observer = Observer::from_ebpf(&mut ebpf)?;
-    let mut syncer = Syncer::adopt(&dataplane)?;
+    let mut pod_sources = PodSources::from_ebpf(&mut ebpf)?;
+    let collector = Collector::spawn(
+        Box::new(KernelConntrack::from_ebpf(&mut ebpf)?),
+        opts.gc_interval,
+        Arc::clone(&metrics),
+    )
+    .map_err(|source| RunError::Threads { source })?;
+    let mut syncer =
+        Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
     log::info!(
         "loaded datapath, maps pinned in {}; adopted what an earlier agent programmed",
         opts.pin_dir.display(),
@@ -331,8 +354,11 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
 
     let (tx, rx) = mpsc::channel::<()>();
     let socket = ifaces::link_socket().map_err(|source| RunError::Interfaces { source })?;
-    let _watcher = ifaces::spawn_watcher(socket, tx.clone())
+    // Set by the netlink watcher: interfaces or routes changed.
+    let links_changed = Arc::new(AtomicBool::new(true));
+    let _watcher = ifaces::spawn_watcher(socket, Arc::clone(&links_changed), tx.clone())
         .map_err(|source| RunError::Interfaces { source })?;
+    let mut last_links = Instant::now();
     let mut source = match &opts.source {
         SourceConfig::Manifests(dir) => Source::Manifests {
             dir: dir.clone(),
@@ -356,7 +382,21 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     metrics.queued_update();
 
     while !term.load(Ordering::Relaxed) {
-        reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces, &opts.netdevs);
+        // Interfaces and pod routes: on netlink events, and every second in
+        // case a notification was lost.
+        if links_changed.swap(false, Ordering::Relaxed)
+            || last_links.elapsed() >= Duration::from_secs(1)
+        {
+            last_links = Instant::now();
+            reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces, &opts.netdevs);
+            reconcile_pod_sources(&mut pod_sources, &opts.pod_ifaces);
+        }
+        if let Some((generation, report)) = collector.take_report() {
+            let freed = syncer.reclaim(&report.backend_ids, &report.rev_nat_indices, generation);
+            if freed > 0 {
+                log::debug!("{freed} backend ids / rev-NAT indices free for reuse");
+            }
+        }
         if source.poll_changed() {
             dirty = true;
             metrics.queued_update();
@@ -373,9 +413,15 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                         now.nodeport,
                         now.snat
                     );
-                    let config = loader::datapath_config(opts.service_loopback, now.snat);
-                    match loader::write_config(&mut ebpf, config) {
-                        Ok(()) => addresses = now,
+                    let next = DatapathSettings {
+                        snat_addr: now.snat,
+                        ..settings.clone()
+                    };
+                    match loader::write_config(&mut ebpf, next.to_config()) {
+                        Ok(()) => {
+                            addresses = now;
+                            settings = next;
+                        }
                         Err(e) => log::error!("{e}: {}", error_chain(&e)),
                     }
                 }
@@ -391,6 +437,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                 &mut latency,
                 &addresses,
                 &mut health,
+                &collector,
             ) {
                 Ok(true) => {
                     dirty = false;
@@ -456,6 +503,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
 
     log::info!("shutting down");
     drop(source);
+    drop(collector);
     if opts.cleanup_on_exit {
         let attached: Vec<String> = attacher.attached().map(str::to_owned).collect();
         for ifname in attached {
@@ -491,6 +539,7 @@ fn sync_step(
     latency: &mut ProgrammingLatency,
     addresses: &NodeAddresses,
     health: &mut ServiceHealthServer,
+    collector: &Collector,
 ) -> Result<bool, SyncStepError> {
     let Some(objects) = source.objects(metrics)? else {
         return Ok(false);
@@ -520,10 +569,14 @@ fn sync_step(
         log::warn!("{issue}");
         metrics.invalid_object("model");
     }
-    let desired = desired::build(&model, &addresses.nodeport);
+    let mut desired = desired::build(&model, &addresses.nodeport);
     let report = syncer
         .sync(dataplane, &desired)
         .map_err(SyncStepError::Sync)?;
+    collector.publish(
+        std::mem::take(&mut desired.udp_serving),
+        syncer.generation(),
+    );
     // Health-check node ports follow what was just programmed, as
     // kube-proxy updates its service health server after each sync.
     let (hc_services, hc_counts) = model.health_checks();
@@ -552,6 +605,38 @@ fn sync_step(
         );
     }
     Ok(true)
+}
+
+/// Keeps the datapath's pod source addresses in line with the node's host
+/// routes through pod interfaces.
+fn reconcile_pod_sources(pod_sources: &mut PodSources, pods: &[NamePattern]) {
+    match ifaces::pod_routes(pods) {
+        Ok(want) => {
+            if let Err(e) = pod_sources.sync(&want) {
+                log::warn!("{e}: {}", error_chain(&e));
+            }
+        }
+        Err(e) => log::warn!("cannot read the node's routes: {e}"),
+    }
+}
+
+/// Warns when the NAT port range could hand out ports the node uses
+/// otherwise.
+fn warn_about_nat_ports(settings: &DatapathSettings) {
+    let nat = settings.nat_ports;
+    if nat.overlaps(&settings.node_ports) {
+        log::warn!(
+            "the NAT port range {nat} overlaps the NodePort range {}: replies to NATed flows and new node port connections may be confused",
+            settings.node_ports
+        );
+    }
+    if let Some(ephemeral) = crate::config::ephemeral_ports()
+        && nat.overlaps(&ephemeral)
+    {
+        log::warn!(
+            "the NAT port range {nat} overlaps the kernel's ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): a host connection to a backend may collide with a NATed flow"
+        );
+    }
 }
 
 /// Attaches to new matching interfaces (uplinks get the netdev programs,

@@ -59,12 +59,18 @@ struct Frontend {
     slots: Vec<BackendId>,
 }
 
-/// Lowest-first id allocator over `1..=max`.
+/// Lowest-first id allocator over `1..=max`. A released id is quarantined,
+/// not freed: tracked connections may still name it (a backend id, a rev-NAT
+/// index), so it is handed out again only after a conntrack sweep that
+/// started after its release found no connection using it
+/// ([`Syncer::reclaim`]).
 #[derive(Clone, Debug)]
 struct Ids {
     max: u32,
     next: u32,
     free: BTreeSet<u32>,
+    /// Released ids and the sync generation that released them.
+    quarantine: Vec<(u32, u64)>,
 }
 
 impl Ids {
@@ -73,6 +79,7 @@ impl Ids {
             max,
             next: 1,
             free: BTreeSet::new(),
+            quarantine: Vec::new(),
         }
     }
 
@@ -86,15 +93,42 @@ impl Ids {
         })
     }
 
-    fn release(&mut self, id: u32) {
+    /// An id that never reached the maps (its write failed): free at once.
+    fn unuse(&mut self, id: u32) {
         self.free.insert(id);
     }
 
-    /// Marks ids already in use (adoption) and frees the gaps below them.
+    /// An id removed from the maps in sync generation `generation`.
+    fn release(&mut self, id: u32, generation: u64) {
+        self.quarantine.push((id, generation));
+    }
+
+    /// Frees quarantined ids released at or before `generation` that
+    /// `in_use` does not contain.
+    fn reclaim(&mut self, in_use: &BTreeSet<u32>, generation: u64) -> usize {
+        let before = self.free.len();
+        let free = &mut self.free;
+        self.quarantine.retain(|(id, released)| {
+            if *released <= generation && !in_use.contains(id) {
+                free.insert(*id);
+                false
+            } else {
+                true
+            }
+        });
+        self.free.len() - before
+    }
+
+    /// Marks ids already in use (adoption). The gaps below them may still
+    /// be named by connections of the earlier agent: quarantined.
     fn adopt(&mut self, used: &BTreeSet<u32>) {
         let top = used.iter().next_back().copied().unwrap_or(0);
         self.next = top + 1;
-        self.free = (1..=top).filter(|id| !used.contains(id)).collect();
+        self.free.clear();
+        self.quarantine = (1..=top)
+            .filter(|id| !used.contains(id))
+            .map(|id| (id, 0))
+            .collect();
     }
 }
 
@@ -193,6 +227,8 @@ pub struct Syncer {
     rev_nat_ids: Ids,
     /// Entries found at adoption that belong to no frontend slot.
     stray_slots: Vec<ServiceKey>,
+    /// Sync steps run so far (ids released by one carry its number).
+    generation: u64,
 }
 
 impl Default for Syncer {
@@ -202,24 +238,64 @@ impl Default for Syncer {
 }
 
 impl Syncer {
-    /// A syncer for empty maps.
+    /// A syncer for empty maps of the default sizes.
     pub fn new() -> Self {
+        Self::with_limits(limits::MAX_BACKENDS, limits::MAX_REV_NAT)
+    }
+
+    /// A syncer for empty maps with room for `max_backends` backends and
+    /// `max_rev_nat` rev-NAT entries.
+    pub fn with_limits(max_backends: u32, max_rev_nat: u32) -> Self {
         Self {
             frontends: BTreeMap::new(),
             backends: BTreeMap::new(),
             backend_addrs: BTreeMap::new(),
             rev_nat: BTreeMap::new(),
-            backend_ids: Ids::new(limits::MAX_BACKENDS),
-            rev_nat_ids: Ids::new(limits::MAX_REV_NAT),
+            backend_ids: Ids::new(max_backends),
+            rev_nat_ids: Ids::new(max_rev_nat),
             stray_slots: Vec::new(),
+            generation: 0,
         }
+    }
+
+    /// The number of the last sync step (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Frees quarantined backend ids and rev-NAT indices that a conntrack
+    /// sweep found unused, if the sweep started after sync step
+    /// `generation` (so no connection created later can name them: they
+    /// were out of the maps by then). Returns how many were freed.
+    pub fn reclaim(
+        &mut self,
+        backend_ids: &BTreeSet<u32>,
+        rev_nat_indices: &BTreeSet<u32>,
+        generation: u64,
+    ) -> usize {
+        self.backend_ids.reclaim(backend_ids, generation)
+            + self.rev_nat_ids.reclaim(rev_nat_indices, generation)
+    }
+
+    /// Ids and indices waiting for a sweep before they can be reused.
+    pub fn quarantined(&self) -> usize {
+        self.backend_ids.quarantine.len() + self.rev_nat_ids.quarantine.len()
     }
 
     /// Rebuilds the mirror from the maps (a restarted agent adopting pinned
     /// maps): ids and indices stay what they are.
     pub fn adopt(dp: &dyn Dataplane) -> Result<Self, SyncError> {
+        Self::adopt_with_limits(dp, limits::MAX_BACKENDS, limits::MAX_REV_NAT)
+    }
+
+    /// [`Syncer::adopt`] for maps of the given sizes.
+    pub fn adopt_with_limits(
+        dp: &dyn Dataplane,
+        max_backends: u32,
+        max_rev_nat: u32,
+    ) -> Result<Self, SyncError> {
         let maps = dp.dump()?;
-        let mut syncer = Self::new();
+        let mut syncer = Self::with_limits(max_backends, max_rev_nat);
         for (id, value) in &maps.backends {
             let addr = BackendAddr {
                 address: from_be_addr(value.address_be),
@@ -310,6 +386,8 @@ impl Syncer {
     ) -> Result<SyncReport, SyncError> {
         let started = Instant::now();
         let mut report = SyncReport::default();
+        self.generation += 1;
+        let generation = self.generation;
 
         // 1. Backends.
         let mut wanted_backends: BTreeMap<BackendAddr, u8> = BTreeMap::new();
@@ -335,9 +413,17 @@ impl Syncer {
                 proto: addr.proto,
                 flags: *flags,
             };
-            if let Err(e) = dp.upsert_backend(id, &value) {
-                if !self.backends.contains_key(addr) {
-                    self.backend_ids.release(id);
+            let fresh = !self.backends.contains_key(addr);
+            let written = if fresh {
+                // A reused id starts with zeroed counters.
+                dp.reset_backend_stats(id)
+                    .and_then(|()| dp.upsert_backend(id, &value))
+            } else {
+                dp.upsert_backend(id, &value)
+            };
+            if let Err(e) = written {
+                if fresh {
+                    self.backend_ids.unuse(id);
                 }
                 return Err(e.into());
             }
@@ -361,7 +447,7 @@ impl Syncer {
                 pad: [0; 2],
             };
             if let Err(e) = dp.upsert_rev_nat(index, &value) {
-                self.rev_nat_ids.release(index);
+                self.rev_nat_ids.unuse(index);
                 return Err(e.into());
             }
             report.writes += 1;
@@ -453,7 +539,7 @@ impl Syncer {
             dp.delete_rev_nat(index)?;
             report.deletes += 1;
             self.rev_nat.remove(&rev);
-            self.rev_nat_ids.release(index);
+            self.rev_nat_ids.release(index, generation);
         }
         let stale_backends: Vec<(BackendAddr, BackendId)> = self
             .backends
@@ -466,7 +552,7 @@ impl Syncer {
             report.deletes += 1;
             self.backends.remove(&addr);
             self.backend_addrs.remove(&id);
-            self.backend_ids.release(id);
+            self.backend_ids.release(id, generation);
         }
 
         report.frontends = self.frontends.len();
@@ -660,6 +746,64 @@ mod tests {
             .unwrap();
         assert_eq!(adopted.backend_id(&backend(5).addr), Some(5));
         dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn a_released_backend_id_is_reused_only_after_a_sweep_finds_it_unused() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &desired(&[(10, &[1, 2])])).unwrap();
+        // Backend 1 (id 1) goes: a UDP DNS pod replaced, say.
+        syncer.sync(&mut dp, &desired(&[(10, &[2])])).unwrap();
+        let released_in = syncer.generation();
+        // Another Service gets a new endpoint: it must not get id 1, which
+        // tracked connections may still name.
+        syncer
+            .sync(&mut dp, &desired(&[(10, &[2]), (11, &[3])]))
+            .unwrap();
+        assert_eq!(syncer.backend_id(&backend(3).addr), Some(3));
+        // A sweep that started before the release cannot vouch for id 1.
+        assert_eq!(
+            syncer.reclaim(&BTreeSet::new(), &BTreeSet::new(), released_in - 1),
+            0
+        );
+        // A later sweep that still sees a connection on id 1 keeps it too.
+        assert_eq!(
+            syncer.reclaim(&BTreeSet::from([1]), &BTreeSet::new(), released_in),
+            0
+        );
+        syncer
+            .sync(&mut dp, &desired(&[(10, &[2]), (11, &[3, 4])]))
+            .unwrap();
+        assert_eq!(syncer.backend_id(&backend(4).addr), Some(4));
+        // Once no connection names it, it is free again, counters zeroed.
+        assert_eq!(
+            syncer.reclaim(&BTreeSet::new(), &BTreeSet::new(), released_in),
+            1
+        );
+        syncer
+            .sync(&mut dp, &desired(&[(10, &[2]), (11, &[3, 4, 5])]))
+            .unwrap();
+        assert_eq!(syncer.backend_id(&backend(5).addr), Some(1));
+        assert_eq!(dp.stats_reset.last(), Some(&1));
+        assert_eq!(syncer.quarantined(), 0);
+        dp.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn adopted_gaps_wait_for_the_first_sweep() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &desired(&[(10, &[1, 2, 3])])).unwrap();
+        syncer.sync(&mut dp, &desired(&[(10, &[3])])).unwrap();
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        adopted.sync(&mut dp, &desired(&[(10, &[3, 4])])).unwrap();
+        assert_eq!(adopted.backend_id(&backend(4).addr), Some(4));
+        adopted.reclaim(&BTreeSet::from([2]), &BTreeSet::new(), 0);
+        adopted
+            .sync(&mut dp, &desired(&[(10, &[3, 4, 5])]))
+            .unwrap();
+        assert_eq!(adopted.backend_id(&backend(5).addr), Some(1));
     }
 
     #[test]

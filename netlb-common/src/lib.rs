@@ -38,8 +38,10 @@ pub mod map_names {
     pub const STATS: &str = "NETLB_STATS";
     pub const BACKEND_STATS: &str = "NETLB_BACKEND_STATS";
     pub const CONFIG: &str = "NETLB_CONFIG";
+    /// Pod addresses by the interface they live behind (source validation).
+    pub const POD_SOURCES: &str = "NETLB_POD_SOURCES";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -47,6 +49,7 @@ pub mod map_names {
         STATS,
         BACKEND_STATS,
         CONFIG,
+        POD_SOURCES,
     ];
 }
 
@@ -73,8 +76,11 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = 262_144;
     /// Reverse NAT entries: one per distinct (VIP, port).
     pub const MAX_REV_NAT: u32 = 131_072;
-    /// Conntrack entries (LRU): two per tracked flow.
+    /// Conntrack entries (a hash map the agent garbage-collects): two per
+    /// east-west connection, two or three per north-south one.
     pub const MAX_CONNTRACK: u32 = 524_288;
+    /// Pod addresses known for source validation.
+    pub const MAX_POD_SOURCES: u32 = 65_536;
     /// Largest backend count of one frontend (bounded so slot arithmetic can
     /// never overflow `u16`).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = 65_000;
@@ -123,41 +129,117 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 1;
 }
 
-/// `ConntrackKey::direction` values.
-pub mod ct_dir {
-    /// Client -> VIP, keyed as the client sent it (before DNAT).
+/// Conntrack entry kinds (`CtTuple::kind`). One connection is one
+/// [`SERVICE`](ct_kind::SERVICE) entry, which holds all of its state; the
+/// other kinds are *links*: immutable translations that let packets of the
+/// other direction (or of another hook) find the connection. A link is
+/// trusted on its own for at most [`ct_timeouts::LINK_REFRESH_S`]; after that,
+/// and for every TCP SYN, FIN or RST, the datapath checks it against its
+/// connection (deleting it if the connection is gone), so a link never
+/// outlives its connection by more than a second of traffic.
+pub mod ct_kind {
+    /// Client -> frontend, keyed as the client sent it (before DNAT): the
+    /// connection itself (backend, state, lifetime, NAT).
     pub const SERVICE: u8 = 0;
-    /// Backend -> client, keyed as the backend sends it (before reverse NAT).
-    /// Translated by `to_pod` (east-west flows).
+    /// Backend -> client (-> service loopback for hairpin flows), keyed as
+    /// the backend sends it: an east-west flow's reply, translated by
+    /// `to_pod` (`from_pod` for hairpin replies).
     pub const REPLY: u8 = 1;
-    /// A north-south flow's packet as it leaves through an uplink (`to_netdev`,
-    /// after routing): client -> remote backend (source NAT to the node,
-    /// [`ct_flags::SNAT`](super::ct_flags::SNAT)) or backend -> client
-    /// (reverse NAT to the frontend, [`ct_flags::REV`](super::ct_flags::REV)).
-    pub const OUT: u8 = 2;
+    /// A north-south flow between client and backend as it crosses an
+    /// uplink's egress (`to_netdev`), found from both directions: the key is
+    /// normalised ([`ct_normalize`](super::ct_normalize)) and
+    /// [`ct_flags::CLIENT_IS_SADDR`](super::ct_flags::CLIENT_IS_SADDR) says
+    /// which end is the client. Forward packets get the SNAT source, replies
+    /// the frontend as source.
+    pub const EGRESS: u8 = 2;
     /// A reply to a source-NATed flow as it arrives at an uplink
-    /// (`from_netdev`): remote backend -> node address:NAT port. Its value's
-    /// `nat_addr_be`/`nat_port_be` hold the client to restore as destination.
-    /// The key doubles as the NAT port reservation.
+    /// (`from_netdev`): remote backend -> node address:NAT port. The key is
+    /// the NAT port's reservation (inserted with `BPF_NOEXIST`).
     pub const NAT_IN: u8 = 3;
+    /// A UDP flow of the node itself (or masqueraded by the CNI) that left an
+    /// uplink from a node address with a source port that is a UDP NodePort
+    /// there, keyed as its reply arrives. `from_netdev` leaves such replies
+    /// alone instead of opening a Service flow with them.
+    pub const HOST: u8 = 4;
 }
 
-/// `ConntrackValue::flags` bits.
+/// `CtEntry::flags` bits.
 pub mod ct_flags {
-    /// The flow was source-NATed to the service loopback address (hairpin):
-    /// the reply's destination must be restored to `nat_addr_be`.
+    /// SERVICE and REPLY: the client is its own backend; the forward packet's
+    /// source becomes the service loopback address (`nat_addr`) and the
+    /// reply's destination goes back to the client (the reply's source).
     pub const HAIRPIN: u16 = 1 << 0;
-    /// OUT entry: rewrite the source to `nat_addr_be`:`nat_port_be` (a
-    /// north-south flow to a backend on another node, externalTrafficPolicy
-    /// Cluster). On a SERVICE entry: the flow is source-NATed.
+    /// SERVICE and EGRESS: the flow is source-NATed to `nat_addr:nat_port`
+    /// (north-south, backend on another node).
     pub const SNAT: u16 = 1 << 1;
-    /// OUT entry: rewrite the source to the frontend of `rev_nat_index`.
-    pub const REV: u16 = 1 << 2;
-    /// A TCP FIN or RST went through this entry: the connection is closing.
-    /// A SYN that finds a closing entry starts a new connection on a reused
-    /// tuple, so the entry is stale: it is removed rather than applied (the
-    /// part of netfilter's TCP state tracking that matters for NAT).
-    pub const CLOSING: u16 = 1 << 3;
+    /// SERVICE: created at an uplink (north-south); its links are EGRESS
+    /// (and NAT_IN with [`SNAT`]) instead of REPLY.
+    pub const NORTH_SOUTH: u16 = 1 << 2;
+    /// EGRESS: the key's source end is the client.
+    pub const CLIENT_IS_SADDR: u16 = 1 << 3;
+    /// SERVICE: a packet went through in the reply direction (TCP: the
+    /// connection is established once this is set).
+    pub const SEEN_REPLY: u16 = 1 << 4;
+    /// SERVICE: the client sent a FIN.
+    pub const FIN_FWD: u16 = 1 << 5;
+    /// SERVICE: the backend sent a FIN.
+    pub const FIN_REV: u16 = 1 << 6;
+    /// SERVICE: a RST went through (either direction).
+    pub const RST: u16 = 1 << 7;
+}
+
+/// Connection states, derived from [`ct_flags`]; shared by the datapath and
+/// the agent's garbage collector so both agree on every timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CtState {
+    /// TCP: SYN seen, no reply yet.
+    Opening,
+    /// TCP: a reply went through and neither side closed. UDP and other
+    /// protocols: any live flow.
+    Established,
+    /// TCP: a RST, or a FIN from both sides.
+    Closing,
+}
+
+impl CtState {
+    /// The state of a SERVICE entry of protocol `proto` with `flags`.
+    #[inline(always)]
+    pub const fn of(proto: u8, flags: u16) -> Self {
+        const BOTH_FINS: u16 = ct_flags::FIN_FWD | ct_flags::FIN_REV;
+        if proto != proto::TCP {
+            Self::Established
+        } else if flags & ct_flags::RST != 0 || flags & BOTH_FINS == BOTH_FINS {
+            Self::Closing
+        } else if flags & ct_flags::SEEN_REPLY != 0 {
+            Self::Established
+        } else {
+            Self::Opening
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Opening => "opening",
+            Self::Established => "established",
+            Self::Closing => "closing",
+        }
+    }
+}
+
+/// Default conntrack timeouts (Cilium's), in seconds. The agent writes the
+/// effective ones into [`DatapathConfig`].
+pub mod ct_timeouts {
+    /// TCP: SYN seen, no reply yet.
+    pub const TCP_SYN_S: u32 = 60;
+    /// TCP established.
+    pub const TCP_ESTABLISHED_S: u32 = 6 * 3600;
+    /// TCP after a RST or a FIN from both sides.
+    pub const TCP_CLOSE_S: u32 = 10;
+    /// UDP and every other protocol.
+    pub const OTHER_S: u32 = 60;
+    /// How long a link entry is trusted before it is checked against its
+    /// connection again; also the granularity of lifetime refreshes.
+    pub const LINK_REFRESH_S: u32 = 1;
 }
 
 /// Key of the `SERVICES` hash map.
@@ -226,54 +308,147 @@ pub struct RevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 
-/// Key of the `CT` (conntrack) LRU hash map: a 5-tuple as seen on the wire
-/// plus the direction.
+/// Key of the conntrack map: a 5-tuple as seen on the wire plus the entry
+/// kind. Generic over the address so that the IPv6 map reuses the shape with
+/// `[u32; 4]` addresses; [`CtKey4`] is the IPv4 key.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ConntrackKey {
-    /// Source IPv4 address. Network byte order (`be`).
-    pub saddr_be: u32,
-    /// Destination IPv4 address. Network byte order (`be`).
-    pub daddr_be: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct CtTuple<A> {
+    /// Source address. Network byte order.
+    pub saddr: A,
+    /// Destination address. Network byte order.
+    pub daddr: A,
     /// Source port. Network byte order (`be`).
     pub sport_be: u16,
     /// Destination port. Network byte order (`be`).
     pub dport_be: u16,
     /// IP protocol, see [`proto`].
     pub proto: u8,
-    /// See [`ct_dir`].
-    pub direction: u8,
+    /// See [`ct_kind`].
+    pub kind: u8,
     /// Always zero.
     pub pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 16);
+/// The IPv4 conntrack key.
+pub type CtKey4 = CtTuple<u32>;
+const _: () = assert!(core::mem::size_of::<CtTuple<u32>>() == 16);
+const _: () = assert!(core::mem::size_of::<CtTuple<[u32; 4]>>() == 40);
 
-/// Value of the `CT` map.
+/// Value of the conntrack map. Addresses are network byte order (as the
+/// packet holds them), `_be` ports network byte order, the rest host order.
+///
+/// | field | SERVICE | REPLY | EGRESS | NAT_IN | HOST |
+/// | --- | --- | --- | --- | --- | --- |
+/// | `target` | backend (DNAT destination) | backend | backend | the client (restored destination) | - |
+/// | `nat` | SNAT source (node address and NAT port; service loopback for hairpin) | copy | SNAT source | copy | - |
+/// | `frontend` | the frontend | the frontend (replies' source) | the frontend | the frontend | - |
+/// | `backend_id`, `rev_nat_index` | the connection's | copies | copies | copies | - |
+/// | `lifetime_s` | expiry | trusted until | trusted until | trusted until | expiry |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ConntrackValue {
-    /// Selected backend (SERVICE entries). Host byte order.
-    pub backend_id: u32,
-    /// Reverse NAT index of the frontend. Host byte order.
-    pub rev_nat_index: u32,
-    /// The address a NAT puts in: REPLY entries of hairpin flows and NAT_IN
-    /// entries, the client's real address (the reply's destination); OUT
-    /// entries with [`ct_flags::SNAT`], the node address (the source). Network
-    /// byte order (`be`); 0 otherwise.
-    pub nat_addr_be: u32,
-    /// See [`ct_flags`]. Host byte order.
-    pub flags: u16,
-    /// The port that goes with `nat_addr_be` (NAT_IN: the client's port;
-    /// OUT with SNAT: the allocated NAT port). Network byte order (`be`); 0
-    /// when unused.
+pub struct CtEntry<A> {
+    pub target_addr: A,
+    pub nat_addr: A,
+    pub frontend_addr: A,
+    /// Network byte order (`be`).
+    pub target_port_be: u16,
+    /// Network byte order (`be`).
     pub nat_port_be: u16,
-    /// `bpf_ktime_get_ns()` of the last packet seen. Host byte order.
-    pub last_seen_ns: u64,
+    /// Network byte order (`be`).
+    pub frontend_port_be: u16,
+    /// See [`ct_flags`].
+    pub flags: u16,
+    pub backend_id: u32,
+    pub rev_nat_index: u32,
+    /// Seconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_coarse_ns() / 1e9`).
+    pub lifetime_s: u32,
+    /// When the connection was created, seconds of `CLOCK_MONOTONIC`.
+    pub created_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 24);
+/// The IPv4 conntrack value.
+pub type CtEntry4 = CtEntry<u32>;
+const _: () = assert!(core::mem::size_of::<CtEntry<u32>>() == 36);
+const _: () = assert!(core::mem::size_of::<CtEntry<[u32; 4]>>() == 72);
 
-/// Value of the per-backend counter array (`BACKEND_STATS`, indexed by
-/// backend id). Updated with atomic adds, so one array serves all CPUs.
+/// Normalises an EGRESS key so that both directions of a flow find the same
+/// entry: the lower (address, port) end first, compared as stored (any total
+/// order works as long as every user applies the same one). Returns whether
+/// the ends were swapped.
+#[inline(always)]
+pub fn ct_normalize(key: &mut CtKey4) -> bool {
+    if (key.saddr, key.sport_be) > (key.daddr, key.dport_be) {
+        core::mem::swap(&mut key.saddr, &mut key.daddr);
+        core::mem::swap(&mut key.sport_be, &mut key.dport_be);
+        true
+    } else {
+        false
+    }
+}
+
+/// The key of a connection's link of `kind`: REPLY (backend -> client, or
+/// -> service loopback for hairpin flows), EGRESS (client <-> backend,
+/// normalised) or NAT_IN (backend -> NAT address:port). The inverse of
+/// [`ct_link_owner`].
+#[inline(always)]
+pub fn ct_link_key(conn_key: &CtKey4, conn: &CtEntry4, kind: u8) -> CtKey4 {
+    let (daddr, dport_be) = match kind {
+        ct_kind::NAT_IN => (conn.nat_addr, conn.nat_port_be),
+        ct_kind::REPLY if conn.flags & ct_flags::HAIRPIN != 0 => (conn.nat_addr, conn_key.sport_be),
+        _ => (conn_key.saddr, conn_key.sport_be),
+    };
+    let mut key = CtTuple {
+        saddr: conn.target_addr,
+        daddr,
+        sport_be: conn.target_port_be,
+        dport_be,
+        proto: conn_key.proto,
+        kind,
+        pad: [0; 2],
+    };
+    if kind == ct_kind::EGRESS {
+        ct_normalize(&mut key);
+    }
+    key
+}
+
+/// The link kinds a connection has, by its flags (at most two; `None` when
+/// unused).
+#[inline(always)]
+pub fn ct_link_kinds(conn: &CtEntry4) -> [Option<u8>; 2] {
+    if conn.flags & ct_flags::NORTH_SOUTH == 0 {
+        [Some(ct_kind::REPLY), None]
+    } else if conn.flags & ct_flags::SNAT != 0 {
+        [Some(ct_kind::EGRESS), Some(ct_kind::NAT_IN)]
+    } else {
+        [Some(ct_kind::EGRESS), None]
+    }
+}
+
+/// The SERVICE key a link entry belongs to (its connection).
+#[inline(always)]
+pub fn ct_link_owner(key: &CtKey4, link: &CtEntry4) -> CtKey4 {
+    let (client, client_port) = match key.kind {
+        // Hairpin: the client is its own backend, the reply's source.
+        ct_kind::REPLY if link.flags & ct_flags::HAIRPIN != 0 => (key.saddr, key.dport_be),
+        ct_kind::REPLY => (key.daddr, key.dport_be),
+        ct_kind::EGRESS if link.flags & ct_flags::CLIENT_IS_SADDR != 0 => (key.saddr, key.sport_be),
+        ct_kind::EGRESS => (key.daddr, key.dport_be),
+        // NAT_IN (and anything else): the client is the restored destination.
+        _ => (link.target_addr, link.target_port_be),
+    };
+    CtTuple {
+        saddr: client,
+        daddr: link.frontend_addr,
+        sport_be: client_port,
+        dport_be: link.frontend_port_be,
+        proto: key.proto,
+        kind: ct_kind::SERVICE,
+        pad: [0; 2],
+    }
+}
+
+/// Value of the per-CPU backend counter array (`BACKEND_STATS`, indexed by
+/// backend id); the agent sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
@@ -296,8 +471,57 @@ pub struct DatapathConfig {
     /// order (`be`). 0 disables that SNAT (only local backends then work
     /// from outside).
     pub snat_addr_be: u32,
+    /// Conntrack timeouts in seconds (see [`ct_timeouts`]). Host byte order.
+    pub timeout_tcp_syn_s: u32,
+    pub timeout_tcp_established_s: u32,
+    pub timeout_tcp_close_s: u32,
+    pub timeout_other_s: u32,
+    /// Source ports for north-south SNAT, inclusive. Host byte order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// The NodePort range, inclusive (replies of host UDP flows from a port
+    /// in it are recorded, see [`ct_kind::HOST`]). Host byte order.
+    pub nodeport_min: u16,
+    pub nodeport_max: u16,
+    /// See [`config_flags`]. Host byte order.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 36);
+
+impl DatapathConfig {
+    /// The timeout of a connection in `state` (protocol `proto`), seconds.
+    #[inline(always)]
+    pub const fn timeout_s(&self, proto: u8, state: CtState) -> u32 {
+        if proto != proto::TCP {
+            return self.timeout_other_s;
+        }
+        match state {
+            CtState::Opening => self.timeout_tcp_syn_s,
+            CtState::Established => self.timeout_tcp_established_s,
+            CtState::Closing => self.timeout_tcp_close_s,
+        }
+    }
+}
+
+/// `DatapathConfig::flags` bits.
+pub mod config_flags {
+    /// Drop packets from pod interfaces that would open, close or reopen a
+    /// Service connection with a source address registered behind another
+    /// interface (`POD_SOURCES`).
+    pub const VALIDATE_SOURCE: u32 = 1 << 0;
+}
+
+/// Defaults of the NAT port and NodePort ranges.
+pub mod port_ranges {
+    /// North-south SNAT ports: below the NodePort range and the kernel's
+    /// default ephemeral range (32768-60999), so that neither a node
+    /// port nor a host connection's port is ever handed out as a NAT port.
+    pub const NAT_MIN: u16 = 1024;
+    pub const NAT_MAX: u16 = 29_999;
+    /// Kubernetes' default `--service-node-port-range`.
+    pub const NODEPORT_MIN: u16 = 30_000;
+    pub const NODEPORT_MAX: u16 = 32_767;
+}
 
 /// Counters in the per-CPU `STATS` array. Indices double as metric label
 /// values through [`stat::NAMES`]. Drop reasons are the `DROP_*` entries; the
@@ -307,43 +531,65 @@ pub mod stat {
     pub const FORWARD_NAT: u32 = 0;
     /// Replies reverse-NATed back to the frontend address.
     pub const REVERSE_NAT: u32 = 1;
-    /// New flows (conntrack entries created).
+    /// New connections (conntrack entries created).
     pub const NEW_FLOW: u32 = 2;
     /// Hairpin flows (client is its own backend), source-NATed.
     pub const HAIRPIN: u32 = 3;
-    /// Packets to a frontend with no backends, answered with ICMP port
-    /// unreachable as kube-proxy's REJECT does.
+    /// New connections to a frontend with no backends, answered with ICMP
+    /// port unreachable as kube-proxy's REJECT does.
     pub const REJECT: u32 = 4;
-    /// Conntrack entries whose backend was gone; a new backend was selected.
+    /// Tracked connections that could not be kept (their frontend changed
+    /// identity, or they expired) and selected a backend anew.
     pub const CT_RESELECT: u32 = 5;
     /// IPv4 packets with options: passed unmodified (not load-balanced).
     pub const PASS_IP_OPTIONS: u32 = 6;
     /// IPv4 fragments: passed unmodified (not load-balanced).
     pub const PASS_FRAGMENT: u32 = 7;
-    /// Dropped: IPv4 header truncated or not version 4.
-    pub const DROP_MALFORMED_L3: u32 = 8;
-    /// Dropped: L4 header of a TCP/UDP packet truncated.
-    pub const DROP_TRUNCATED_L4: u32 = 9;
-    /// Dropped: a backend slot or backend referenced by a frontend is missing
-    /// (the agent is mid-update or the maps are inconsistent).
-    pub const DROP_NO_BACKEND_ENTRY: u32 = 10;
-    /// Dropped: conntrack entry could not be written.
-    pub const DROP_CT_WRITE: u32 = 11;
-    /// Dropped: a packet rewrite helper failed.
-    pub const DROP_REWRITE: u32 = 12;
-    /// Dropped: building the reject reply failed.
-    pub const DROP_REJECT_FAILED: u32 = 13;
-    /// Dropped: a Local traffic policy without local endpoints.
-    pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 14;
     /// North-south flows source-NATed to the node address (backend on
     /// another node).
-    pub const SNAT_FLOW: u32 = 15;
+    pub const SNAT_FLOW: u32 = 8;
     /// Replies of source-NATed flows restored to the client at the uplink.
-    pub const SNAT_REVERSE: u32 = 16;
+    pub const SNAT_REVERSE: u32 = 9;
+    /// ICMP errors about a translated flow, translated (outer and quoted
+    /// headers).
+    pub const ICMP_ERROR_NAT: u32 = 10;
+    /// A TCP SYN found a closing connection on its tuple and replaced it.
+    pub const CT_REOPEN: u32 = 11;
+    /// Packets to a node port that cannot open a connection (not a SYN) and
+    /// belong to no tracked one: left to the node's stack.
+    pub const PASS_NOT_NEW: u32 = 12;
+    /// Replies of the node's own UDP flows from a NodePort-range port,
+    /// left alone instead of opening a Service flow.
+    pub const PASS_HOST_FLOW: u32 = 13;
+    /// Links found stale (their connection gone) and removed.
+    pub const CT_STALE_LINK: u32 = 14;
+    /// Dropped: IPv4 header truncated or not version 4.
+    pub const DROP_MALFORMED_L3: u32 = 15;
+    /// Dropped: L4 header of a TCP/UDP packet truncated.
+    pub const DROP_TRUNCATED_L4: u32 = 16;
+    /// Dropped: a backend slot or backend referenced by a frontend is missing
+    /// (the agent is mid-update or the maps are inconsistent).
+    pub const DROP_NO_BACKEND_ENTRY: u32 = 17;
+    /// Dropped: the conntrack table is full (a new connection could not be
+    /// tracked).
+    pub const DROP_CT_FULL: u32 = 18;
+    /// Dropped: a packet rewrite helper failed.
+    pub const DROP_REWRITE: u32 = 19;
+    /// Dropped: building the reject reply failed.
+    pub const DROP_REJECT_FAILED: u32 = 20;
+    /// Dropped: a Local traffic policy without local endpoints.
+    pub const DROP_NO_LOCAL_ENDPOINTS: u32 = 21;
     /// Dropped: no free source-NAT port for a new north-south flow.
-    pub const DROP_NAT_PORTS: u32 = 17;
+    pub const DROP_NAT_PORTS: u32 = 22;
+    /// Dropped: a TCP packet to a Service address that cannot open a
+    /// connection (no SYN) and belongs to no tracked one (kube-proxy's
+    /// `ct state invalid` drop).
+    pub const DROP_CT_INVALID: u32 = 23;
+    /// Dropped: a pod sent a packet with a source address that belongs to
+    /// another pod interface.
+    pub const DROP_SPOOFED_SOURCE: u32 = 24;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 25;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -355,21 +601,28 @@ pub mod stat {
         "ct_reselect",
         "pass_ip_options",
         "pass_fragment",
+        "snat_flow",
+        "snat_reverse",
+        "icmp_error_nat",
+        "ct_reopen",
+        "pass_not_new",
+        "pass_host_flow",
+        "ct_stale_link",
         "drop_malformed_l3",
         "drop_truncated_l4",
         "drop_no_backend_entry",
-        "drop_ct_write",
+        "drop_ct_full",
         "drop_rewrite",
         "drop_reject_failed",
         "drop_no_local_endpoints",
-        "snat_flow",
-        "snat_reverse",
         "drop_nat_ports",
+        "drop_ct_invalid",
+        "drop_spoofed_source",
     ];
 
     /// Whether the counter is a drop reason.
     pub const fn is_drop(index: u32) -> bool {
-        (index >= DROP_MALFORMED_L3 && index <= DROP_NO_LOCAL_ENDPOINTS) || index == DROP_NAT_PORTS
+        index >= DROP_MALFORMED_L3 && index < COUNT
     }
 }
 
@@ -383,8 +636,8 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for RevNatValue {}
-    unsafe impl aya::Pod for ConntrackKey {}
-    unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for CtTuple<u32> {}
+    unsafe impl aya::Pod for CtEntry<u32> {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathConfig {}
 }

@@ -1,168 +1,329 @@
-//! Connection tracking: one SERVICE entry (client's tuple, before DNAT) and
-//! one REPLY entry (backend's tuple, before reverse NAT) per flow, in an LRU
-//! hash so old flows age out on their own.
+//! Connection tracking (Cilium's `bpf/lib/conntrack.h`, reduced to what a
+//! Service load balancer needs).
+//!
+//! One connection is one SERVICE entry keyed by the client's tuple before
+//! DNAT: it holds the backend, the NAT, the TCP state and the lifetime. The
+//! packets of the other direction, and those the uplink's egress sees, find
+//! it through *link* entries (REPLY, EGRESS, NAT_IN; see
+//! `netlb_common::ct_kind`) that carry a copy of the translation they apply.
+//! A link is trusted on its own for at most `LINK_REFRESH_S`; after that, and
+//! for every TCP SYN, FIN or RST, it is checked against its connection,
+//! which also records the packet in the connection's state and lifetime.
+//! A link whose connection is gone (or belongs to another connection now)
+//! is deleted and the packet passes untranslated.
+//!
+//! The map is a plain hash, not an LRU: the kernel never evicts one entry of
+//! a connection behind the others' back. Entries die when the datapath
+//! replaces a closed connection, or when the agent's garbage collector finds
+//! them expired (it deletes a connection with all its links and so frees its
+//! NAT port). A full table refuses new connections (`drop_ct_full`) and
+//! never touches live ones.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use netlb_common::{ConntrackKey, ConntrackValue, ct_dir, ct_flags};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use netlb_common::{
+    CtEntry4, CtKey4, CtState, CtTuple, DatapathConfig, ct_flags, ct_timeouts, proto,
+};
 
 use crate::{
     maps,
-    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     verdict::Reason,
 };
 
-/// Refresh `last_seen_ns` at most this often, so established flows do not
-/// write to a shared cache line on every packet.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// `BPF_NOEXIST`: insert only if the key is free.
+const BPF_NOEXIST: u64 = 1;
 
-/// The conntrack key of a packet's own tuple.
+/// Seconds of `CLOCK_MONOTONIC`, the clock of every lifetime. The coarse
+/// clock (v5.11) is enough for second granularity and cheaper than
+/// `bpf_ktime_get_ns`; the agent compares with `CLOCK_MONOTONIC`.
 #[inline(always)]
-pub fn key(pkt: &Packet, direction: u8) -> ConntrackKey {
+pub fn now_s() -> u32 {
+    // SAFETY: helper without preconditions.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// A conntrack key from its parts.
+#[inline(always)]
+pub fn tuple(saddr: u32, sport_be: u16, daddr: u32, dport_be: u16, proto: u8, kind: u8) -> CtKey4 {
+    CtTuple {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        proto,
+        kind,
+        pad: [0; 2],
+    }
+}
+
+/// The key of a packet's own tuple.
+#[inline(always)]
+pub fn key(pkt: &Packet, kind: u8) -> CtKey4 {
     tuple(
         pkt.saddr_be,
         pkt.sport_be,
         pkt.daddr_be,
         pkt.dport_be,
         pkt.proto,
-        direction,
+        kind,
     )
 }
 
-/// Refreshes a live entry's `last_seen_ns` (at most every
-/// [`LAST_SEEN_GRANULARITY_NS`]) and copies it out.
+/// Whether a packet may open a connection: any UDP datagram, a TCP SYN
+/// without ACK. Anything else to a Service address with no tracked
+/// connection is not the start of one.
+#[inline(always)]
+pub fn can_open(pkt: &Packet) -> bool {
+    pkt.proto != proto::TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
+
+/// A TCP packet that changes a connection's state (SYN, FIN or RST).
+#[inline(always)]
+pub fn is_control(pkt: &Packet) -> bool {
+    pkt.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+}
+
+/// The key a connection's link of `kind` has (shared with the agent's
+/// garbage collector).
+#[inline(always)]
+pub fn link_key(conn_key: &CtKey4, conn: &CtEntry4, kind: u8) -> CtKey4 {
+    netlb_common::ct_link_key(conn_key, conn, kind)
+}
+
+/// Whether a SERVICE entry is alive at `now`.
+#[inline(always)]
+pub fn alive(conn: &CtEntry4, now: u32) -> bool {
+    now <= conn.lifetime_s
+}
+
+/// Records a packet of direction `reply` in a live connection: TCP flags
+/// and the lifetime its (new) state gives it. The lifetime is rewritten at
+/// most once a second unless the state changes, so an established flow does
+/// not write its entry's cache line on every packet.
 ///
 /// # Safety
-/// `entry` points to a live value of the conntrack map. The field update is
-/// a plain store (a racing writer on another CPU can only store a similar
-/// timestamp).
+/// `conn` points to a live value of the conntrack map. The stores are plain:
+/// CPUs racing on one connection store the same bits or similar lifetimes.
 #[inline(always)]
-unsafe fn refresh(entry: *mut ConntrackValue) -> ConntrackValue {
+pub unsafe fn touch(
+    conn: *mut CtEntry4,
+    pkt: &Packet,
+    reply: bool,
+    cfg: &DatapathConfig,
+    now: u32,
+) {
     // SAFETY: per the function's contract.
     unsafe {
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*entry).last_seen_ns = now;
+        let old = (*conn).flags;
+        let mut flags = old;
+        if reply {
+            flags |= ct_flags::SEEN_REPLY;
         }
-        *entry
+        if pkt.proto == proto::TCP {
+            if pkt.tcp_flags & TCP_FIN != 0 {
+                flags |= if reply {
+                    ct_flags::FIN_REV
+                } else {
+                    ct_flags::FIN_FWD
+                };
+            }
+            if pkt.tcp_flags & TCP_RST != 0 {
+                flags |= ct_flags::RST;
+            }
+        }
+        let lifetime = now.wrapping_add(cfg.timeout_s(pkt.proto, CtState::of(pkt.proto, flags)));
+        if flags != old {
+            (*conn).flags = flags;
+            (*conn).lifetime_s = lifetime;
+        } else if lifetime > (*conn).lifetime_s {
+            (*conn).lifetime_s = lifetime;
+        }
     }
 }
 
-/// Looks up an entry and refreshes its `last_seen_ns`.
-#[inline(always)]
-pub fn lookup(key: &ConntrackKey) -> Option<ConntrackValue> {
-    let entry = maps::CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a live map value.
-    Some(unsafe { refresh(entry) })
+/// What the conntrack knows about a packet sent to a frontend.
+pub enum Found {
+    /// A live connection of this frontend, already updated with the packet.
+    Live(CtEntry4),
+    /// An entry that must not be used for this packet (expired, closed and
+    /// reopened by a SYN, or made for another frontend that had this
+    /// address): a new connection replaces it.
+    Stale(CtEntry4),
+    Missing,
 }
 
-/// Looks up the entry `key` for `pkt` with TCP close tracking: FIN or RST
-/// marks the entry [`ct_flags::CLOSING`]; a SYN that finds a closing entry
-/// belongs to a new connection reusing the tuple, so the stale entry is
-/// removed and not applied (`None`). One map lookup, as [`lookup`].
+/// Looks up the connection of a packet the client sent to a frontend with
+/// rev-NAT index `rev_nat_index`. A connection is only used for the frontend
+/// it was made for (a deleted and re-created frontend has a new index, as in
+/// Cilium), only while alive, and a TCP SYN (without ACK) on a closing
+/// connection starts a new one on the reused tuple.
 #[inline(always)]
-pub fn lookup_flow(key: &ConntrackKey, pkt: &Packet) -> Option<ConntrackValue> {
-    let entry = maps::CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: pointer to a live map value; the flag update is a plain store
-    // (a racing CPU can only store the same flag).
-    unsafe {
-        if pkt.tcp_flags & TCP_SYN != 0 && (*entry).flags & ct_flags::CLOSING != 0 {
-            let _ = maps::CONNTRACK.remove(key);
-            return None;
-        }
-        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            (*entry).flags |= ct_flags::CLOSING;
-        }
-        Some(refresh(entry))
-    }
-}
-
-/// Creates both entries of a new flow. The REPLY entry is written first so
-/// that no reply can arrive before its reverse translation exists.
-/// `hairpin_source_be`: the service loopback address when the client is its
-/// own backend (the backend then replies to it, not to the client).
-#[inline(always)]
-pub fn create(
+pub fn find(
+    conn_key: &CtKey4,
     pkt: &Packet,
-    backend_id: u32,
-    backend_addr_be: u32,
-    backend_port_be: u16,
     rev_nat_index: u32,
-    hairpin_source_be: Option<u32>,
-) -> Result<(), Reason> {
-    let (reply_daddr_be, flags, nat_addr_be) = match hairpin_source_be {
-        Some(lo) => (lo, ct_flags::HAIRPIN, pkt.saddr_be),
-        None => (pkt.saddr_be, 0, 0),
+    cfg: &DatapathConfig,
+    now: u32,
+) -> Found {
+    let Some(conn) = maps::CONNTRACK.get_ptr_mut(conn_key) else {
+        return Found::Missing;
     };
-    let value = value(backend_id, rev_nat_index, (nat_addr_be, 0), flags);
-    put(
-        &tuple(
-            backend_addr_be,
-            backend_port_be,
-            reply_daddr_be,
-            pkt.sport_be,
-            pkt.proto,
-            ct_dir::REPLY,
-        ),
-        &value,
-    )?;
-    put(
-        &key(pkt, ct_dir::SERVICE),
-        &ConntrackValue {
-            nat_addr_be: 0,
-            ..value
-        },
-    )
+    // SAFETY: pointer to a live map value, copied out.
+    let value = unsafe { *conn };
+    let reopen = pkt.proto == proto::TCP
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && CtState::of(pkt.proto, value.flags) == CtState::Closing;
+    if !alive(&value, now) || reopen || value.rev_nat_index != rev_nat_index {
+        return Found::Stale(value);
+    }
+    // SAFETY: as above.
+    unsafe { touch(conn, pkt, false, cfg, now) };
+    Found::Live(value)
 }
 
-/// A conntrack key from its parts.
+/// Deletes `key` if its entry is the link of `conn_key`: a link that was
+/// taken over by a newer connection (a NAT port handed on, a REPLY tuple
+/// reused) is left to its new owner.
 #[inline(always)]
-pub fn tuple(
-    saddr_be: u32,
-    sport_be: u16,
-    daddr_be: u32,
-    dport_be: u16,
-    proto: u8,
-    direction: u8,
-) -> ConntrackKey {
-    ConntrackKey {
-        saddr_be,
-        daddr_be,
-        sport_be,
-        dport_be,
-        proto,
-        direction,
-        pad: [0; 2],
+fn delete_owned(key: &CtKey4, conn_key: &CtKey4) {
+    let Some(link) = maps::CONNTRACK.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: pointer to a live map value, copied out.
+    let link = unsafe { *link };
+    if netlb_common::ct_link_owner(key, &link) == *conn_key {
+        let _ = maps::CONNTRACK.remove(key);
     }
 }
 
-/// A fresh value stamped with the current time.
+/// Deletes the links of a connection (not the connection itself: the
+/// caller replaces it).
 #[inline(always)]
-pub fn value(backend_id: u32, rev_nat_index: u32, nat: (u32, u16), flags: u16) -> ConntrackValue {
-    ConntrackValue {
-        backend_id,
-        rev_nat_index,
-        nat_addr_be: nat.0,
-        flags,
-        nat_port_be: nat.1,
-        // SAFETY: helper without preconditions.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+pub fn delete_links(conn_key: &CtKey4, conn: &CtEntry4) {
+    for kind in netlb_common::ct_link_kinds(conn).into_iter().flatten() {
+        delete_owned(&link_key(conn_key, conn, kind), conn_key);
     }
 }
 
-/// Inserts or replaces an entry.
+/// Inserts or replaces an entry; a failure means the table is full.
 #[inline(always)]
-pub fn put(key: &ConntrackKey, value: &ConntrackValue) -> Result<(), Reason> {
+pub fn put(key: &CtKey4, value: &CtEntry4) -> Result<(), Reason> {
     maps::CONNTRACK
         .insert(key, value, 0)
-        .map_err(|_| Reason::CtWrite)
+        .map_err(|_| Reason::CtFull)
 }
 
-/// `BPF_NOEXIST`: insert only if the key is free.
-const BPF_NOEXIST: u64 = 1;
-
 /// Inserts an entry only if its key is free (an atomic reservation).
-/// `false`: the key is taken.
 #[inline(always)]
-pub fn put_new(key: &ConntrackKey, value: &ConntrackValue) -> bool {
+pub fn put_new(key: &CtKey4, value: &CtEntry4) -> bool {
     maps::CONNTRACK.insert(key, value, BPF_NOEXIST).is_ok()
+}
+
+/// Removes an entry (best effort).
+#[inline(always)]
+pub fn remove(key: &CtKey4) {
+    let _ = maps::CONNTRACK.remove(key);
+}
+
+/// A link entry derived from its connection: same translation data, trusted
+/// for `LINK_REFRESH_S`.
+#[inline(always)]
+pub fn link_value(conn: &CtEntry4, flags: u16, now: u32) -> CtEntry4 {
+    CtEntry4 {
+        flags,
+        lifetime_s: now.wrapping_add(ct_timeouts::LINK_REFRESH_S),
+        ..*conn
+    }
+}
+
+/// Writes a new connection: its links first (so that no reply can arrive
+/// before its translation exists), the SERVICE entry last. If the SERVICE
+/// entry cannot be written (the table is full), the links go again.
+#[inline(always)]
+pub fn create(
+    conn_key: &CtKey4,
+    conn: &CtEntry4,
+    links: &[(CtKey4, CtEntry4)],
+) -> Result<(), Reason> {
+    for (key, value) in links {
+        put(key, value)?;
+    }
+    if let Err(e) = put(conn_key, conn) {
+        for (key, _) in links {
+            remove(key);
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Follows a link for a packet: returns the link's translation when it may
+/// be applied. `reply`: whether the packet travels in the connection's reply
+/// direction (decided from the link, see EGRESS).
+///
+/// The link alone is enough while it is fresh and the packet is not a TCP
+/// control packet. Otherwise its connection is looked up: when the
+/// connection is alive and still has this very link, the packet is recorded
+/// in it and the link is trusted for another `LINK_REFRESH_S`; when not, the
+/// link is stale, so it is deleted and `None` lets the packet pass as it is.
+#[inline(always)]
+pub fn follow(
+    link_key_: &CtKey4,
+    pkt: &Packet,
+    cfg: &DatapathConfig,
+    now: u32,
+    reply: impl FnOnce(&CtEntry4) -> bool,
+) -> Option<CtEntry4> {
+    let link = maps::CONNTRACK.get_ptr_mut(link_key_)?;
+    // SAFETY: pointer to a live map value, copied out.
+    let value = unsafe { *link };
+    if now < value.lifetime_s && !is_control(pkt) {
+        return Some(value);
+    }
+    let conn_key = netlb_common::ct_link_owner(link_key_, &value);
+    if let Some(conn) = maps::CONNTRACK.get_ptr_mut(conn_key) {
+        // SAFETY: pointer to a live map value.
+        let conn_value = unsafe { *conn };
+        // A SYN on the tuple of a closed connection belongs to a new one
+        // that did not come through the frontend (a client reusing its port
+        // to reach the pod directly): the link must not translate it. A new
+        // connection through the frontend replaces the closed one (and its
+        // links) before its SYN gets here.
+        let reused = pkt.proto == proto::TCP
+            && pkt.tcp_flags & TCP_SYN != 0
+            && CtState::of(pkt.proto, conn_value.flags) == CtState::Closing;
+        if alive(&conn_value, now)
+            && !reused
+            && link_key(&conn_key, &conn_value, link_key_.kind) == *link_key_
+        {
+            // SAFETY: both pointers are live map values; plain stores.
+            unsafe {
+                touch(conn, pkt, reply(&value), cfg, now);
+                (*link).lifetime_s = now.wrapping_add(ct_timeouts::LINK_REFRESH_S);
+            }
+            return Some(value);
+        }
+    }
+    remove(link_key_);
+    maps::count(netlb_common::stat::CT_STALE_LINK);
+    None
+}
+
+/// Looks up a link without recording anything (ICMP errors): returns it if
+/// its connection is alive and still owns it.
+#[inline(always)]
+pub fn peek_link(link_key_: &CtKey4, now: u32) -> Option<CtEntry4> {
+    // SAFETY: values are copied out at once.
+    let value = *unsafe { maps::CONNTRACK.get(link_key_) }?;
+    let conn_key = netlb_common::ct_link_owner(link_key_, &value);
+    let conn = *unsafe { maps::CONNTRACK.get(conn_key) }?;
+    (alive(&conn, now) && link_key(&conn_key, &conn, link_key_.kind) == *link_key_).then_some(value)
+}
+
+/// Looks up a live connection without recording anything (ICMP errors).
+#[inline(always)]
+pub fn peek_conn(conn_key: &CtKey4, now: u32) -> Option<CtEntry4> {
+    // SAFETY: the value is copied out at once.
+    let conn = *unsafe { maps::CONNTRACK.get(conn_key) }?;
+    alive(&conn, now).then_some(conn)
 }

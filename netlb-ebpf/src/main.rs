@@ -12,21 +12,22 @@
 //!   to backends on other nodes, reverse NAT of replies to outside clients.
 //!
 //! Module per concern, after Cilium's `bpf/lib`: [`parse`] (headers),
-//! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`],
-//! [`nodeport`] (north-south flows and their SNAT)
-//! (rewrites and checksums), [`reject`] (ICMP port unreachable), [`verdict`]
-//! (the one place errors become TC verdicts and drop counters).
+//! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`]
+//! (rewrites and checksums), [`nodeport`] (north-south flows and their
+//! SNAT), [`icmp`] (errors about translated flows), [`reject`] (ICMP port
+//! unreachable), [`verdict`] (the one place errors become TC verdicts and
+//! drop counters).
+//!
+//! Every program hands on what it neither drops nor redirects with
+//! `TCX_NEXT`, so the programs attached after netlb on the same hook (a
+//! CNI's, the bandwidth plugin's classic clsact filters) still run.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// `atomic_xadd` for the shared per-backend counters (see `maps::count_backend`).
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(
-    target_arch = "bpf",
-    expect(internal_features, reason = "atomic_xadd, see maps::count_backend")
-)]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

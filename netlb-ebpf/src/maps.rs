@@ -2,15 +2,13 @@
 //! and pins the maps under its bpffs directory (so a restarted agent adopts
 //! them). Key and value types live in netlb-common.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use netlb_common::{
-    BackendStats, BackendValue, ConntrackKey, ConntrackValue, DatapathConfig, RevNatValue,
-    ServiceKey, ServiceValue, limits, stat,
+    BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
+    ServiceValue, limits, stat,
 };
 
 /// Frontends (slot 0) and backend slots (1..=count).
@@ -27,24 +25,29 @@ pub static BACKENDS: HashMap<u32, BackendValue> =
 #[map(name = "NETLB_REV_NAT")]
 pub static REV_NAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(limits::MAX_REV_NAT, 0);
 
-/// Conntrack. LRU so it can never fill up: the least recently used flows are
-/// evicted, like Cilium's CT maps.
+/// Conntrack: a plain hash, so that the kernel never evicts part of a
+/// connection (see `conntrack`); the agent garbage-collects it.
 #[map(name = "NETLB_CT")]
-pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
-    LruHashMap::with_max_entries(limits::MAX_CONNTRACK, 0);
+pub static CONNTRACK: HashMap<CtKey4, CtEntry4> =
+    HashMap::with_max_entries(limits::MAX_CONNTRACK, 0);
 
 /// Per-CPU counters, indexed by `netlb_common::stat::*`.
 #[map(name = "NETLB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Per-backend counters, indexed by backend id, updated with atomic adds.
+/// Per-CPU backend counters, indexed by backend id.
 #[map(name = "NETLB_BACKEND_STATS")]
-pub static BACKEND_STATS: Array<BackendStats> =
-    Array::with_max_entries(limits::MAX_BACKENDS + 1, 0);
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(limits::MAX_BACKENDS + 1, 0);
 
 /// Runtime configuration in slot 0.
 #[map(name = "NETLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// Pod addresses -> the ifindex of the host-side interface they live behind
+/// (source validation), kept by the agent from the node's routes.
+#[map(name = "NETLB_POD_SOURCES")]
+pub static POD_SOURCES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_POD_SOURCES, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]
@@ -55,19 +58,15 @@ pub fn count(index: u32) {
     }
 }
 
-/// Adds to a backend's counters.
+/// Adds to a backend's per-CPU counters.
 #[inline(always)]
 pub fn count_backend(id: u32, new_flow: bool) {
     if let Some(ptr) = BACKEND_STATS.get_ptr_mut(id) {
-        // SAFETY: the pointer is to a live map value. The array is shared by
-        // all CPUs, so the adds must be atomic; `core::sync::atomic` has no
-        // `fetch_add` on the BPF target (no compare-and-swap in the target
-        // spec), so the intrinsic is used directly: it lowers to
-        // BPF_ATOMIC_ADD (`lock xadd`, available since v3.18).
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*ptr).packets, 1);
+            (*ptr).packets += 1;
             if new_flow {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*ptr).flows, 1);
+                (*ptr).flows += 1;
             }
         }
     }

@@ -9,11 +9,14 @@
 //! over, so no byte swapping is needed.
 
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
-use netlb_common::{ct_dir, ct_flags, proto, stat};
+use netlb_common::{CtEntry4, proto, stat};
 
 use crate::{
-    conntrack, maps,
-    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet},
+    maps,
+    parse::{
+        ICMP_CSUM_OFF, INNER_IP_CSUM_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF,
+        L4_SPORT_OFF, Packet,
+    },
     verdict::Reason,
 };
 
@@ -97,40 +100,81 @@ pub fn snat_addr(ctx: &TcContext, pkt: &Packet, addr_be: u32) -> Result<(), Reas
     rewrite_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, addr_be)
 }
 
-/// Reverse NAT of a reply's source: it becomes the frontend of
-/// `rev_nat_index`. `false` when that frontend is gone: the reply passes as
-/// it is, like a reply whose conntrack entry kube-proxy has flushed.
+/// DNAT of the destination address only (a hairpinned reply goes back from
+/// the service loopback address to the client).
 #[inline(always)]
-pub fn source_to_frontend(
-    ctx: &TcContext,
-    pkt: &Packet,
-    rev_nat_index: u32,
-) -> Result<bool, Reason> {
-    // SAFETY: the value is copied out immediately.
-    let Some(rev) = (unsafe { maps::REV_NAT.get(rev_nat_index) }).copied() else {
-        return Ok(false);
-    };
-    snat(ctx, pkt, rev.address_be, rev.port_be)?;
-    Ok(true)
+pub fn dnat_addr(ctx: &TcContext, pkt: &Packet, addr_be: u32) -> Result<(), Reason> {
+    rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, addr_be)
 }
 
-/// Reverse NAT of a reply, if the packet belongs to a tracked flow: the
-/// source becomes the frontend (VIP:port); for hairpin flows the destination
-/// goes back from the service loopback address to the client.
-/// Returns whether the packet was translated.
+/// Reverse NAT of a reply: its source becomes the frontend the client
+/// addressed.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<bool, Reason> {
-    let Some(entry) = conntrack::lookup_flow(&conntrack::key(pkt, ct_dir::REPLY), pkt) else {
-        return Ok(false);
-    };
-    if !source_to_frontend(ctx, pkt, entry.rev_nat_index)? {
-        return Ok(false);
-    }
-    if entry.flags & ct_flags::HAIRPIN != 0 {
-        rewrite_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, entry.nat_addr_be)?;
-    }
+pub fn snat_to_frontend(ctx: &TcContext, pkt: &Packet, link: &CtEntry4) -> Result<(), Reason> {
+    snat(ctx, pkt, link.frontend_addr, link.frontend_port_be)?;
     maps::count(stat::REVERSE_NAT);
-    Ok(true)
+    Ok(())
+}
+
+/// Rewrites an address of an ICMP error's outer header: only the IPv4
+/// checksum covers it (ICMP has no pseudo header).
+#[inline(always)]
+pub fn icmp_outer_addr(
+    ctx: &TcContext,
+    offset: usize,
+    old_be: u32,
+    new_be: u32,
+) -> Result<(), Reason> {
+    if old_be == new_be {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_be as u64, new_be as u64, 4)
+        .map_err(|_| Reason::Rewrite)?;
+    ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
+}
+
+/// Rewrites an address of an ICMP error's quoted IPv4 header: the quoted
+/// header's checksum follows it, and the ICMP checksum (which covers the
+/// quoted bytes) follows both changes. `bpf_l3_csum_replace` is a plain
+/// incremental update of a 16-bit checksum field, so it serves for both.
+/// The quoted L4 checksum is left alone, as Cilium and the kernel's NAT do:
+/// the receiver only matches the quoted addresses and ports.
+#[inline(always)]
+pub fn icmp_inner_addr(
+    ctx: &TcContext,
+    offset: usize,
+    old_be: u32,
+    new_be: u32,
+) -> Result<(), Reason> {
+    if old_be == new_be {
+        return Ok(());
+    }
+    let old_csum: u16 = ctx.load(INNER_IP_CSUM_OFF).map_err(|_| Reason::Rewrite)?;
+    ctx.l3_csum_replace(INNER_IP_CSUM_OFF, old_be as u64, new_be as u64, 4)
+        .map_err(|_| Reason::Rewrite)?;
+    let new_csum: u16 = ctx.load(INNER_IP_CSUM_OFF).map_err(|_| Reason::Rewrite)?;
+    ctx.l3_csum_replace(ICMP_CSUM_OFF, old_be as u64, new_be as u64, 4)
+        .map_err(|_| Reason::Rewrite)?;
+    ctx.l3_csum_replace(ICMP_CSUM_OFF, old_csum as u64, new_csum as u64, 2)
+        .map_err(|_| Reason::Rewrite)?;
+    ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
+}
+
+/// Rewrites a port of an ICMP error's quoted L4 header (covered by the ICMP
+/// checksum only).
+#[inline(always)]
+pub fn icmp_inner_port(
+    ctx: &TcContext,
+    offset: usize,
+    old_be: u16,
+    new_be: u16,
+) -> Result<(), Reason> {
+    if old_be == new_be {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(ICMP_CSUM_OFF, old_be as u64, new_be as u64, 2)
+        .map_err(|_| Reason::Rewrite)?;
+    ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
 }
 
 /// Sends a packet back out of the interface it arrived on, with its

@@ -1,5 +1,6 @@
-//! Header parsing. Only untagged Ethernet + IPv4 without options, TCP or UDP,
-//! is load-balanced; everything else is passed unmodified.
+//! Header parsing. Untagged Ethernet + IPv4 without options: TCP and UDP are
+//! load-balanced; ICMP errors quoting a TCP or UDP header are candidates for
+//! error translation; everything else is passed unmodified.
 
 use aya_ebpf::programs::TcContext;
 use netlb_common::{proto, stat};
@@ -24,8 +25,27 @@ const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFF: usize = L4_OFF + 16;
 const UDP_CSUM_OFF: usize = L4_OFF + 6;
-/// Longest header prefix we read: Ethernet + IPv4 + TCP.
-const MAX_HDR: usize = L4_OFF + TCP_HLEN;
+
+/// ICMP errors: `[eth][IPv4][ICMP type code csum unused(4)][quoted IPv4][quoted L4 (8)]`,
+/// again with constant offsets (quoted headers with options are not
+/// translated).
+pub const ICMP_CSUM_OFF: usize = L4_OFF + 2;
+pub const INNER_IP_OFF: usize = L4_OFF + 8;
+pub const INNER_IP_CSUM_OFF: usize = INNER_IP_OFF + 10;
+pub const INNER_SADDR_OFF: usize = INNER_IP_OFF + 12;
+pub const INNER_DADDR_OFF: usize = INNER_IP_OFF + 16;
+pub const INNER_L4_OFF: usize = INNER_IP_OFF + IP_HLEN;
+pub const INNER_SPORT_OFF: usize = INNER_L4_OFF;
+pub const INNER_DPORT_OFF: usize = INNER_L4_OFF + 2;
+/// RFC 792: an error quotes the IP header and the first 64 bits of data.
+const QUOTED_L4: usize = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+
+/// Longest header prefix we read: an ICMP error with its quoted headers
+/// (longer than Ethernet + IPv4 + TCP).
+const MAX_HDR: usize = INNER_L4_OFF + QUOTED_L4;
 
 /// IPv4 header, as on the wire.
 #[repr(C)]
@@ -64,9 +84,27 @@ pub struct Packet {
     pub l4_csum_off: usize,
 }
 
+/// An ICMP error quoting a TCP or UDP header: the outer addresses and the
+/// quoted tuple (the packet the error is about, as the error's sender saw
+/// it).
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    pub outer_saddr_be: u32,
+    pub outer_daddr_be: u32,
+    /// The quoted packet's tuple (`tcp_flags` and `l4_csum_off` unused).
+    pub inner: Packet,
+}
+
+/// A parsed packet netlb may act on.
+pub enum Parsed {
+    L4(Packet),
+    IcmpError(IcmpError),
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// Offset of the TCP flags byte.
 const TCP_FLAGS_OFF: usize = L4_OFF + 13;
 
@@ -80,9 +118,42 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// The quoted header of an ICMP error, if it is one netlb can translate.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
+    let kind = ptr_at::<u8>(ctx, L4_OFF)?;
+    // SAFETY: `ptr_at` checked the bounds.
+    let kind = unsafe { *kind };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return None;
+    }
+    let inner = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)?;
+    // SAFETY: `ptr_at` checked the bounds of the whole quoted header.
+    let inner = unsafe { &*inner };
+    if inner.version_ihl != 0x45 || (inner.protocol != proto::TCP && inner.protocol != proto::UDP) {
+        return None;
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, INNER_L4_OFF)?;
+    // SAFETY: `ptr_at` checked the bounds.
+    let [sport_be, dport_be] = unsafe { *ports };
+    Some(IcmpError {
+        outer_saddr_be: outer.saddr_be,
+        outer_daddr_be: outer.daddr_be,
+        inner: Packet {
+            saddr_be: inner.saddr_be,
+            daddr_be: inner.daddr_be,
+            sport_be,
+            dport_be,
+            proto: inner.protocol,
+            tcp_flags: 0,
+            l4_csum_off: 0,
+        },
+    })
+}
+
 /// Parses the packet. `Ok(None)`: not ours, pass it unmodified.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
+pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
     // Headers may sit partly in paged data (e.g. GRO); pull up to the longest
     // prefix we read into the linear area. Failure only means the packet is
     // shorter than that, which the bounds checks below sort out.
@@ -106,6 +177,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
     let (l4_len, l4_csum_off) = match ip.protocol {
         proto::TCP => (TCP_HLEN, TCP_CSUM_OFF),
         proto::UDP => (UDP_HLEN, UDP_CSUM_OFF),
+        proto::ICMP => (0, ICMP_CSUM_OFF),
         _ => return Ok(None),
     };
     if ip.version_ihl & 0x0f != 5 {
@@ -118,6 +190,9 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
     if u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
         maps::count(stat::PASS_FRAGMENT);
         return Ok(None);
+    }
+    if ip.protocol == proto::ICMP {
+        return Ok(icmp_error(ctx, ip).map(Parsed::IcmpError));
     }
     let (saddr_be, daddr_be, protocol) = (ip.saddr_be, ip.daddr_be, ip.protocol);
     if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
@@ -133,7 +208,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
     } else {
         0
     };
-    Ok(Some(Packet {
+    Ok(Some(Parsed::L4(Packet {
         saddr_be,
         daddr_be,
         sport_be,
@@ -141,5 +216,5 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
         proto: protocol,
         tcp_flags,
         l4_csum_off,
-    }))
+    })))
 }

@@ -1,20 +1,26 @@
 //! Program entry points. Each entry point only maps its `try_` function's
 //! result; verdicts for errors come from [`crate::verdict`].
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use netlb_common::stat;
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use netlb_common::{
+    CtEntry4, CtKey4, CtState, DatapathConfig, config_flags, ct_flags, ct_kind, proto, stat,
+    svc_flags,
+};
 
 use crate::{
-    conntrack,
-    lb::{self, Choice},
-    maps, nat, nodeport, parse,
+    conntrack::{self, Found},
+    icmp,
+    lb::{self, Frontend},
+    maps, nat, nodeport,
+    parse::{self, Packet, Parsed},
+    verdict::{NEXT, Reason},
 };
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx) {
         Ok(v) => v,
-        Err(v) => v,
+        Err(v) => v.into(),
     }
 }
 
@@ -22,7 +28,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 pub fn to_pod(ctx: TcContext) -> i32 {
     match try_to_pod(&ctx) {
         Ok(v) => v,
-        Err(v) => v,
+        Err(v) => v.into(),
     }
 }
 
@@ -30,7 +36,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 pub fn from_netdev(ctx: TcContext) -> i32 {
     match try_from_netdev(&ctx) {
         Ok(v) => v,
-        Err(v) => v,
+        Err(v) => v.into(),
     }
 }
 
@@ -38,101 +44,259 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 pub fn to_netdev(ctx: TcContext) -> i32 {
     match try_to_netdev(&ctx) {
         Ok(v) => v,
-        Err(v) => v,
+        Err(v) => v.into(),
     }
 }
 
+/// Source validation on pod interfaces (Cilium checks a pod's source
+/// address the same way): a packet that opens, closes or reopens a Service
+/// connection must come from the interface its source address lives behind,
+/// so that no pod can forge another pod's tuple (a RST, then a SYN) and move
+/// its connections. Addresses the agent has not registered (a pod whose
+/// route it has not seen yet, a bridged CNI without per-pod routes) pass.
 #[inline(always)]
-fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+fn validate_source(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<(), Reason> {
+    if cfg.flags & config_flags::VALIDATE_SOURCE == 0 {
+        return Ok(());
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(ifindex) = (unsafe { maps::POD_SOURCES.get(pkt.saddr_be) }).copied() else {
+        return Ok(());
     };
-    let loopback_be = maps::config().service_loopback_be;
+    // SAFETY: reading the context's ifindex (the receiving interface at
+    // ingress).
+    if ifindex != unsafe { (*ctx.skb.skb).ifindex } {
+        return Err(Reason::SpoofedSource);
+    }
+    Ok(())
+}
+
+/// What a packet to a frontend does, once conntrack has been asked.
+enum Flow {
+    /// A packet of a live connection: DNAT to its backend.
+    Existing(CtEntry4),
+    /// A new connection, written: DNAT to its backend.
+    New(CtEntry4),
+}
+
+/// The part shared by both ingress programs: follow the packet's live
+/// connection; otherwise (nothing tracked, or an entry that must be
+/// replaced) open a new one if the packet may, with the new-connection-only
+/// rules (reject, drop, source validation) first. `not_new`: the verdict for
+/// a packet that can neither use nor open a connection. `create` writes the
+/// new connection's entries for backend `(id, backend)` and returns its
+/// SERVICE value.
+#[inline(always)]
+fn to_frontend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    fe: &Frontend,
+    cfg: &DatapathConfig,
+    now: u32,
+    not_new: impl FnOnce() -> Result<i32, Reason>,
+    create: impl FnOnce(&CtKey4, u32, &netlb_common::BackendValue) -> Result<CtEntry4, Reason>,
+) -> Result<Result<Flow, i32>, Reason> {
+    let conn_key = conntrack::key(pkt, ct_kind::SERVICE);
+    let stale = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg, now) {
+        Found::Live(conn) => return Ok(Ok(Flow::Existing(conn))),
+        Found::Stale(old) => Some(old),
+        Found::Missing => None,
+    };
+    if !conntrack::can_open(pkt) {
+        return not_new().map(Err);
+    }
+    if fe.value.count == 0 {
+        return lb::no_backends(ctx, pkt, fe).map(Err);
+    }
+    if let Some(old) = stale {
+        let reopen = CtState::of(pkt.proto, old.flags) == CtState::Closing;
+        maps::count(if reopen {
+            stat::CT_REOPEN
+        } else {
+            stat::CT_RESELECT
+        });
+        conntrack::delete_links(&conn_key, &old);
+    }
+    let (id, backend) = lb::select_backend(fe, pkt)?;
+    let conn = create(&conn_key, id, &backend)?;
+    maps::count(stat::NEW_FLOW);
+    Ok(Ok(Flow::New(conn)))
+}
+
+#[inline(always)]
+fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
+    let pkt = match parse::parse(ctx)? {
+        Some(Parsed::L4(pkt)) => pkt,
+        Some(Parsed::IcmpError(e)) => {
+            icmp::from_pod(ctx, &e)?;
+            return Ok(NEXT);
+        }
+        None => return Ok(NEXT),
+    };
+    let cfg = maps::config();
+    let now = conntrack::now_s();
+    let loopback_be = cfg.service_loopback_be;
     if loopback_be != 0 && pkt.daddr_be == loopback_be {
         // A backend answering a hairpinned flow: translate it back here,
         // since the reply is addressed to the client's own pod, and send it
         // straight back (see `nat::bounce`).
-        if nat::reverse(ctx, &pkt)? {
-            return Ok(nat::bounce(ctx)?);
+        let key = conntrack::key(&pkt, ct_kind::REPLY);
+        if let Some(link) = conntrack::follow(&key, &pkt, &cfg, now, |_| true) {
+            nat::snat_to_frontend(ctx, &pkt, &link)?;
+            nat::dnat_addr(ctx, &pkt, pkt.saddr_be)?;
+            return nat::bounce(ctx);
         }
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     };
-    let sel = match lb::choose(ctx, &pkt, &fe)? {
-        Choice::Verdict(v) => return Ok(v),
-        Choice::Backend(sel) => sel,
-    };
-    let backend = sel.backend;
-
-    // Hairpin: the client is its own backend. Without SNAT the backend would
-    // answer itself directly and the client socket would see a pod address.
-    let hairpin = loopback_be != 0 && backend.address_be == pkt.saddr_be;
-    if sel.new_flow {
-        conntrack::create(
-            &pkt,
-            sel.id,
-            backend.address_be,
-            backend.port_be,
-            fe.value.rev_nat_index,
-            if hairpin { Some(loopback_be) } else { None },
-        )?;
-        maps::count(stat::NEW_FLOW);
+    // Only packets that change a connection's state are validated; a data
+    // packet with a forged source can only join the connection it names.
+    if conntrack::is_control(&pkt) || pkt.proto != proto::TCP {
+        validate_source(ctx, &pkt, &cfg)?;
     }
-    nat::dnat(ctx, &pkt, backend.address_be, backend.port_be)?;
-    if hairpin {
-        nat::snat_addr(ctx, &pkt, loopback_be)?;
-        maps::count(stat::HAIRPIN);
+    let flow = to_frontend(
+        ctx,
+        &pkt,
+        &fe,
+        &cfg,
+        now,
+        || Err(Reason::CtInvalid),
+        |conn_key, id, backend| {
+            // Hairpin: the client is its own backend. Without SNAT the
+            // backend would answer itself directly and the client socket
+            // would see a pod address.
+            let hairpin = loopback_be != 0 && backend.address_be == pkt.saddr_be;
+            let conn = CtEntry4 {
+                target_addr: backend.address_be,
+                target_port_be: backend.port_be,
+                nat_addr: if hairpin { loopback_be } else { 0 },
+                frontend_addr: pkt.daddr_be,
+                frontend_port_be: pkt.dport_be,
+                flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
+                backend_id: id,
+                rev_nat_index: fe.value.rev_nat_index,
+                lifetime_s: now.wrapping_add(cfg.timeout_s(pkt.proto, CtState::of(pkt.proto, 0))),
+                created_s: now,
+                ..Default::default()
+            };
+            let reply = conntrack::link_key(conn_key, &conn, ct_kind::REPLY);
+            conntrack::create(
+                conn_key,
+                &conn,
+                &[(reply, conntrack::link_value(&conn, conn.flags, now))],
+            )?;
+            Ok(conn)
+        },
+    )?;
+    let (conn, new_flow) = match flow {
+        Ok(Flow::Existing(conn)) => (conn, false),
+        Ok(Flow::New(conn)) => (conn, true),
+        Err(verdict) => return Ok(verdict),
+    };
+    nat::dnat(ctx, &pkt, conn.target_addr, conn.target_port_be)?;
+    if conn.flags & ct_flags::HAIRPIN != 0 {
+        nat::snat_addr(ctx, &pkt, conn.nat_addr)?;
+        if new_flow {
+            maps::count(stat::HAIRPIN);
+        }
     }
     maps::count(stat::FORWARD_NAT);
-    maps::count_backend(sel.id, sel.new_flow);
-    Ok(TC_ACT_OK)
+    maps::count_backend(conn.backend_id, new_flow);
+    Ok(NEXT)
 }
 
 #[inline(always)]
-fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+fn try_to_pod(ctx: &TcContext) -> Result<i32, Reason> {
+    let pkt = match parse::parse(ctx)? {
+        Some(Parsed::L4(pkt)) => pkt,
+        Some(Parsed::IcmpError(e)) => {
+            icmp::to_pod(ctx, &e)?;
+            return Ok(NEXT);
+        }
+        None => return Ok(NEXT),
     };
-    nat::reverse(ctx, &pkt)?;
-    Ok(TC_ACT_OK)
+    let key = conntrack::key(&pkt, ct_kind::REPLY);
+    let cfg = maps::config();
+    if let Some(link) = conntrack::follow(&key, &pkt, &cfg, conntrack::now_s(), |_| true) {
+        nat::snat_to_frontend(ctx, &pkt, &link)?;
+    }
+    Ok(NEXT)
 }
 
 #[inline(always)]
-fn try_from_netdev(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = maps::config();
+    let pkt = match parse::parse(ctx)? {
+        Some(Parsed::L4(pkt)) => pkt,
+        Some(Parsed::IcmpError(e)) => {
+            icmp::from_netdev(ctx, &e, cfg.snat_addr_be)?;
+            return Ok(NEXT);
+        }
+        None => return Ok(NEXT),
     };
-    let snat_addr_be = maps::config().snat_addr_be;
+    let now = conntrack::now_s();
     // Only packets to the node's SNAT address can be replies of source-NATed
     // flows; checking the address first spares every other packet a lookup.
-    if snat_addr_be != 0 && pkt.daddr_be == snat_addr_be && nodeport::restore_reply(ctx, &pkt)? {
-        return Ok(TC_ACT_OK);
+    if cfg.snat_addr_be != 0
+        && pkt.daddr_be == cfg.snat_addr_be
+        && nodeport::restore_reply(ctx, &pkt, &cfg, now)?
+    {
+        return Ok(NEXT);
     }
     // The external view: a Local traffic policy applies here.
     let Some(fe) = lb::lookup_frontend(&pkt, false) else {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     };
-    let sel = match lb::choose(ctx, &pkt, &fe)? {
-        Choice::Verdict(v) => return Ok(v),
-        Choice::Backend(sel) => sel,
-    };
-    if sel.new_flow {
-        nodeport::create_flow(&pkt, &fe, &sel, snat_addr_be)?;
-        maps::count(stat::NEW_FLOW);
+    let node_port = fe.value.flags & svc_flags::NODE_PORT != 0;
+    // A reply to one of the node's own UDP flows whose port is also a UDP
+    // node port is not a new Service flow.
+    if node_port && pkt.proto == proto::UDP && nodeport::is_host_reply(&pkt, now) {
+        maps::count(stat::PASS_HOST_FLOW);
+        return Ok(NEXT);
     }
-    nat::dnat(ctx, &pkt, sel.backend.address_be, sel.backend.port_be)?;
+    let flow = to_frontend(
+        ctx,
+        &pkt,
+        &fe,
+        &cfg,
+        now,
+        || {
+            // To a node port (an address of this node), a packet that cannot
+            // open a connection belongs to the node's own stack: a reply to a
+            // host or masqueraded connection whose port is also a node port.
+            if node_port {
+                maps::count(stat::PASS_NOT_NEW);
+                Ok(NEXT)
+            } else {
+                Err(Reason::CtInvalid)
+            }
+        },
+        |conn_key, id, backend| nodeport::create_flow(&pkt, conn_key, &fe, id, backend, &cfg, now),
+    )?;
+    let (conn, new_flow) = match flow {
+        Ok(Flow::Existing(conn)) => (conn, false),
+        Ok(Flow::New(conn)) => (conn, true),
+        Err(verdict) => return Ok(verdict),
+    };
+    nat::dnat(ctx, &pkt, conn.target_addr, conn.target_port_be)?;
     maps::count(stat::FORWARD_NAT);
-    maps::count_backend(sel.id, sel.new_flow);
-    Ok(TC_ACT_OK)
+    maps::count_backend(conn.backend_id, new_flow);
+    Ok(NEXT)
 }
 
 #[inline(always)]
-fn try_to_netdev(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+fn try_to_netdev(ctx: &TcContext) -> Result<i32, Reason> {
+    let pkt = match parse::parse(ctx)? {
+        Some(Parsed::L4(pkt)) => pkt,
+        Some(Parsed::IcmpError(e)) => {
+            icmp::to_netdev(ctx, &e)?;
+            return Ok(NEXT);
+        }
+        None => return Ok(NEXT),
     };
-    nodeport::egress(ctx, &pkt)?;
-    Ok(TC_ACT_OK)
+    let cfg = maps::config();
+    nodeport::egress(ctx, &pkt, &cfg, conntrack::now_s())?;
+    Ok(NEXT)
 }

@@ -4,7 +4,7 @@
 //! program's return value counts it in the per-CPU `STATS` map under the same
 //! index the agent exports as a metric label (`netlb_common::stat::NAMES`).
 
-use aya_ebpf::bindings::TC_ACT_SHOT;
+use aya_ebpf::bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT};
 use netlb_common::stat;
 
 use crate::maps;
@@ -16,11 +16,13 @@ pub enum Reason {
     MalformedL3 = stat::DROP_MALFORMED_L3,
     TruncatedL4 = stat::DROP_TRUNCATED_L4,
     NoBackendEntry = stat::DROP_NO_BACKEND_ENTRY,
-    CtWrite = stat::DROP_CT_WRITE,
+    CtFull = stat::DROP_CT_FULL,
     Rewrite = stat::DROP_REWRITE,
     RejectFailed = stat::DROP_REJECT_FAILED,
     NoLocalEndpoints = stat::DROP_NO_LOCAL_ENDPOINTS,
     NatPorts = stat::DROP_NAT_PORTS,
+    CtInvalid = stat::DROP_CT_INVALID,
+    SpoofedSource = stat::DROP_SPOOFED_SOURCE,
 }
 
 impl From<Reason> for i32 {
@@ -31,3 +33,10 @@ impl From<Reason> for i32 {
         TC_ACT_SHOT
     }
 }
+
+/// Hand the packet on to the next program on the hook (`TCX_NEXT`). Under
+/// TCX, `TC_ACT_OK` means `TCX_PASS`, which ends the chain: the programs a
+/// CNI or the bandwidth plugin attached after netlb would never run. On a
+/// classic clsact hook the same value is `TC_ACT_UNSPEC`, which also runs
+/// the next filter.
+pub const NEXT: i32 = TCX_NEXT;

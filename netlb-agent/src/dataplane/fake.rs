@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use netlb_common::{BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue};
 
-use super::{BackendId, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
+use super::{BackendId, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
 
 /// One operation, as applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +33,8 @@ pub struct FakeDataplane {
     pub backends: BTreeMap<BackendId, BackendValue>,
     pub rev_nat: BTreeMap<RevNatIndex, RevNatValue>,
     pub ops: Vec<Op>,
+    /// Backend ids whose counters were reset, in order.
+    pub stats_reset: Vec<BackendId>,
     /// Fail the operation with this index (counting every attempted
     /// operation from 0), once.
     pub fail_at: Option<usize>,
@@ -150,11 +152,42 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
+        self.stats_reset.push(id);
+        Ok(())
+    }
+
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
         Ok(ProgrammedMaps {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
         })
+    }
+}
+
+/// An in-memory conntrack table.
+#[derive(Debug, Default)]
+pub struct FakeConntrack {
+    pub entries: BTreeMap<CtKey4, CtEntry4>,
+    pub capacity: u32,
+}
+
+impl ConntrackTable for FakeConntrack {
+    fn entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>, DataplaneError> {
+        Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn get(&self, key: &CtKey4) -> Result<Option<CtEntry4>, DataplaneError> {
+        Ok(self.entries.get(key).copied())
+    }
+
+    fn delete(&mut self, key: &CtKey4) -> Result<(), DataplaneError> {
+        self.entries.remove(key);
+        Ok(())
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
     }
 }

@@ -1,23 +1,31 @@
-//! [`Dataplane`] over the real (kernel) BPF maps, through aya.
+//! [`Dataplane`] and [`ConntrackTable`] over the real (kernel) BPF maps,
+//! through aya; the conntrack snapshot uses `BPF_MAP_LOOKUP_BATCH`, which aya
+//! 0.14 does not wrap (the one raw `bpf(2)` call of the agent, in
+//! [`lookup_batch`]).
 
-use std::{io, path::Path};
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use netlb_common::{
-    BackendStats, BackendValue, ConntrackKey, ConntrackValue, RevNatValue, ServiceKey,
-    ServiceValue, map_names, stat,
+    BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue, map_names,
+    stat,
 };
 
-use super::{BackendId, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
+use super::{BackendId, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
 
 /// The service maps of a loaded datapath (or of a pinned one).
 pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
 }
 
 fn io_error(e: MapError) -> io::Error {
@@ -63,6 +71,10 @@ impl AyaDataplane {
             services: typed(take(ebpf, map_names::SERVICES)?, map_names::SERVICES)?,
             backends: typed(take(ebpf, map_names::BACKENDS)?, map_names::BACKENDS)?,
             rev_nat: typed(take(ebpf, map_names::REV_NAT)?, map_names::REV_NAT)?,
+            backend_stats: typed(
+                take(ebpf, map_names::BACKEND_STATS)?,
+                map_names::BACKEND_STATS,
+            )?,
         })
     }
 
@@ -72,7 +84,28 @@ impl AyaDataplane {
             services: typed(open_pinned(dir, map_names::SERVICES)?, map_names::SERVICES)?,
             backends: typed(open_pinned(dir, map_names::BACKENDS)?, map_names::BACKENDS)?,
             rev_nat: typed(open_pinned(dir, map_names::REV_NAT)?, map_names::REV_NAT)?,
+            backend_stats: typed(
+                open_pinned(dir, map_names::BACKEND_STATS)?,
+                map_names::BACKEND_STATS,
+            )?,
         })
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, id: BackendId) -> Result<BackendStats, DataplaneError> {
+        let per_cpu = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(|e| DataplaneError::Read {
+                map: map_names::BACKEND_STATS,
+                source: io_error(e),
+            })?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |sum, s| BackendStats {
+                flows: sum.flows + s.flows,
+                packets: sum.packets + s.packets,
+            }))
     }
 }
 
@@ -169,6 +202,25 @@ impl Dataplane for AyaDataplane {
         )
     }
 
+    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Write {
+            map: map_names::BACKEND_STATS,
+            key: id.to_string(),
+            source,
+        })?;
+        let zeroes =
+            PerCpuValues::try_from(vec![BackendStats::default(); cpus]).map_err(|source| {
+                DataplaneError::Write {
+                    map: map_names::BACKEND_STATS,
+                    key: id.to_string(),
+                    source,
+                }
+            })?;
+        self.backend_stats
+            .set(id, zeroes, 0)
+            .map_err(write_err(map_names::BACKEND_STATS, id.to_string()))
+    }
+
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
         Ok(ProgrammedMaps {
             services: collect(&self.services, map_names::SERVICES)?,
@@ -178,48 +230,22 @@ impl Dataplane for AyaDataplane {
     }
 }
 
-/// Read-only views of the other maps, for `netlb-agent list` and metrics.
+/// The per-CPU drop and packet counters, read-only (`list stats`, metrics).
 pub struct Observer {
-    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     stats: PerCpuArray<MapData, u64>,
-    backend_stats: Array<MapData, BackendStats>,
 }
 
 impl Observer {
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
         Ok(Self {
-            conntrack: typed(
-                open_pinned(dir, map_names::CONNTRACK)?,
-                map_names::CONNTRACK,
-            )?,
             stats: typed(open_pinned(dir, map_names::STATS)?, map_names::STATS)?,
-            backend_stats: typed(
-                open_pinned(dir, map_names::BACKEND_STATS)?,
-                map_names::BACKEND_STATS,
-            )?,
         })
     }
 
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         Ok(Self {
-            conntrack: typed(take(ebpf, map_names::CONNTRACK)?, map_names::CONNTRACK)?,
             stats: typed(take(ebpf, map_names::STATS)?, map_names::STATS)?,
-            backend_stats: typed(
-                take(ebpf, map_names::BACKEND_STATS)?,
-                map_names::BACKEND_STATS,
-            )?,
         })
-    }
-
-    /// Every conntrack entry.
-    pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DataplaneError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| DataplaneError::Read {
-                map: map_names::CONNTRACK,
-                source: io_error(e),
-            })
     }
 
     /// `STATS` summed over CPUs, by counter index.
@@ -237,14 +263,204 @@ impl Observer {
         }
         Ok(out)
     }
+}
 
-    /// Counters of one backend.
-    pub fn backend_stats(&self, id: BackendId) -> Result<BackendStats, DataplaneError> {
-        self.backend_stats
-            .get(&id, 0)
+/// Pod addresses by interface (`NETLB_POD_SOURCES`), for the datapath's
+/// source validation.
+pub struct PodSources {
+    map: HashMap<MapData, u32, u32>,
+    /// What is programmed: address (`be`) -> ifindex.
+    programmed: std::collections::BTreeMap<u32, u32>,
+}
+
+impl PodSources {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let map: HashMap<MapData, u32, u32> =
+            typed(take(ebpf, map_names::POD_SOURCES)?, map_names::POD_SOURCES)?;
+        // Adopt what an earlier agent wrote.
+        let programmed =
+            map.iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| DataplaneError::Read {
+                    map: map_names::POD_SOURCES,
+                    source: io_error(e),
+                })?;
+        Ok(Self { map, programmed })
+    }
+
+    /// Makes the map hold exactly `want` (address `be` -> ifindex); returns
+    /// the number of writes and deletes.
+    pub fn sync(
+        &mut self,
+        want: &std::collections::BTreeMap<u32, u32>,
+    ) -> Result<usize, DataplaneError> {
+        let mut ops = 0;
+        for (addr, ifindex) in want {
+            if self.programmed.get(addr) != Some(ifindex) {
+                self.map
+                    .insert(addr, ifindex, 0)
+                    .map_err(write_err(map_names::POD_SOURCES, addr.to_string()))?;
+                self.programmed.insert(*addr, *ifindex);
+                ops += 1;
+            }
+        }
+        let stale: Vec<u32> = self
+            .programmed
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for addr in stale {
+            delete_result(
+                self.map.remove(&addr),
+                map_names::POD_SOURCES,
+                addr.to_string(),
+            )?;
+            self.programmed.remove(&addr);
+            ops += 1;
+        }
+        Ok(ops)
+    }
+}
+
+/// The conntrack map.
+pub struct KernelConntrack {
+    map: HashMap<MapData, CtKey4, CtEntry4>,
+    capacity: u32,
+}
+
+impl KernelConntrack {
+    fn new(map: Map) -> Result<Self, DataplaneError> {
+        let map: HashMap<MapData, CtKey4, CtEntry4> = typed(map, map_names::CONNTRACK)?;
+        let capacity = aya::maps::IterableMap::map(&map)
+            .info()
             .map_err(|e| DataplaneError::Read {
-                map: map_names::BACKEND_STATS,
+                map: map_names::CONNTRACK,
                 source: io_error(e),
-            })
+            })?
+            .max_entries();
+        Ok(Self { map, capacity })
+    }
+
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        Self::new(open_pinned(dir, map_names::CONNTRACK)?)
+    }
+
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Self::new(take(ebpf, map_names::CONNTRACK)?)
+    }
+
+    /// Inserts or replaces an entry (tests seed the table with it).
+    pub fn insert(&mut self, key: &CtKey4, value: &CtEntry4) -> Result<(), DataplaneError> {
+        self.map
+            .insert(key, value, 0)
+            .map_err(write_err(map_names::CONNTRACK, format!("{key:?}")))
+    }
+}
+
+impl ConntrackTable for KernelConntrack {
+    fn entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>, DataplaneError> {
+        let fd = aya::maps::IterableMap::map(&self.map)
+            .fd()
+            .as_fd()
+            .as_raw_fd();
+        lookup_batch(fd).map_err(|source| DataplaneError::Read {
+            map: map_names::CONNTRACK,
+            source,
+        })
+    }
+
+    fn get(&self, key: &CtKey4) -> Result<Option<CtEntry4>, DataplaneError> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(DataplaneError::Read {
+                map: map_names::CONNTRACK,
+                source: io_error(e),
+            }),
+        }
+    }
+
+    fn delete(&mut self, key: &CtKey4) -> Result<(), DataplaneError> {
+        delete_result(
+            self.map.remove(key),
+            map_names::CONNTRACK,
+            format!("{key:?}"),
+        )
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (v5.6).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per call.
+const BATCH: usize = 4096;
+
+/// Reads a whole conntrack map with `BPF_MAP_LOOKUP_BATCH`, thousands of
+/// entries per system call instead of two calls per entry: a sweep of a
+/// full default-sized table takes tens of milliseconds, not seconds. The
+/// hash map's batch token is its bucket index (a `u32`).
+fn lookup_batch(fd: i32) -> io::Result<Vec<(CtKey4, CtEntry4)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![CtKey4::default(); BATCH];
+    let mut values = vec![CtEntry4::default(); BATCH];
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const token_in) as u64
+            },
+            out_batch: (&raw mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` points to buffers of `count` keys and values of the
+        // map's key and value sizes (checked when the map was typed) and to
+        // 8-byte tokens, all alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(BATCH);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
     }
 }

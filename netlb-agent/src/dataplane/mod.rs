@@ -7,7 +7,7 @@
 pub mod fake;
 pub mod kernel;
 
-use netlb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use netlb_common::{BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue};
 
 /// Backend id: key of the `BACKENDS` map, `1..=MAX_BACKENDS`.
 pub type BackendId = u32;
@@ -67,6 +67,20 @@ pub trait Dataplane {
         value: &RevNatValue,
     ) -> Result<(), DataplaneError>;
     fn delete_rev_nat(&mut self, index: RevNatIndex) -> Result<(), DataplaneError>;
+    /// Zeroes a backend id's counters (before the id is handed out again).
+    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
     /// Reads back everything programmed (adoption after a restart).
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError>;
+}
+
+/// The conntrack table as the garbage collector sees it.
+pub trait ConntrackTable {
+    /// Every entry (a snapshot; the datapath keeps writing meanwhile).
+    fn entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>, DataplaneError>;
+    /// One entry as it is now.
+    fn get(&self, key: &CtKey4) -> Result<Option<CtEntry4>, DataplaneError>;
+    /// Deletes an entry; deleting a missing one is not an error.
+    fn delete(&mut self, key: &CtKey4) -> Result<(), DataplaneError>;
+    /// The table's size (max entries).
+    fn capacity(&self) -> u32;
 }

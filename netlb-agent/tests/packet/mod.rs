@@ -1,5 +1,9 @@
 //! Test packets: a builder that computes every checksum from scratch, and a
 //! parser that checks them from scratch.
+#![allow(
+    dead_code,
+    reason = "shared by the test binaries and the bench, each using part of it"
+)]
 
 use std::net::Ipv4Addr;
 
@@ -91,6 +95,11 @@ impl PacketBuilder {
         self
     }
 
+    pub fn rst(mut self) -> Self {
+        self.tcp_flags |= 0x04;
+        self
+    }
+
     pub fn fin(mut self) -> Self {
         self.tcp_flags |= 0x01;
         self
@@ -117,6 +126,45 @@ impl PacketBuilder {
     pub fn zero_udp_checksum(mut self) -> Self {
         self.zero_udp_checksum = true;
         self
+    }
+
+    /// An ICMP error frame from `src` to `dst` of `kind`/`code` quoting
+    /// `about` (a frame from this builder): its IPv4 header and the first 8
+    /// bytes after it, as RFC 792 says. `rest` is the 4-byte field after the
+    /// checksum (the next-hop MTU of fragmentation needed, in its low half).
+    pub fn icmp_error(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        kind: u8,
+        code: u8,
+        rest: u32,
+        about: &[u8],
+    ) -> Vec<u8> {
+        let mut icmp = vec![kind, code, 0, 0];
+        icmp.extend_from_slice(&rest.to_be_bytes());
+        icmp.extend_from_slice(&about[14..14 + 20 + 8]);
+        let csum = checksum(&[&icmp]);
+        icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+        let mut ip = Vec::new();
+        ip.push(0x45);
+        ip.push(0xc0);
+        ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&0x4321u16.to_be_bytes());
+        ip.extend_from_slice(&[0, 0]);
+        ip.push(64);
+        ip.push(proto::ICMP);
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let ip_csum = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&HOST_MAC);
+        frame.extend_from_slice(&CLIENT_MAC);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&icmp);
+        frame
     }
 
     /// An ARP request frame.
@@ -265,6 +313,25 @@ impl<'a> Ipv4Packet<'a> {
     /// Everything after the IPv4 header.
     pub fn payload_with_l4_header(&self) -> &[u8] {
         self.l4()
+    }
+
+    /// The packet an ICMP error quotes: its addresses and ports, and whether
+    /// the quoted IPv4 header's checksum is right.
+    pub fn quoted(&self) -> (Ipv4Addr, u16, Ipv4Addr, u16, bool) {
+        assert_eq!(self.protocol(), proto::ICMP);
+        let inner = &self.l4()[8..];
+        let ip = &inner[..20];
+        let mut zeroed = ip.to_vec();
+        let stored = u16::from_be_bytes([zeroed[10], zeroed[11]]);
+        zeroed[10..12].copy_from_slice(&[0, 0]);
+        let ok = checksum(&[&zeroed]) == stored;
+        (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            u16::from_be_bytes([inner[20], inner[21]]),
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            u16::from_be_bytes([inner[22], inner[23]]),
+            ok,
+        )
     }
 
     /// Recomputes the IPv4 and L4 checksums from scratch and compares.

@@ -11,10 +11,24 @@
 //! one connection; prints the greeting, sends a numbered line every interval
 //! and checks its echo (2 s each); exits 0 only if every line came back.
 //!
-//! `netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S]`:
-//! new connections as fast as possible, one HTTP request each (`Connection:
-//! close`; the client ends each with RST so no 4-tuple lingers); prints
-//! `connections=N failures=F seconds=S rate=R`.
+//! `netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S]
+//!  [--count N] [--rate R] [--source IP]... [--close rst|fin|mixed]`:
+//! new connections (at most R a second, until N of them or S seconds), one
+//! HTTP request each, from the source addresses in turn. `rst` (default):
+//! `Connection: close`, then the client ends with RST, so no 4-tuple
+//! lingers; `fin`: keep-alive, the client reads the whole response and
+//! closes first (FIN), so only the client side keeps TIME_WAIT; `mixed`:
+//! every other connection each way. Prints `connections=N failures=F
+//! seconds=S rate=R`.
+//!
+//! `netlb-echo udp-client --connect IP:PORT [--interval-ms N] [--duration-s S]`:
+//! one connected UDP socket (one tuple) sending a DNS query every interval;
+//! prints `MS ANSWER` for every answer (ms since start, the answering
+//! backend's `--dns-answer`) and `MS error ...` for every failure.
+//!
+//! `netlb-echo udp-query --connect IP:PORT [--timeout-ms N]`: one query on a
+//! connected UDP socket; exit 0 with the answer, 3 when refused (ICMP port
+//! unreachable reached the socket), 4 on timeout.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -25,7 +39,7 @@ use std::{
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S]"
+        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S] [--count N] [--rate R] [--source IP]... [--close rst|fin|mixed]\n       netlb-echo udp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo udp-query --connect IP:PORT [--timeout-ms N]"
     );
     ExitCode::from(2)
 }
@@ -36,6 +50,8 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("tcp-client") => tcp_client(&args[1..]),
         Some("connect-rate") => connect_rate(&args[1..]),
+        Some("udp-client") => udp_client(&args[1..]),
+        Some("udp-query") => udp_query(&args[1..]),
         _ => usage(),
     }
 }
@@ -140,13 +156,29 @@ fn http_connection(stream: TcpStream, name: &str) {
                 content_length = v.trim().parse().unwrap_or(0);
             }
         }
-        if content_length > 0 {
-            let mut body = vec![0u8; content_length.min(1 << 20)];
-            if reader.read_exact(&mut body).is_err() {
-                return;
+        let received = match std::io::copy(
+            &mut (&mut reader).take(content_length as u64),
+            &mut std::io::sink(),
+        ) {
+            Ok(n) if n == content_length as u64 => n,
+            _ => return,
+        };
+        // `GET /bytes/N`: a body of N bytes (large responses).
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let body = match path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => {
+                let mut b = vec![b'x'; n.min(64 << 20)];
+                if let Some(last) = b.last_mut() {
+                    *last = b'\n';
+                }
+                String::from_utf8(b).unwrap_or_default()
             }
-        }
-        let body = format!("{name} {peer}\n");
+            None if received > 0 => format!("{name} {peer} received={received}\n"),
+            None => format!("{name} {peer}\n"),
+        };
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
@@ -268,39 +300,98 @@ fn tcp_client(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// One connection with one request; whether a 200 came back.
-fn one_request(addr: &SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(addr, Duration::from_secs(1)) else {
-        return false;
+/// How a load-generator connection ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// `Connection: close`; the client resets once the server closed.
+    Rst,
+    /// Keep-alive; the client reads the response and closes first.
+    Fin,
+}
+
+/// One connection from `source` (any address when `None`) with one
+/// request; whether a 200 came back.
+fn one_request(addr: &SocketAddr, source: Option<Ipv4Addr>, close: Close) -> bool {
+    let socket = match socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    ) {
+        Ok(s) => s,
+        Err(_) => return false,
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: netlb\r\nConnection: close\r\n\r\n")
+    if let Some(ip) = source
+        && socket.bind(&SocketAddr::from((ip, 0)).into()).is_err()
+    {
+        return false;
+    }
+    if socket
+        .connect_timeout(&(*addr).into(), Duration::from_secs(5))
         .is_err()
     {
         return false;
     }
-    let mut response = Vec::new();
-    // The server closes after the response: read to EOF.
-    let ok = stream.read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.1 200");
-    // Close with RST (SO_LINGER 0): neither side keeps the 4-tuple in
-    // TIME_WAIT, so the client's ports can be reused at once, as a load
-    // generator needs at thousands of connections per second.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
+    let mut stream: TcpStream = socket.into();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request: &[u8] = match close {
+        Close::Rst => b"GET / HTTP/1.1\r\nHost: netlb\r\nConnection: close\r\n\r\n",
+        Close::Fin => b"GET / HTTP/1.1\r\nHost: netlb\r\n\r\n",
     };
-    // SAFETY: setsockopt on a socket we own, with a correctly sized value.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        );
+    if stream.write_all(request).is_err() {
+        return false;
+    }
+    let ok = match close {
+        // The server closes after the response: read to EOF.
+        Close::Rst => {
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.1 200")
+        }
+        Close::Fin => read_one_response(&stream),
+    };
+    if close == Close::Rst {
+        // Close with RST (SO_LINGER 0): neither side keeps the 4-tuple in
+        // TIME_WAIT, so the client's ports can be reused at once, as a load
+        // generator needs at thousands of connections per second.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket we own, with a correctly sized value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            );
+        }
     }
     ok
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length; whether it was a 200.
+fn read_one_response(stream: &TcpStream) -> bool {
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    if reader.read_line(&mut status).is_err() || !status.starts_with("HTTP/1.1 200") {
+        return false;
+    }
+    let mut length = 0u64;
+    loop {
+        let mut header = String::new();
+        match reader.read_line(&mut header) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+        if header == "\r\n" {
+            break;
+        }
+        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    matches!(std::io::copy(&mut reader.take(length), &mut std::io::sink()), Ok(n) if n == length)
 }
 
 fn connect_rate(args: &[String]) -> ExitCode {
@@ -310,29 +401,62 @@ fn connect_rate(args: &[String]) -> ExitCode {
     else {
         return usage();
     };
-    let threads: usize = values(args, "--threads")
-        .first()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let duration = Duration::from_secs(
-        values(args, "--duration-s")
+    let number = |flag: &str, default: u64| {
+        values(args, flag)
             .first()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5),
-    );
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let threads = number("--threads", 4) as usize;
+    let duration = Duration::from_secs(number("--duration-s", 5));
+    let count = number("--count", u64::MAX);
+    let rate = number("--rate", 0);
+    let sources: Vec<Option<Ipv4Addr>> = {
+        let listed: Vec<Option<Ipv4Addr>> = values(args, "--source")
+            .iter()
+            .filter_map(|s| s.parse().ok().map(Some))
+            .collect();
+        if listed.is_empty() {
+            vec![None]
+        } else {
+            listed
+        }
+    };
+    let mode = values(args, "--close").first().copied().unwrap_or("rst");
     let started = Instant::now();
+    let issued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sources = std::sync::Arc::new(sources);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
+            let issued = std::sync::Arc::clone(&issued);
+            let sources = std::sync::Arc::clone(&sources);
+            let mode = mode.to_owned();
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
-                while started.elapsed() < duration {
-                    if one_request(&addr) {
+                loop {
+                    let n = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= count || started.elapsed() >= duration {
+                        return (ok, failed);
+                    }
+                    if rate > 0 {
+                        // Pace: connection n starts no earlier than n / rate s.
+                        let due = Duration::from_secs_f64(n as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    let close = match mode.as_str() {
+                        "fin" => Close::Fin,
+                        "mixed" if n % 2 == 1 => Close::Fin,
+                        _ => Close::Rst,
+                    };
+                    let source = sources[(n % sources.len() as u64) as usize];
+                    if one_request(&addr, source, close) {
                         ok += 1;
                     } else {
                         failed += 1;
                     }
                 }
-                (ok, failed)
             })
         })
         .collect();
@@ -351,4 +475,105 @@ fn connect_rate(args: &[String]) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// A DNS query for `netlb.test` with id `id`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["netlb", "test"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The A record of a reply to `dns_query`.
+fn dns_answer(reply: &[u8]) -> Option<Ipv4Addr> {
+    let a = reply.get(reply.len().checked_sub(4)?..)?;
+    Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+}
+
+fn connected_udp(args: &[String]) -> Option<UdpSocket> {
+    let addr = values(args, "--connect")
+        .first()
+        .and_then(|a| a.parse::<SocketAddr>().ok())?;
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect(addr).ok()?;
+    Some(socket)
+}
+
+fn udp_client(args: &[String]) -> ExitCode {
+    let Some(socket) = connected_udp(args) else {
+        return usage();
+    };
+    let number = |flag: &str, default: u64| {
+        values(args, flag)
+            .first()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let interval = Duration::from_millis(number("--interval-ms", 100));
+    let duration = Duration::from_secs(number("--duration-s", 5));
+    let _ = socket.set_read_timeout(Some(interval));
+    let started = Instant::now();
+    let mut id = 0u16;
+    let mut buf = [0u8; 512];
+    while started.elapsed() < duration {
+        id = id.wrapping_add(1);
+        let sent_at = Instant::now();
+        let ms = started.elapsed().as_millis();
+        if let Err(e) = socket.send(&dns_query(id)) {
+            println!("{ms} error send: {e}");
+        } else {
+            match socket.recv(&mut buf) {
+                Ok(n) => match dns_answer(&buf[..n]) {
+                    Some(ip) => println!("{ms} {ip}"),
+                    None => println!("{ms} error short reply"),
+                },
+                Err(e) => println!("{ms} error recv: {e}"),
+            }
+        }
+        if let Some(rest) = interval.checked_sub(sent_at.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn udp_query(args: &[String]) -> ExitCode {
+    let Some(socket) = connected_udp(args) else {
+        return usage();
+    };
+    let timeout = values(args, "--timeout-ms")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000u64);
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(timeout)));
+    if let Err(e) = socket.send(&dns_query(1)) {
+        println!("send: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut buf = [0u8; 512];
+    match socket.recv(&mut buf) {
+        Ok(n) => {
+            println!(
+                "{}",
+                dns_answer(&buf[..n])
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            println!("refused");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::from(4)
+        }
+    }
 }

@@ -233,13 +233,23 @@ impl Cluster {
     }
 
     pub fn start_agents_with(&mut self, source: AgentSource) {
+        self.start_agents_with_args(source, &[]);
+    }
+
+    /// One agent per node from the manifest directory, with extra flags.
+    pub fn start_agents_args(&mut self, args: &[&str]) {
+        let source = AgentSource::Manifests(self.manifests.clone());
+        self.start_agents_with_args(source, args);
+    }
+
+    pub fn start_agents_with_args(&mut self, source: AgentSource, args: &[&str]) {
         for node in self.tb.nodes.clone() {
             let agent = AgentProcess::start(
                 &node,
                 &AgentOptions {
                     binary: find_binary("netlb-agent"),
                     source: source.clone(),
-                    extra_args: vec![],
+                    extra_args: args.iter().map(|a| a.to_string()).collect(),
                     cleanup_on_exit: true,
                 },
                 &self.tb.dir.join(format!("agent-node{}.log", node.index)),
@@ -298,4 +308,63 @@ pub fn curl(tb: &Testbed, netns: &str, url: &str, timeout_s: u32) -> Option<Stri
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `netlb-echo` with `args` in `netns` to completion: (exit code,
+/// stdout).
+pub fn echo(tb: &Testbed, netns: &str, args: &[&str]) -> (Option<i32>, String) {
+    let bin = find_binary("netlb-echo");
+    let mut full = vec![bin.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let out = tb.exec(netns, &full).expect("netlb-echo");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Starts `netlb-echo` with `args` in `netns` in the background, its output
+/// in `log`.
+pub fn spawn_echo(netns: &str, args: &[&str], log: &std::path::Path) -> ChildGuard {
+    let bin = find_binary("netlb-echo");
+    let mut full = vec![bin.to_str().unwrap()];
+    full.extend_from_slice(args);
+    ChildGuard::spawn_in(netns, &full, Some(log)).expect("netlb-echo")
+}
+
+/// Parses `connect-rate` output: (connections, failures).
+pub fn connect_rate_result(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+    };
+    (field("connections="), field("failures="))
+}
+
+/// `netlb-agent list WHAT -o json` for a node's pinned maps.
+pub fn list_json(c: &Cluster, node: usize, what: &str) -> serde_json::Value {
+    let out = std::process::Command::new(find_binary("netlb-agent"))
+        .args(["list", what, "-o", "json", "--bpffs"])
+        .arg(&c.tb.nodes[node].bpffs)
+        .output()
+        .expect("netlb-agent list");
+    assert!(
+        out.status.success(),
+        "list {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("list json")
+}
+
+/// A datapath counter of a node, by name (`list stats`).
+pub fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
+    list_json(c, node, "stats")
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["counter"] == name)
+        .and_then(|r| r["value"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name}"))
 }

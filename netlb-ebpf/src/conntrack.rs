@@ -158,16 +158,11 @@ pub enum Found {
 /// Cilium), only while alive, and a TCP SYN (without ACK) on a closing
 /// connection starts a new one on the reused tuple.
 #[inline(always)]
-pub fn find(
-    conn_key: &CtKey4,
-    pkt: &Packet,
-    rev_nat_index: u32,
-    cfg: &DatapathConfig,
-    now: u32,
-) -> Found {
+pub fn find(conn_key: &CtKey4, pkt: &Packet, rev_nat_index: u32, cfg: &DatapathConfig) -> Found {
     let Some(conn) = maps::CONNTRACK.get_ptr_mut(conn_key) else {
         return Found::Missing;
     };
+    let now = now_s();
     // SAFETY: pointer to a live map value, copied out.
     let value = unsafe { *conn };
     let reopen = pkt.proto == proto::TCP
@@ -271,10 +266,12 @@ pub fn follow(
     link_key_: &CtKey4,
     pkt: &Packet,
     cfg: &DatapathConfig,
-    now: u32,
     reply: impl FnOnce(&CtEntry4) -> bool,
 ) -> Option<CtEntry4> {
     let link = maps::CONNTRACK.get_ptr_mut(link_key_)?;
+    // The clock is read only once a packet is known to be tracked: most
+    // packets on these hooks are not, and pay for one lookup only.
+    let now = now_s();
     // SAFETY: pointer to a live map value, copied out.
     let value = unsafe { *link };
     if now < value.lifetime_s && !is_control(pkt) {
@@ -312,9 +309,10 @@ pub fn follow(
 /// Looks up a link without recording anything (ICMP errors): returns it if
 /// its connection is alive and still owns it.
 #[inline(always)]
-pub fn peek_link(link_key_: &CtKey4, now: u32) -> Option<CtEntry4> {
+pub fn peek_link(link_key_: &CtKey4) -> Option<CtEntry4> {
     // SAFETY: values are copied out at once.
     let value = *unsafe { maps::CONNTRACK.get(link_key_) }?;
+    let now = now_s();
     let conn_key = netlb_common::ct_link_owner(link_key_, &value);
     let conn = *unsafe { maps::CONNTRACK.get(conn_key) }?;
     (alive(&conn, now) && link_key(&conn_key, &conn, link_key_.kind) == *link_key_).then_some(value)
@@ -322,8 +320,9 @@ pub fn peek_link(link_key_: &CtKey4, now: u32) -> Option<CtEntry4> {
 
 /// Looks up a live connection without recording anything (ICMP errors).
 #[inline(always)]
-pub fn peek_conn(conn_key: &CtKey4, now: u32) -> Option<CtEntry4> {
+pub fn peek_conn(conn_key: &CtKey4) -> Option<CtEntry4> {
     // SAFETY: the value is copied out at once.
     let conn = *unsafe { maps::CONNTRACK.get(conn_key) }?;
+    let now = now_s();
     alive(&conn, now).then_some(conn)
 }

@@ -84,8 +84,7 @@ fn translated() {
 /// `to_pod`: an error about a packet a client pod sent to a frontend.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, e: &IcmpError) -> Result<(), Reason> {
-    let now = conntrack::now_s();
-    let Some(link) = conntrack::peek_link(&reversed(&e.inner, ct_kind::REPLY), now) else {
+    let Some(link) = conntrack::peek_link(&reversed(&e.inner, ct_kind::REPLY)) else {
         return Ok(());
     };
     if link.flags & ct_flags::HAIRPIN != 0 {
@@ -101,8 +100,7 @@ pub fn to_pod(ctx: &TcContext, e: &IcmpError) -> Result<(), Reason> {
 /// frontend (`from_pod` and `from_netdev`): it goes to the backend.
 #[inline(always)]
 fn about_reply(ctx: &TcContext, e: &IcmpError) -> Result<bool, Reason> {
-    let now = conntrack::now_s();
-    let Some(conn) = conntrack::peek_conn(&reversed(&e.inner, ct_kind::SERVICE), now) else {
+    let Some(conn) = conntrack::peek_conn(&reversed(&e.inner, ct_kind::SERVICE)) else {
         return Ok(false);
     };
     if conn.flags & ct_flags::HAIRPIN != 0 {
@@ -129,14 +127,14 @@ pub fn from_pod(ctx: &TcContext, e: &IcmpError) -> Result<(), Reason> {
 /// remote backend, or about a reply it translated for an outside client.
 #[inline(always)]
 pub fn from_netdev(ctx: &TcContext, e: &IcmpError, snat_addr_be: u32) -> Result<(), Reason> {
-    if snat_addr_be != 0 && e.outer_daddr_be == snat_addr_be {
-        let now = conntrack::now_s();
-        if let Some(link) = conntrack::peek_link(&reversed(&e.inner, ct_kind::NAT_IN), now) {
-            inner_src(ctx, e, link.target_addr, link.target_port_be)?;
-            nat::icmp_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr_be, link.target_addr)?;
-            translated();
-            return Ok(());
-        }
+    if snat_addr_be != 0
+        && e.outer_daddr_be == snat_addr_be
+        && let Some(link) = conntrack::peek_link(&reversed(&e.inner, ct_kind::NAT_IN))
+    {
+        inner_src(ctx, e, link.target_addr, link.target_port_be)?;
+        nat::icmp_outer_addr(ctx, IP_DADDR_OFF, e.outer_daddr_be, link.target_addr)?;
+        translated();
+        return Ok(());
     }
     about_reply(ctx, e).map(|_| ())
 }
@@ -146,7 +144,6 @@ pub fn from_netdev(ctx: &TcContext, e: &IcmpError, snat_addr_be: u32) -> Result<
 /// (about a reply).
 #[inline(always)]
 pub fn to_netdev(ctx: &TcContext, e: &IcmpError) -> Result<(), Reason> {
-    let now = conntrack::now_s();
     let mut key = tuple(
         e.inner.saddr_be,
         e.inner.sport_be,
@@ -156,7 +153,7 @@ pub fn to_netdev(ctx: &TcContext, e: &IcmpError) -> Result<(), Reason> {
         ct_kind::EGRESS,
     );
     let swapped = netlb_common::ct_normalize(&mut key);
-    let Some(link) = conntrack::peek_link(&key, now) else {
+    let Some(link) = conntrack::peek_link(&key) else {
         return Ok(());
     };
     let quoted_from_client = (link.flags & ct_flags::CLIENT_IS_SADDR != 0) != swapped;

@@ -183,14 +183,9 @@ fn random_port(min: u32, max: u32) -> u32 {
 /// `from_netdev`: a reply to a source-NATed flow gets its client back as
 /// destination. Returns whether the packet was one.
 #[inline(always)]
-pub fn restore_reply(
-    ctx: &TcContext,
-    pkt: &Packet,
-    cfg: &DatapathConfig,
-    now: u32,
-) -> Result<bool, Reason> {
+pub fn restore_reply(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<bool, Reason> {
     let key = conntrack::key(pkt, ct_kind::NAT_IN);
-    let Some(link) = conntrack::follow(&key, pkt, cfg, now, |_| true) else {
+    let Some(link) = conntrack::follow(&key, pkt, cfg, |_| true) else {
         return Ok(false);
     };
     nat::dnat(ctx, pkt, link.target_addr, link.target_port_be)?;
@@ -203,14 +198,14 @@ pub fn restore_reply(
 /// clients. Untracked UDP from a NodePort-range port of a node address that
 /// is a UDP node port is recorded as a host flow (see `ct_kind::HOST`).
 #[inline(always)]
-pub fn egress(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig, now: u32) -> Result<(), Reason> {
+pub fn egress(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<(), Reason> {
     let mut key = conntrack::key(pkt, ct_kind::EGRESS);
     let swapped = netlb_common::ct_normalize(&mut key);
     // The packet travels client -> backend when the client end is its source.
     let from_client = |link: &CtEntry4| (link.flags & ct_flags::CLIENT_IS_SADDR != 0) != swapped;
-    let Some(link) = conntrack::follow(&key, pkt, cfg, now, |l| !from_client(l)) else {
+    let Some(link) = conntrack::follow(&key, pkt, cfg, |l| !from_client(l)) else {
         if pkt.proto == proto::UDP {
-            record_host_flow(pkt, cfg, now);
+            record_host_flow(pkt, cfg);
         }
         return Ok(());
     };
@@ -228,7 +223,7 @@ pub fn egress(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig, now: u32) -> 
 /// node whose source is a UDP node port: its replies would otherwise look
 /// like new connections to that node port.
 #[inline(always)]
-fn record_host_flow(pkt: &Packet, cfg: &DatapathConfig, now: u32) {
+fn record_host_flow(pkt: &Packet, cfg: &DatapathConfig) {
     let sport = u16::from_be(pkt.sport_be);
     if sport < cfg.nodeport_min || sport > cfg.nodeport_max {
         return;
@@ -254,6 +249,7 @@ fn record_host_flow(pkt: &Packet, cfg: &DatapathConfig, now: u32) {
         pkt.proto,
         ct_kind::HOST,
     );
+    let now = conntrack::now_s();
     let lifetime = now.wrapping_add(cfg.timeout_other_s);
     if let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) {
         // SAFETY: pointer to a live map value; a plain store of a lifetime.
@@ -277,11 +273,11 @@ fn record_host_flow(pkt: &Packet, cfg: &DatapathConfig, now: u32) {
 /// `from_netdev`: whether a UDP datagram to a node port is the reply of a
 /// recorded host flow.
 #[inline(always)]
-pub fn is_host_reply(pkt: &Packet, now: u32) -> bool {
+pub fn is_host_reply(pkt: &Packet) -> bool {
     let key = conntrack::key(pkt, ct_kind::HOST);
     // SAFETY: the value is copied out at once.
     match unsafe { maps::CONNTRACK.get(key) } {
-        Some(entry) => now <= entry.lifetime_s,
+        Some(entry) => conntrack::now_s() <= entry.lifetime_s,
         None => false,
     }
 }

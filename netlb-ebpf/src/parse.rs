@@ -43,9 +43,10 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
-/// Longest header prefix we read: an ICMP error with its quoted headers
-/// (longer than Ethernet + IPv4 + TCP).
-const MAX_HDR: usize = INNER_L4_OFF + QUOTED_L4;
+/// Header prefix of a TCP or UDP packet: Ethernet + IPv4 + TCP.
+const L4_HDR: usize = L4_OFF + TCP_HLEN;
+/// Header prefix of an ICMP error with its quoted headers.
+const ICMP_HDR: usize = INNER_L4_OFF + QUOTED_L4;
 
 /// IPv4 header, as on the wire.
 #[repr(C)]
@@ -118,9 +119,25 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// The quoted header of an ICMP error, if it is one netlb can translate.
+/// Makes the first `len` bytes linear (headers may sit partly in paged data,
+/// e.g. after GRO). Only when they are not already and the packet has more:
+/// the helper call is not free, and a short packet (a pure ACK is shorter
+/// than an ICMP error's headers) gains nothing from it. A failure only
+/// leaves the packet shorter than `len`, which the bounds checks sort out.
+/// Invalidates every packet pointer taken before.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
+fn linearize(ctx: &TcContext, len: usize) {
+    let linear = ctx.data_end() - ctx.data();
+    if linear < len && (linear as u32) < ctx.len() {
+        let _ = ctx.pull_data(ctx.len().min(len as u32));
+    }
+}
+
+/// The quoted header of an ICMP error, if it is one netlb can translate.
+/// `outer`: the error's own source and destination.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, outer: (u32, u32)) -> Option<IcmpError> {
+    linearize(ctx, ICMP_HDR);
     let kind = ptr_at::<u8>(ctx, L4_OFF)?;
     // SAFETY: `ptr_at` checked the bounds.
     let kind = unsafe { *kind };
@@ -137,8 +154,8 @@ fn icmp_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
     // SAFETY: `ptr_at` checked the bounds.
     let [sport_be, dport_be] = unsafe { *ports };
     Some(IcmpError {
-        outer_saddr_be: outer.saddr_be,
-        outer_daddr_be: outer.daddr_be,
+        outer_saddr_be: outer.0,
+        outer_daddr_be: outer.1,
         inner: Packet {
             saddr_be: inner.saddr_be,
             daddr_be: inner.daddr_be,
@@ -154,13 +171,7 @@ fn icmp_error(ctx: &TcContext, outer: &Ipv4Hdr) -> Option<IcmpError> {
 /// Parses the packet. `Ok(None)`: not ours, pass it unmodified.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
-    // Headers may sit partly in paged data (e.g. GRO); pull up to the longest
-    // prefix we read into the linear area. Failure only means the packet is
-    // shorter than that, which the bounds checks below sort out.
-    if ctx.data() + MAX_HDR > ctx.data_end() {
-        let len = ctx.len().min(MAX_HDR as u32);
-        let _ = ctx.pull_data(len);
-    }
+    linearize(ctx, L4_HDR);
     let Some(eth_type) = ptr_at::<u16>(ctx, 12) else {
         return Ok(None);
     };
@@ -192,7 +203,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
         return Ok(None);
     }
     if ip.protocol == proto::ICMP {
-        return Ok(icmp_error(ctx, ip).map(Parsed::IcmpError));
+        return Ok(icmp_error(ctx, (ip.saddr_be, ip.daddr_be)).map(Parsed::IcmpError));
     }
     let (saddr_be, daddr_be, protocol) = (ip.saddr_be, ip.daddr_be, ip.protocol);
     if ctx.data() + L4_OFF + l4_len > ctx.data_end() {

@@ -92,12 +92,11 @@ fn to_frontend(
     pkt: &Packet,
     fe: &Frontend,
     cfg: &DatapathConfig,
-    now: u32,
     not_new: impl FnOnce() -> Result<i32, Reason>,
-    create: impl FnOnce(&CtKey4, u32, &netlb_common::BackendValue) -> Result<CtEntry4, Reason>,
+    create: impl FnOnce(&CtKey4, u32, &netlb_common::BackendValue, u32) -> Result<CtEntry4, Reason>,
 ) -> Result<Result<Flow, i32>, Reason> {
     let conn_key = conntrack::key(pkt, ct_kind::SERVICE);
-    let stale = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg, now) {
+    let stale = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg) {
         Found::Live(conn) => return Ok(Ok(Flow::Existing(conn))),
         Found::Stale(old) => Some(old),
         Found::Missing => None,
@@ -118,7 +117,7 @@ fn to_frontend(
         conntrack::delete_links(&conn_key, &old);
     }
     let (id, backend) = lb::select_backend(fe, pkt)?;
-    let conn = create(&conn_key, id, &backend)?;
+    let conn = create(&conn_key, id, &backend, conntrack::now_s())?;
     maps::count(stat::NEW_FLOW);
     Ok(Ok(Flow::New(conn)))
 }
@@ -134,14 +133,13 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         None => return Ok(NEXT),
     };
     let cfg = maps::config();
-    let now = conntrack::now_s();
     let loopback_be = cfg.service_loopback_be;
     if loopback_be != 0 && pkt.daddr_be == loopback_be {
         // A backend answering a hairpinned flow: translate it back here,
         // since the reply is addressed to the client's own pod, and send it
         // straight back (see `nat::bounce`).
         let key = conntrack::key(&pkt, ct_kind::REPLY);
-        if let Some(link) = conntrack::follow(&key, &pkt, &cfg, now, |_| true) {
+        if let Some(link) = conntrack::follow(&key, &pkt, &cfg, |_| true) {
             nat::snat_to_frontend(ctx, &pkt, &link)?;
             nat::dnat_addr(ctx, &pkt, pkt.saddr_be)?;
             return nat::bounce(ctx);
@@ -161,9 +159,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         &pkt,
         &fe,
         &cfg,
-        now,
         || Err(Reason::CtInvalid),
-        |conn_key, id, backend| {
+        |conn_key, id, backend, now| {
             // Hairpin: the client is its own backend. Without SNAT the
             // backend would answer itself directly and the client socket
             // would see a pod address.
@@ -219,7 +216,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Reason> {
     };
     let key = conntrack::key(&pkt, ct_kind::REPLY);
     let cfg = maps::config();
-    if let Some(link) = conntrack::follow(&key, &pkt, &cfg, conntrack::now_s(), |_| true) {
+    if let Some(link) = conntrack::follow(&key, &pkt, &cfg, |_| true) {
         nat::snat_to_frontend(ctx, &pkt, &link)?;
     }
     Ok(NEXT)
@@ -236,12 +233,11 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
         }
         None => return Ok(NEXT),
     };
-    let now = conntrack::now_s();
     // Only packets to the node's SNAT address can be replies of source-NATed
     // flows; checking the address first spares every other packet a lookup.
     if cfg.snat_addr_be != 0
         && pkt.daddr_be == cfg.snat_addr_be
-        && nodeport::restore_reply(ctx, &pkt, &cfg, now)?
+        && nodeport::restore_reply(ctx, &pkt, &cfg)?
     {
         return Ok(NEXT);
     }
@@ -252,7 +248,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
     let node_port = fe.value.flags & svc_flags::NODE_PORT != 0;
     // A reply to one of the node's own UDP flows whose port is also a UDP
     // node port is not a new Service flow.
-    if node_port && pkt.proto == proto::UDP && nodeport::is_host_reply(&pkt, now) {
+    if node_port && pkt.proto == proto::UDP && nodeport::is_host_reply(&pkt) {
         maps::count(stat::PASS_HOST_FLOW);
         return Ok(NEXT);
     }
@@ -261,7 +257,6 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
         &pkt,
         &fe,
         &cfg,
-        now,
         || {
             // To a node port (an address of this node), a packet that cannot
             // open a connection belongs to the node's own stack: a reply to a
@@ -273,7 +268,9 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
                 Err(Reason::CtInvalid)
             }
         },
-        |conn_key, id, backend| nodeport::create_flow(&pkt, conn_key, &fe, id, backend, &cfg, now),
+        |conn_key, id, backend, now| {
+            nodeport::create_flow(&pkt, conn_key, &fe, id, backend, &cfg, now)
+        },
     )?;
     let (conn, new_flow) = match flow {
         Ok(Flow::Existing(conn)) => (conn, false),
@@ -297,6 +294,6 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, Reason> {
         None => return Ok(NEXT),
     };
     let cfg = maps::config();
-    nodeport::egress(ctx, &pkt, &cfg, conntrack::now_s())?;
+    nodeport::egress(ctx, &pkt, &cfg)?;
     Ok(NEXT)
 }

@@ -126,6 +126,9 @@ pub struct DatapathSettings {
     pub node_ports: PortRange,
     /// Source validation on pod interfaces.
     pub validate_source: bool,
+    /// The node's network namespace cookie for the socket-level programs;
+    /// `None` turns them off.
+    pub host_netns_cookie: Option<u64>,
 }
 
 impl Default for DatapathSettings {
@@ -143,6 +146,7 @@ impl Default for DatapathSettings {
                 max: port_ranges::NODEPORT_MAX,
             },
             validate_source: true,
+            host_netns_cookie: None,
         }
     }
 }
@@ -172,6 +176,8 @@ impl DatapathSettings {
             } else {
                 0
             },
+            pad: 0,
+            host_netns_cookie: self.host_netns_cookie.unwrap_or(0),
         }
     }
 }

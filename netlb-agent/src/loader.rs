@@ -13,14 +13,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapInfo, MapType},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
 use netlb_common::{
     BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, limits, map_names, program_names, stat,
+    ServiceValue, SockRevKey, SockRevValue, limits, map_names, program_names, stat,
 };
 
 use crate::config::DatapathSettings;
@@ -36,6 +36,7 @@ pub struct MapSizes {
     pub rev_nat: u32,
     pub conntrack: u32,
     pub pod_sources: u32,
+    pub sock_rev: u32,
 }
 
 impl Default for MapSizes {
@@ -46,6 +47,7 @@ impl Default for MapSizes {
             rev_nat: limits::MAX_REV_NAT,
             conntrack: limits::MAX_CONNTRACK,
             pod_sources: limits::MAX_POD_SOURCES,
+            sock_rev: limits::MAX_SOCK_REV,
         }
     }
 }
@@ -100,6 +102,19 @@ pub enum LoaderError {
         interface: String,
         #[source]
         source: Box<LinkError>,
+    },
+    #[error("cannot open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to attach `{program}` to cgroup {cgroup}")]
+    AttachCgroup {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("failed to pin link {path}")]
     PinLink {
@@ -222,6 +237,12 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
         ),
         map_names::CONFIG => (MapType::Array, 4, size_of::<DatapathConfig>(), 1),
         map_names::POD_SOURCES => (MapType::Hash, 4, 4, sizes.pod_sources),
+        map_names::SOCK_REV => (
+            MapType::LruHash,
+            size_of::<SockRevKey>(),
+            size_of::<SockRevValue>(),
+            sizes.sock_rev,
+        ),
         _ => return None,
     })
 }
@@ -289,7 +310,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         .map_max_entries(map_names::BACKEND_STATS, opts.sizes.backends + 1)
         .map_max_entries(map_names::REV_NAT, opts.sizes.rev_nat)
         .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack)
-        .map_max_entries(map_names::POD_SOURCES, opts.sizes.pod_sources);
+        .map_max_entries(map_names::POD_SOURCES, opts.sizes.pod_sources)
+        .map_max_entries(map_names::SOCK_REV, opts.sizes.sock_rev);
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
             ensure_bpffs(dir)?;
@@ -322,6 +344,14 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
                 source: Box::new(source),
             })?;
     }
+    for name in program_names::SOCK {
+        sock_program_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+    }
     write_config(&mut ebpf, opts.settings.to_config())?;
     Ok(ebpf)
 }
@@ -338,6 +368,120 @@ pub fn program_mut<'a>(
             name,
             source: Box::new(source),
         })
+}
+
+/// A loaded socket-level (cgroup) program by name.
+pub fn sock_program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
+}
+
+/// Attaches the socket-level programs to the cgroup v2 directory `cgroup`
+/// (every process below it), with pinned links `<links>/cgroup_<program>`.
+/// Other programs may be attached to the same hooks. A
+/// restarted agent attaches the new programs first and only then removes
+/// the earlier agent's links: for that moment both run, which is harmless
+/// (the second sees a backend, not a frontend, and leaves it), so no
+/// connection goes untranslated.
+pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
+    let links = links_dir(pin_dir);
+    std::fs::create_dir_all(&links).map_err(|source| LoaderError::PinDir {
+        path: links.clone(),
+        source,
+    })?;
+    let dir = std::fs::File::open(cgroup).map_err(|source| LoaderError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    for name in program_names::SOCK {
+        let prog = sock_program_mut(ebpf, name)?;
+        let attach_err = |source| LoaderError::AttachCgroup {
+            program: name,
+            cgroup: cgroup.to_owned(),
+            source: Box::new(source),
+        };
+        // A BPF link on a cgroup always coexists with other links and
+        // multi-attached programs; `bpf_link_create` takes no attach flags
+        // for cgroups (any is EINVAL), hence the default mode.
+        let id = prog
+            .attach(&dir, CgroupAttachMode::default())
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
+            interface: cgroup.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let pin = links.join(format!("cgroup_{name}"));
+        let fresh = links.join(format!("cgroup_{name}_new"));
+        remove_file(&fresh)?;
+        fd_link.pin(&fresh).map_err(|source| LoaderError::PinLink {
+            path: fresh.clone(),
+            source: Box::new(source),
+        })?;
+        // Replaces (and so detaches) an earlier agent's link.
+        std::fs::rename(&fresh, &pin).map_err(|source| LoaderError::Remove {
+            path: pin.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Detaches the socket-level programs (removes their pinned links).
+pub fn detach_cgroup(pin_dir: &Path) -> Result<(), LoaderError> {
+    for name in program_names::SOCK {
+        remove_file(&links_dir(pin_dir).join(format!("cgroup_{name}")))?;
+    }
+    Ok(())
+}
+
+/// The first cgroup v2 mount of this mount namespace (the node's
+/// `--cgroup-root` default).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// The cookie of the calling thread's network namespace
+/// (`SO_NETNS_COOKIE`, v5.14), which the socket-level programs compare with
+/// each socket's.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a socket we own, closed below; getsockopt into a u64 of the
+    // length we pass.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+        Ok(cookie)
+    }
 }
 
 /// Where the pinned links of one pin directory live.

@@ -60,6 +60,18 @@ enum Command {
         /// in-cluster configuration, then ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// The API server's address, overriding the kubeconfig's or the
+        /// in-cluster one (kube-proxy's --master). It must reach the API
+        /// server itself, not the `kubernetes` Service, which this agent
+        /// programs.
+        #[arg(long, conflicts_with = "manifests")]
+        master: Option<String>,
+        /// cgroup v2 directory whose processes get socket-level load
+        /// balancing (host processes and hostNetwork pods reaching Services);
+        /// only sockets in the agent's network namespace are rewritten.
+        /// Default: the node's cgroup2 mount. "" turns it off.
+        #[arg(long)]
+        cgroup_root: Option<String>,
         /// Renew API watches this often; a watch silent for this long plus
         /// 5 s is re-established (a half-open connection).
         #[arg(long, default_value_t = 290)]
@@ -179,6 +191,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             manifests,
             kubeconfig,
+            master,
+            cgroup_root,
             watch_timeout_s,
             healthz_bind_address,
             metrics_bind_address,
@@ -216,6 +230,7 @@ fn main() -> anyhow::Result<()> {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Api(ApiConfig {
                     kubeconfig,
+                    master,
                     node_name: node_name.clone(),
                     watch_timeout: Duration::from_secs(watch_timeout_s),
                 }),
@@ -241,6 +256,12 @@ fn main() -> anyhow::Result<()> {
                     nat_ports: nat_port_range,
                     node_ports: service_node_port_range,
                     validate_source: validate_pod_source,
+                    host_netns_cookie: None,
+                },
+                cgroup_root: match cgroup_root.as_deref() {
+                    Some("") => None,
+                    Some(path) => Some(PathBuf::from(path)),
+                    None => loader::cgroup2_mount(),
                 },
                 gc_interval: conntrack_gc_interval.0,
                 node: NodeContext {

@@ -63,6 +63,9 @@ pub struct RunOptions {
     pub datapath: DatapathSettings,
     /// How often the conntrack garbage collector sweeps.
     pub gc_interval: Duration,
+    /// cgroup v2 directory for the socket-level programs; `None` = no
+    /// socket-level load balancing.
+    pub cgroup_root: Option<PathBuf>,
     pub node: NodeContext,
     pub sizes: MapSizes,
     /// Minimum time between two syncs (kube-proxy's `minSyncPeriod`).
@@ -322,8 +325,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         addresses.nodeport,
         addresses.snat
     );
+    let host_netns_cookie = match &opts.cgroup_root {
+        Some(_) => Some(loader::netns_cookie().map_err(|source| RunError::Interfaces { source })?),
+        None => None,
+    };
     let mut settings = DatapathSettings {
         snat_addr: addresses.snat,
+        host_netns_cookie,
         ..opts.datapath.clone()
     };
     warn_about_nat_ports(&settings);
@@ -348,6 +356,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         opts.pin_dir.display(),
     );
     let mut attacher = Attacher::new(&opts.pin_dir)?;
+    if let Some(cgroup) = &opts.cgroup_root {
+        loader::attach_cgroup(&mut ebpf, &opts.pin_dir, cgroup)?;
+        log::info!(
+            "socket-level load balancing for processes in {} (this network namespace only)",
+            cgroup.display()
+        );
+    }
     let health_metrics = Arc::clone(&metrics);
     let mut health =
         ServiceHealthServer::new(Arc::new(move || health_metrics.health(false).healthy));
@@ -510,6 +525,9 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             if let Err(e) = attacher.detach(&ifname) {
                 log::warn!("{e}");
             }
+        }
+        if let Err(e) = loader::detach_cgroup(&opts.pin_dir) {
+            log::warn!("{e}");
         }
         drop(dataplane);
         drop(observer);

@@ -40,8 +40,11 @@ pub mod map_names {
     pub const CONFIG: &str = "NETLB_CONFIG";
     /// Pod addresses by the interface they live behind (source validation).
     pub const POD_SOURCES: &str = "NETLB_POD_SOURCES";
+    /// Socket-level load balancing: the frontend a socket's backend stands
+    /// for.
+    pub const SOCK_REV: &str = "NETLB_SOCK_REV";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -50,6 +53,7 @@ pub mod map_names {
         BACKEND_STATS,
         CONFIG,
         POD_SOURCES,
+        SOCK_REV,
     ];
 }
 
@@ -63,8 +67,26 @@ pub mod program_names {
     pub const FROM_NETDEV: &str = "from_netdev";
     /// TC egress of a node uplink: north-south traffic leaving.
     pub const TO_NETDEV: &str = "to_netdev";
-    /// Every program, in load order.
+    /// Every TC program, in load order.
     pub const ALL: [&str; 4] = [FROM_POD, TO_POD, FROM_NETDEV, TO_NETDEV];
+    /// cgroup `connect4`: a host socket connecting to a frontend is
+    /// connected to a backend instead.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup `sendmsg4`: a host UDP datagram sent to a frontend goes to a
+    /// backend.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup `recvmsg4`: a datagram from a socket's backend seems to come
+    /// from the frontend.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup `getpeername4`: a socket's backend peer reads as the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The socket-level (cgroup) programs.
+    pub const SOCK: [&str; 4] = [
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -81,6 +103,9 @@ pub mod limits {
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// Pod addresses known for source validation.
     pub const MAX_POD_SOURCES: u32 = 65_536;
+    /// Socket-level reverse translations (an LRU: one per socket and
+    /// backend, only needed while the socket lives).
+    pub const MAX_SOCK_REV: u32 = 131_072;
     /// Largest backend count of one frontend (bounded so slot arithmetic can
     /// never overflow `u16`).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = 65_000;
@@ -485,8 +510,14 @@ pub struct DatapathConfig {
     pub nodeport_max: u16,
     /// See [`config_flags`]. Host byte order.
     pub flags: u32,
+    /// Always zero.
+    pub pad: u32,
+    /// The network namespace cookie of the node (the agent's own): the
+    /// socket-level programs rewrite only sockets of this namespace; pods
+    /// keep the TC path. 0 turns them off. Host byte order.
+    pub host_netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
 
 impl DatapathConfig {
     /// The timeout of a connection in `state` (protocol `proto`), seconds.
@@ -522,6 +553,39 @@ pub mod port_ranges {
     pub const NODEPORT_MIN: u16 = 30_000;
     pub const NODEPORT_MAX: u16 = 32_767;
 }
+
+/// Key of the socket-level reverse translation map (`SOCK_REV`): a socket
+/// and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie()`. Host byte order.
+    pub cookie: u64,
+    /// Backend address. Network byte order.
+    pub backend_addr: u32,
+    /// Backend port. Network byte order (`be`).
+    pub backend_port_be: u16,
+    /// IP protocol, see [`proto`].
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
+/// Value of `SOCK_REV`: the frontend the socket addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevValue {
+    /// Frontend address. Network byte order.
+    pub frontend_addr: u32,
+    /// Frontend port. Network byte order (`be`).
+    pub frontend_port_be: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// The frontend's rev-NAT index. Host byte order.
+    pub rev_nat_index: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 12);
 
 /// Counters in the per-CPU `STATS` array. Indices double as metric label
 /// values through [`stat::NAMES`]. Drop reasons are the `DROP_*` entries; the
@@ -563,6 +627,15 @@ pub mod stat {
     pub const PASS_HOST_FLOW: u32 = 13;
     /// Links found stale (their connection gone) and removed.
     pub const CT_STALE_LINK: u32 = 14;
+    /// Host sockets connected (or UDP datagrams sent) to a backend instead
+    /// of a frontend, by the socket-level programs.
+    pub const SOCK_LB: u32 = 25;
+    /// Host sockets refused at connect/sendmsg: a frontend without
+    /// endpoints.
+    pub const SOCK_REJECT: u32 = 26;
+    /// Host sockets whose peer (or datagram source) was shown as the
+    /// frontend.
+    pub const SOCK_REV_NAT: u32 = 27;
     /// Dropped: IPv4 header truncated or not version 4.
     pub const DROP_MALFORMED_L3: u32 = 15;
     /// Dropped: L4 header of a TCP/UDP packet truncated.
@@ -589,7 +662,7 @@ pub mod stat {
     /// another pod interface.
     pub const DROP_SPOOFED_SOURCE: u32 = 24;
     /// Number of counters.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 28;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -618,11 +691,14 @@ pub mod stat {
         "drop_nat_ports",
         "drop_ct_invalid",
         "drop_spoofed_source",
+        "sock_lb",
+        "sock_reject",
+        "sock_rev_nat",
     ];
 
     /// Whether the counter is a drop reason.
     pub const fn is_drop(index: u32) -> bool {
-        index >= DROP_MALFORMED_L3 && index < COUNT
+        index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE
     }
 }
 
@@ -638,6 +714,8 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for CtTuple<u32> {}
     unsafe impl aya::Pod for CtEntry<u32> {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathConfig {}
 }

@@ -10,6 +10,9 @@
 //!   client back as destination.
 //! - `to_netdev` (TC egress of a node uplink): source NAT of north-south flows
 //!   to backends on other nodes, reverse NAT of replies to outside clients.
+//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`
+//!   (cgroup v2 socket hooks): load balancing for the node's own sockets
+//!   ([`sock`]).
 //!
 //! Module per concern, after Cilium's `bpf/lib`: [`parse`] (headers),
 //! [`lb`] (frontend lookup, backend selection), [`conntrack`], [`nat`]
@@ -42,6 +45,8 @@ mod parse;
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod verdict;
 

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use netlb_common::{
     BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, limits, stat,
+    ServiceValue, SockRevKey, SockRevValue, limits, stat,
 };
 
 /// Frontends (slot 0) and backend slots (1..=count).
@@ -48,6 +48,13 @@ pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 /// (source validation), kept by the agent from the node's routes.
 #[map(name = "NETLB_POD_SOURCES")]
 pub static POD_SOURCES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_POD_SOURCES, 0);
+
+/// Socket-level load balancing: (socket, backend) -> the frontend it stands
+/// for. An LRU: an entry is only needed while its socket lives, and a lost
+/// one only shows the backend instead of the frontend as the peer.
+#[map(name = "NETLB_SOCK_REV")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(limits::MAX_SOCK_REV, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -1,7 +1,10 @@
 //! Program entry points. Each entry point only maps its `try_` function's
 //! result; verdicts for errors come from [`crate::verdict`].
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 use netlb_common::{
     CtEntry4, CtKey4, CtState, DatapathConfig, config_flags, ct_flags, ct_kind, proto, stat,
     svc_flags,
@@ -13,6 +16,7 @@ use crate::{
     lb::{self, Frontend},
     maps, nat, nodeport,
     parse::{self, Packet, Parsed},
+    sock,
     verdict::{NEXT, Reason},
 };
 
@@ -46,6 +50,26 @@ pub fn to_netdev(ctx: TcContext) -> i32 {
         Ok(v) => v,
         Err(v) => v.into(),
     }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
 }
 
 /// Source validation on pod interfaces (Cilium checks a pod's source

@@ -16,6 +16,8 @@ use crate::{
 pub enum AgentSource {
     Manifests(PathBuf),
     Kubeconfig(PathBuf),
+    /// An API server given by `--master` alone (no kubeconfig).
+    Master(String),
 }
 
 #[derive(Clone, Debug)]
@@ -46,10 +48,15 @@ impl AgentProcess {
             .args(["--pod-iface", "veth*"])
             .args(["--netdev", "uplink0"])
             .args(["--hostname-override", &format!("node{}", node.index)])
-            .args(["--min-sync-interval-ms", "10"]);
+            .args(["--min-sync-interval-ms", "10"])
+            // Socket-level load balancing on the node's own test cgroup,
+            // never the machine's root cgroup.
+            .arg("--cgroup-root")
+            .arg(&node.cgroup);
         match &opts.source {
             AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
             AgentSource::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),
+            AgentSource::Master(url) => cmd.arg("--master").arg(url),
         };
         if opts.cleanup_on_exit {
             cmd.arg("--cleanup-on-exit");
@@ -73,7 +80,9 @@ impl AgentProcess {
                 "RUST_LOG",
                 std::env::var("NETLB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .env_remove("RUST_BACKTRACE");
+            .env_remove("RUST_BACKTRACE")
+            // The agent must not find a kubeconfig of this machine's.
+            .env_remove("KUBECONFIG");
         let child = ChildGuard::spawn(&format!("netlb-agent node{}", node.index), &mut cmd)?;
         Ok(Self {
             child,

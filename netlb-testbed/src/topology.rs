@@ -78,19 +78,45 @@ fn sysctl(ns: &str, settings: &[&str]) -> Result<(), ProcessError> {
     in_ns(ns, &args)
 }
 
-/// Removes namespaces left by crashed runs (`nlb-<6 hex>-...`), except those
-/// of `keep_run`.
+/// The first cgroup v2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// on hybrid hosts), where the testbed creates its per-node cgroups.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// Whether `name` is one of this crate's per-run names (`nlb-<6 hex>-...`)
+/// of another run than `keep_run`.
+fn stale_name(name: &str, keep_run: Option<&str>) -> bool {
+    let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+        return false;
+    };
+    let run = rest.split('-').next().unwrap_or("");
+    run.len() == 6 && run.chars().all(|c| c.is_ascii_hexdigit()) && Some(run) != keep_run
+}
+
+/// Removes namespaces and (empty) cgroups left by crashed runs
+/// (`nlb-<6 hex>-...`), except those of `keep_run`.
 pub fn cleanup_stale(keep_run: Option<&str>) {
+    if let Some(root) = cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for entry in entries.flatten() {
+            if stale_name(&entry.file_name().to_string_lossy(), keep_run) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
     let Ok(out) = process::run("ip", &["netns", "list"]) else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
-            continue;
-        };
-        let run = rest.split('-').next().unwrap_or("");
-        if run.len() == 6 && run.chars().all(|c| c.is_ascii_hexdigit()) && Some(run) != keep_run {
+        if stale_name(name, keep_run) {
             let _ = ip(&["netns", "del", name]);
         }
     }
@@ -105,6 +131,10 @@ pub struct Node {
     pub pod_cidr_base: Ipv4Addr,
     /// bpffs directory for this node's agent.
     pub bpffs: PathBuf,
+    /// A cgroup v2 directory made for this node: the agent's socket-level
+    /// programs attach here (never to the machine's root cgroup), and the
+    /// node's "host processes" of a test run in it.
+    pub cgroup: PathBuf,
 }
 
 impl Node {
@@ -174,6 +204,10 @@ impl Testbed {
     }
 
     fn build(&mut self, nodes: usize) -> Result<(), TestbedError> {
+        let cgroup_root = cgroup2_mount().ok_or_else(|| TestbedError::Io {
+            what: "finding the cgroup v2 mount".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
         let fabric = self.fabric.clone();
         self.add_netns(&fabric)?;
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
@@ -266,6 +300,11 @@ impl Testbed {
                 "via",
                 &uplink_ip.to_string(),
             ])?;
+            let cgroup = cgroup_root.join(format!("{NETNS_PREFIX}{}-node{index}", self.run));
+            std::fs::create_dir(&cgroup).map_err(|source| TestbedError::Io {
+                what: format!("creating cgroup {}", cgroup.display()),
+                source,
+            })?;
             self.nodes.push(Node {
                 index,
                 netns,
@@ -275,6 +314,7 @@ impl Testbed {
                     "/sys/fs/bpf/{NETNS_PREFIX}{}-node{index}",
                     self.run
                 )),
+                cgroup,
             });
             self.next_host.push(10);
         }
@@ -437,6 +477,33 @@ impl Testbed {
             .stdin(std::process::Stdio::null())
             .output()
     }
+
+    /// Runs a command in `netns` as a process of `cgroup` (it moves itself
+    /// there before starting the command): a host process of a node when
+    /// `netns` is the node's namespace and `cgroup` its cgroup.
+    pub fn exec_in_cgroup(
+        &self,
+        cgroup: &std::path::Path,
+        netns: &str,
+        args: &[&str],
+    ) -> std::io::Result<std::process::Output> {
+        let procs = cgroup.join("cgroup.procs");
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0\" && exec ip netns exec \"$@\"")
+            .arg(&procs)
+            .arg(netns)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    }
+
+    /// Runs a command as a host process of node `node` (its namespace and
+    /// cgroup).
+    pub fn exec_host(&self, node: usize, args: &[&str]) -> std::io::Result<std::process::Output> {
+        let n = &self.nodes[node];
+        self.exec_in_cgroup(&n.cgroup, &n.netns, args)
+    }
 }
 
 impl Drop for Testbed {
@@ -446,6 +513,8 @@ impl Drop for Testbed {
         }
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(&node.bpffs);
+            // Empty by now: the processes a test ran in it have ended.
+            let _ = std::fs::remove_dir(&node.cgroup);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -394,3 +394,60 @@ fn half_open_watch_is_detected_and_replaced() {
         started.elapsed()
     );
 }
+
+/// The agent must not depend on the Service it programs: given the API
+/// server's own address with `--master` (kube-proxy's flag), it connects
+/// there directly, although the API server also serves the `kubernetes`
+/// Service (whose endpoint nothing here answers), and programs everything,
+/// that Service included.
+#[test]
+fn master_reaches_the_api_server_directly_and_programs_the_kubernetes_service() {
+    let mut a = ApiCluster::new(&["myapp-1"]);
+    a.api
+        .apply(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "spec": {
+                "clusterIP": "10.96.0.1",
+                "clusterIPs": ["10.96.0.1"],
+                "type": "ClusterIP",
+                "ports": [{"name": "https", "protocol": "TCP", "port": 443, "targetPort": 6443}],
+            },
+        }))
+        .unwrap();
+    a.api
+        .apply(json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "protocol": "TCP", "port": 6443}],
+            "endpoints": [{"addresses": ["192.168.77.10"], "conditions": {"ready": true}}],
+        }))
+        .unwrap();
+    a.api.apply(my_service()).unwrap();
+    let pods = a.pods(&["myapp-1"]);
+    a.api.apply(my_slice(&pods)).unwrap();
+    let master = format!("http://{}", a.api.addr());
+    a.c.start_agent_with(AgentSource::Master(master.clone()), "agent.log");
+    assert!(
+        a.c.agent_log().contains(&format!("API server {master}")),
+        "{}",
+        a.c.agent_log()
+    );
+    wait_until(Duration::from_secs(5), || {
+        let programmed = a.programmed();
+        (programmed
+            .iter()
+            .any(|(fe, b)| fe == "10.96.0.1:443" && b == &["192.168.77.10:6443"])
+            && programmed.iter().any(|(fe, _)| fe == "10.96.0.10:80"))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", a.programmed(), a.c.agent_log()));
+    a.wait_for_backends(&["myapp-1"]);
+}

@@ -37,6 +37,14 @@ pub struct ApiConfig {
     /// A kubeconfig file; `None`: `KUBECONFIG`, then in-cluster config, then
     /// `~/.kube/config` (kube-rs' `Config::infer`).
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, overriding the one of the configuration
+    /// above (kube-proxy's `--master`). Without any configuration, the
+    /// agent talks to it without credentials. Either this or
+    /// `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` (read by the
+    /// in-cluster configuration) must name the API server itself, not the
+    /// `kubernetes` Service: the agent cannot depend on a ClusterIP it
+    /// programs.
+    pub master: Option<String>,
     /// This node, for its Node object (zone label, addresses).
     pub node_name: Option<String>,
     /// Watches are renewed this often (the server ends them); a watch that
@@ -49,6 +57,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             kubeconfig: None,
+            master: None,
             node_name: None,
             watch_timeout: Duration::from_secs(290),
         }
@@ -57,6 +66,12 @@ impl Default for ApiConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiSourceError {
+    #[error("invalid --master URL {url:?}")]
+    Master {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
     #[error("failed to read kubeconfig {path}")]
     Kubeconfig {
         path: PathBuf,
@@ -116,6 +131,29 @@ pub struct ApiSource {
 }
 
 async fn client_config(cfg: &ApiConfig) -> Result<Config, ApiSourceError> {
+    let master = match &cfg.master {
+        Some(url) => Some(
+            url.parse::<http::Uri>()
+                .map_err(|source| ApiSourceError::Master {
+                    url: url.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let mut config = match (base_config(cfg).await, master.clone()) {
+        (Ok(config), _) => config,
+        // `--master` alone: an API server without credentials.
+        (Err(_), Some(url)) if cfg.kubeconfig.is_none() => Config::new(url.clone()),
+        (Err(e), _) => return Err(e),
+    };
+    if let Some(url) = master {
+        config.cluster_url = url;
+    }
+    Ok(config)
+}
+
+async fn base_config(cfg: &ApiConfig) -> Result<Config, ApiSourceError> {
     let path = cfg
         .kubeconfig
         .clone()

@@ -26,9 +26,11 @@
 //! prints `MS ANSWER` for every answer (ms since start, the answering
 //! backend's `--dns-answer`) and `MS error ...` for every failure.
 //!
-//! `netlb-echo udp-query --connect IP:PORT [--timeout-ms N]`: one query on a
-//! connected UDP socket; exit 0 with the answer, 3 when refused (ICMP port
-//! unreachable reached the socket), 4 on timeout.
+//! `netlb-echo udp-query --connect IP:PORT [--timeout-ms N] [--unconnected]`:
+//! one query on a connected UDP socket; exit 0 with the answer, 3 when
+//! refused (ICMP port unreachable reached the socket), 4 on timeout. With
+//! `--unconnected`: `sendto` and `recvfrom` on an unconnected socket,
+//! printing `ANSWER from SOURCE`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -274,6 +276,10 @@ fn tcp_client(args: &[String]) -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("connected to {}", greeting.trim());
+    // The peer as the application sees it (getpeername).
+    if let Ok(peer) = stream.peer_addr() {
+        println!("peer {peer}");
+    }
     let started = Instant::now();
     let mut sent = 0u64;
     while started.elapsed() < duration {
@@ -544,6 +550,9 @@ fn udp_client(args: &[String]) -> ExitCode {
 }
 
 fn udp_query(args: &[String]) -> ExitCode {
+    if args.iter().any(|a| a == "--unconnected") {
+        return udp_query_unconnected(args);
+    }
     let Some(socket) = connected_udp(args) else {
         return usage();
     };
@@ -570,6 +579,37 @@ fn udp_query(args: &[String]) -> ExitCode {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             println!("refused");
             ExitCode::from(3)
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::from(4)
+        }
+    }
+}
+
+fn udp_query_unconnected(args: &[String]) -> ExitCode {
+    let Some(addr) = values(args, "--connect")
+        .first()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        return usage();
+    };
+    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
+        return ExitCode::FAILURE;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    if let Err(e) = socket.send_to(&dns_query(1), addr) {
+        println!("send: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            let answer = dns_answer(&buf[..n])
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            println!("{answer} from {from}");
+            ExitCode::SUCCESS
         }
         Err(e) => {
             println!("{e}");

@@ -1,0 +1,159 @@
+//! Socket-level load balancing for the node's own processes and
+//! hostNetwork pods (Cilium's socket-LB, Calico's connect-time LB): their
+//! packets never cross a pod interface's TC ingress, so the translation
+//! happens at the socket, before a packet exists. cgroup v2 `connect4` and
+//! `sendmsg4` replace a frontend destination with a backend; `recvmsg4` and
+//! `getpeername4` show the frontend again where the application reads its
+//! peer. Nothing is translated per packet, and the TC programs never see
+//! these flows as Service flows (their destination is a backend already),
+//! so no flow is translated twice.
+//!
+//! Only sockets of the node's network namespace (the agent's) are
+//! rewritten: pods in the same cgroup tree keep the TC path. Backends are
+//! chosen with the view of traffic from inside the cluster (kube-proxy's
+//! rules for locally originated traffic: internalTrafficPolicy for cluster
+//! IPs, cluster-wide endpoints for node ports, external and load-balancer
+//! IPs).
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use netlb_common::{SockRevKey, SockRevValue, proto, stat, svc_flags};
+
+use crate::{lb, maps, parse::Packet};
+
+/// The hook lets the call go on.
+const ALLOW: i32 = 1;
+/// The hook fails the call with the errno set by `bpf_set_retval`.
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+
+/// Whether the socket belongs to the node's network namespace.
+#[inline(always)]
+fn host_socket(ctx: &SockAddrContext, host_cookie: u64) -> bool {
+    // SAFETY: helper on the program's own context.
+    host_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host_cookie
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper on the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// `connect4` and `sendmsg4`: a frontend destination becomes a backend.
+#[inline(always)]
+pub fn to_backend(ctx: &SockAddrContext) -> i32 {
+    let cfg = maps::config();
+    if !host_socket(ctx, cfg.host_netns_cookie) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: reads of the context's fields. `user_ip4` holds the address
+    // and the low 16 bits of `user_port` the port, both in network byte
+    // order, as the application passed them.
+    let (daddr, dport_be, protocol) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol) };
+    let protocol = match protocol {
+        6 => proto::TCP,
+        17 => proto::UDP,
+        _ => return ALLOW,
+    };
+    let cookie = socket_cookie(ctx);
+    // The socket cookie stands in for the source in the hash: a socket
+    // keeps its backend while the backend set does not change (an
+    // unconnected UDP socket sending to one VIP, say).
+    let pkt = Packet {
+        saddr_be: cookie as u32,
+        daddr_be: daddr,
+        sport_be: (cookie >> 32) as u16,
+        dport_be,
+        proto: protocol,
+        tcp_flags: 0,
+        l4_csum_off: 0,
+    };
+    let Some(fe) = lb::lookup_frontend(&pkt, true) else {
+        return ALLOW;
+    };
+    if fe.value.count == 0 {
+        // kube-proxy's REJECT (connection refused) and DROP (the client
+        // times out): the call fails at once instead, with the errno the
+        // client would have ended with, and nothing leaves for the VIP.
+        let errno = if fe.value.flags & svc_flags::DROP != 0 {
+            ETIMEDOUT
+        } else {
+            ECONNREFUSED
+        };
+        // SAFETY: helper without preconditions for cgroup programs.
+        unsafe { bpf_set_retval(-errno) };
+        maps::count(stat::SOCK_REJECT);
+        return DENY;
+    }
+    let Ok((id, backend)) = lb::select_backend(&fe, &pkt) else {
+        return ALLOW;
+    };
+    let key = SockRevKey {
+        cookie,
+        backend_addr: backend.address_be,
+        backend_port_be: backend.port_be,
+        proto: protocol,
+        pad: 0,
+    };
+    let value = SockRevValue {
+        frontend_addr: daddr,
+        frontend_port_be: dport_be,
+        pad: 0,
+        rev_nat_index: fe.value.rev_nat_index,
+    };
+    // Best effort: without it the application sees the backend as its peer.
+    let _ = maps::SOCK_REV.insert(key, value, 0);
+    // SAFETY: writes of the context's destination fields, allowed for
+    // connect4 and sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = backend.address_be;
+        (*sa).user_port = backend.port_be as u32;
+    }
+    maps::count(stat::SOCK_LB);
+    maps::count_backend(id, true);
+    ALLOW
+}
+
+/// `recvmsg4` and `getpeername4`: a backend peer reads as the frontend the
+/// socket addressed.
+#[inline(always)]
+pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
+    let cfg = maps::config();
+    if !host_socket(ctx, cfg.host_netns_cookie) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: reads of the context's fields (network byte order, as above).
+    let (addr, port_be, protocol) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol) };
+    let protocol = match protocol {
+        6 => proto::TCP,
+        17 => proto::UDP,
+        _ => return ALLOW,
+    };
+    let key = SockRevKey {
+        cookie: socket_cookie(ctx),
+        backend_addr: addr,
+        backend_port_be: port_be,
+        proto: protocol,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(rev) = (unsafe { maps::SOCK_REV.get(key) }).copied() else {
+        return ALLOW;
+    };
+    // SAFETY: writes of the context's address fields, allowed for recvmsg4
+    // and getpeername4.
+    unsafe {
+        (*sa).user_ip4 = rev.frontend_addr;
+        (*sa).user_port = rev.frontend_port_be as u32;
+    }
+    maps::count(stat::SOCK_REV_NAT);
+    ALLOW
+}

@@ -64,108 +64,128 @@ enum Command {
         /// in-cluster one (kube-proxy's --master). It must reach the API
         /// server itself, not the `kubernetes` Service, which this agent
         /// programs.
-        #[arg(long, conflicts_with = "manifests")]
+        #[arg(long, conflicts_with = "manifests", env = "NETLB_MASTER")]
         master: Option<String>,
         /// cgroup v2 directory whose processes get socket-level load
         /// balancing (host processes and hostNetwork pods reaching Services);
         /// only sockets in the agent's network namespace are rewritten.
         /// Default: the node's cgroup2 mount. "" turns it off.
-        #[arg(long)]
+        #[arg(long, env = "NETLB_CGROUP_ROOT")]
         cgroup_root: Option<String>,
         /// Renew API watches this often; a watch silent for this long plus
         /// 5 s is re-established (a half-open connection).
-        #[arg(long, default_value_t = 290)]
+        #[arg(long, default_value_t = 290, env = "NETLB_WATCH_TIMEOUT_S")]
         watch_timeout_s: u64,
         /// /healthz and /livez address (kube-proxy's default); "" disables.
-        #[arg(long, default_value = "0.0.0.0:10256")]
+        #[arg(
+            long,
+            default_value = "0.0.0.0:10256",
+            env = "NETLB_HEALTHZ_BIND_ADDRESS"
+        )]
         healthz_bind_address: String,
         /// /metrics address (kube-proxy's default); "" disables.
-        #[arg(long, default_value = "127.0.0.1:10249")]
+        #[arg(
+            long,
+            default_value = "127.0.0.1:10249",
+            env = "NETLB_METRICS_BIND_ADDRESS"
+        )]
         metrics_bind_address: String,
         /// Enter this network namespace first (e.g. /run/netns/NAME), for
         /// dev topologies. Do not wrap the agent in `ip netns exec`: that
         /// remounts /sys and hides /sys/fs/bpf.
-        #[arg(long)]
+        #[arg(long, env = "NETLB_NETNS")]
         netns: Option<PathBuf>,
         /// bpffs directory for this instance's pinned maps and links.
-        #[arg(long, default_value = "/sys/fs/bpf/netlb")]
+        #[arg(long, default_value = "/sys/fs/bpf/netlb", env = "NETLB_BPFFS")]
         bpffs: PathBuf,
         /// Name patterns of pod host-side interfaces (repeatable).
-        #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*"])]
+        #[arg(long = "pod-iface", default_values = ["veth*", "cali*", "lxc*"], env = "NETLB_POD_IFACE", value_delimiter = ',')]
         pod_ifaces: Vec<String>,
         /// Name patterns of node uplinks (repeatable): traffic from outside
         /// the node to NodePorts, external IPs and load-balancer IPs arrives
         /// there, and north-south SNAT happens there.
-        #[arg(long = "netdev", default_values = ["eth*", "ens*", "enp*", "eno*", "bond*"])]
+        #[arg(long = "netdev", default_values = ["eth*", "ens*", "enp*", "eno*", "bond*"], env = "NETLB_NETDEV", value_delimiter = ',')]
         netdevs: Vec<String>,
         /// CIDRs whose local addresses accept node ports (kube-proxy's
         /// --nodeport-addresses; repeatable or comma-separated). Default:
         /// the addresses of the uplinks (--netdev).
-        #[arg(long = "nodeport-addresses", value_delimiter = ',')]
+        #[arg(
+            long = "nodeport-addresses",
+            value_delimiter = ',',
+            env = "NETLB_NODEPORT_ADDRESSES"
+        )]
         nodeport_addresses: Vec<Ipv4Cidr>,
         /// This node's address for source NAT of north-south flows to
         /// backends on other nodes. Default: the first address of the first
         /// uplink.
-        #[arg(long)]
+        #[arg(long, env = "NETLB_NODE_IP")]
         node_ip: Option<Ipv4Addr>,
         /// Source address for hairpin flows (a pod reaching itself through
         /// its Service).
-        #[arg(long, default_value = "169.254.42.1")]
+        #[arg(long, default_value = "169.254.42.1", env = "NETLB_SERVICE_LOOPBACK")]
         service_loopback: Ipv4Addr,
         /// This node's name (for traffic policies).
         #[arg(long = "hostname-override", env = "NODE_NAME")]
         node_name: Option<String>,
         /// Accept Services labelled service.kubernetes.io/service-proxy-name
         /// with this value (unlabelled Services are always accepted).
-        #[arg(long)]
+        #[arg(long, env = "NETLB_PROXY_NAME")]
         proxy_name: Option<String>,
         /// Minimum interval between syncs, in milliseconds.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, env = "NETLB_MIN_SYNC_INTERVAL_MS")]
         min_sync_interval_ms: u64,
         /// Full resync interval, in seconds.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, env = "NETLB_RESYNC_INTERVAL_S")]
         resync_interval_s: u64,
-        #[arg(long, default_value_t = MapSizes::default().service_entries)]
+        #[arg(long, default_value_t = MapSizes::default().service_entries, env = "NETLB_MAX_SERVICE_ENTRIES")]
         max_service_entries: u32,
-        #[arg(long, default_value_t = MapSizes::default().backends)]
+        #[arg(long, default_value_t = MapSizes::default().backends, env = "NETLB_MAX_BACKENDS")]
         max_backends: u32,
-        #[arg(long, default_value_t = MapSizes::default().rev_nat)]
+        #[arg(long, default_value_t = MapSizes::default().rev_nat, env = "NETLB_MAX_REV_NAT")]
         max_rev_nat: u32,
-        #[arg(long, default_value_t = MapSizes::default().conntrack)]
+        #[arg(long, default_value_t = MapSizes::default().conntrack, env = "NETLB_MAX_CONNTRACK")]
         max_conntrack: u32,
         /// Conntrack: TCP connections with a SYN but no reply yet expire
         /// after this idle time (Go duration syntax).
-        #[arg(long, default_value = "60s")]
+        #[arg(long, default_value = "60s", env = "NETLB_CONNTRACK_TCP_TIMEOUT_SYN")]
         conntrack_tcp_timeout_syn: GoDuration,
         /// Conntrack: established TCP connections expire after this idle
         /// time (kube-proxy's flag name; Cilium's default).
-        #[arg(long, default_value = "6h")]
+        #[arg(
+            long,
+            default_value = "6h",
+            env = "NETLB_CONNTRACK_TCP_TIMEOUT_ESTABLISHED"
+        )]
         conntrack_tcp_timeout_established: GoDuration,
         /// Conntrack: TCP connections closed by a RST or by FINs from both
         /// sides are forgotten (and their NAT ports freed) after this.
-        #[arg(long, default_value = "10s")]
+        #[arg(long, default_value = "10s", env = "NETLB_CONNTRACK_TCP_TIMEOUT_CLOSE")]
         conntrack_tcp_timeout_close: GoDuration,
         /// Conntrack: UDP (and other) flows expire after this idle time.
-        #[arg(long, default_value = "60s")]
+        #[arg(long, default_value = "60s", env = "NETLB_CONNTRACK_UDP_TIMEOUT")]
         conntrack_udp_timeout: GoDuration,
         /// How often the conntrack garbage collector sweeps (every second
         /// while the table is over half full).
-        #[arg(long, default_value = "10s")]
+        #[arg(long, default_value = "10s", env = "NETLB_CONNTRACK_GC_INTERVAL")]
         conntrack_gc_interval: GoDuration,
         /// Source ports of north-south SNAT (MIN-MAX). The default stays
         /// below the NodePort range and the kernel's ephemeral ports.
-        #[arg(long, default_value = "1024-29999")]
+        #[arg(long, default_value = "1024-29999", env = "NETLB_NAT_PORT_RANGE")]
         nat_port_range: PortRange,
         /// The cluster's NodePort range (the API server's
         /// --service-node-port-range).
-        #[arg(long, default_value = "30000-32767")]
+        #[arg(
+            long,
+            default_value = "30000-32767",
+            env = "NETLB_SERVICE_NODE_PORT_RANGE"
+        )]
         service_node_port_range: PortRange,
         /// Drop packets from pod interfaces that open or close a Service
         /// connection with another pod's source address.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "NETLB_VALIDATE_POD_SOURCE")]
         validate_pod_source: bool,
         /// Detach and unpin everything on exit (demos, tests).
-        #[arg(long)]
+        #[arg(long, env = "NETLB_CLEANUP_ON_EXIT")]
         cleanup_on_exit: bool,
     },
     /// Show what the pinned datapath maps hold.

@@ -89,6 +89,7 @@ fn agent(tb: &Testbed, api: &FakeApiServer, log: &str) -> AgentProcess {
             source: AgentSource::Kubeconfig(kubeconfig),
             extra_args: vec![],
             cleanup_on_exit: true,
+            capabilities: None,
         },
         &tb.dir.join(log),
     )

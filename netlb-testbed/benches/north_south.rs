@@ -92,6 +92,7 @@ fn main() {
                 source: AgentSource::Manifests(manifests.clone()),
                 extra_args: vec![],
                 cleanup_on_exit: true,
+                capabilities: None,
             },
             &tb.dir.join(format!("agent-node{}.log", node.index)),
         )

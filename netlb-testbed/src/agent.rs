@@ -27,6 +27,12 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
     /// Remove pins on a clean exit (tests); a SIGKILLed agent leaves them.
     pub cleanup_on_exit: bool,
+    /// Capabilities to keep (e.g. `["bpf", "net_admin"]`): the agent then
+    /// starts in the node's namespace through `nsenter` and `setpriv` with
+    /// only these in its bounding set (as a container granted exactly
+    /// them), instead of entering the namespace itself (`--netns`, which
+    /// needs SYS_ADMIN). `None`: all of root's.
+    pub capabilities: Option<Vec<String>>,
 }
 
 pub struct AgentProcess {
@@ -39,11 +45,30 @@ impl AgentProcess {
     /// Starts the agent for `node` (it enters the node's namespace itself:
     /// `ip netns exec` would remount /sys and hide /sys/fs/bpf).
     pub fn start(node: &Node, opts: &AgentOptions, log: &Path) -> Result<Self, ProcessError> {
-        let mut cmd = Command::new(&opts.binary);
-        cmd.arg("run")
-            .arg("--netns")
-            .arg(node.netns_path())
-            .arg("--bpffs")
+        let mut cmd = match &opts.capabilities {
+            None => {
+                let mut cmd = Command::new(&opts.binary);
+                cmd.arg("run").arg("--netns").arg(node.netns_path());
+                cmd
+            }
+            Some(caps) => {
+                let set: String = std::iter::once("-all".to_owned())
+                    .chain(caps.iter().map(|c| format!("+{c}")))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", node.netns_path().display()))
+                    .arg("--")
+                    .arg("setpriv")
+                    .arg(format!("--bounding-set={set}"))
+                    .arg("--inh-caps=-all")
+                    .arg("--")
+                    .arg(&opts.binary)
+                    .arg("run");
+                cmd
+            }
+        };
+        cmd.arg("--bpffs")
             .arg(&node.bpffs)
             .args(["--pod-iface", "veth*"])
             .args(["--netdev", "uplink0"])

@@ -288,6 +288,7 @@ fn sigkill_and_restart_lose_no_requests() {
         source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
         extra_args: vec![],
         cleanup_on_exit: true,
+        capabilities: None,
     };
     let log = a.c.tb.dir.join("agent-2.log");
     let tb = &a.c.tb;
@@ -332,6 +333,7 @@ fn nothing_is_programmed_before_services_and_slices_have_both_synced() {
         source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
         extra_args: vec![],
         cleanup_on_exit: true,
+        capabilities: None,
     };
     let agent =
         AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
@@ -370,6 +372,7 @@ fn half_open_watch_is_detected_and_replaced() {
         source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
         extra_args: vec!["--watch-timeout-s".into(), "2".into()],
         cleanup_on_exit: true,
+        capabilities: None,
     };
     let agent =
         AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | run | test | bench`.
 
+mod image;
 mod run;
 mod setup;
 
@@ -32,6 +33,8 @@ enum Task {
     Test,
     /// Benchmarks (figures, no assertions).
     Bench,
+    /// The agent's container image (FROM scratch, buildah, an OCI archive).
+    Image(image::ImageArgs),
 }
 
 /// The workspace root.
@@ -106,6 +109,16 @@ fn test() -> anyhow::Result<()> {
             "--test-threads=1",
         ],
     )?;
+    // The image builds and the binary inside it starts (the debug binary:
+    // the same libraries as a release one, without a second build).
+    let version = image::build(
+        &root().join("target/debug/netlb-agent"),
+        &root().join("target/image/test.oci.tar"),
+    )?;
+    if !version.starts_with("netlb-agent ") {
+        bail!("the binary in the image printed {version:?}");
+    }
+    eprintln!("image check: the binary in the image printed {version:?}");
     eprintln!("xtask test: all suites passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -152,5 +165,10 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test => test(),
         Task::Bench => bench(),
+        Task::Image(args) => {
+            setup::setup()?;
+            require_root("image")?;
+            image::image(args)
+        }
     }
 }

@@ -141,6 +141,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 source: AgentSource::Manifests(manifests.clone()),
                 extra_args: vec![],
                 cleanup_on_exit: true,
+                capabilities: None,
             },
             &log,
         )?;

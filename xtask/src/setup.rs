@@ -127,6 +127,11 @@ fn packages() -> anyhow::Result<()> {
         ("iperf3", "iperf3"),
         ("wrk", "wrk"),
         ("bpftool", "bpftool"),
+        ("buildah", "buildah"),
+        ("nsenter", "util-linux"),
+        ("tc", "iproute2"),
+        // kubectl renders deploy/ (its built-in kustomize).
+        ("kubectl", "kubernetes-client"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -152,9 +157,35 @@ fn packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Versions of the manifest tools (PyPI) the deploy tests run.
+const PY_TOOLS: [&str; 2] = ["kubernetes-validate==1.37.0", "checkov==3.3.30"];
+
+/// A Python venv under `target/tools/venv` with the manifest validator and
+/// the security linter.
+fn python_tools() -> anyhow::Result<()> {
+    let venv = crate::root().join("target/tools/venv");
+    let bin = venv.join("bin");
+    if bin.join("kubernetes-validate").exists() && bin.join("checkov").exists() {
+        return Ok(());
+    }
+    if output("python3", &["-m", "venv", "--help"]).is_none() {
+        // Debian's python3 has venv in a package of its own.
+        cmd("apt-get", &["install", "-y", "-q", "python3-venv"])?;
+    }
+    cmd(
+        "python3",
+        &["-m", "venv", venv.to_str().context("venv path")?],
+    )?;
+    let pip = bin.join("pip");
+    let mut args = vec!["install", "-q", "--disable-pip-version-check"];
+    args.extend(PY_TOOLS);
+    cmd(pip.to_str().context("pip path")?, &args)
+}
+
 pub fn setup() -> anyhow::Result<()> {
     let started = Instant::now();
     packages()?;
+    python_tools()?;
     let sysroot = nightly_sysroot()?;
     components(&sysroot)?;
     bpf_linker(&sysroot)?;

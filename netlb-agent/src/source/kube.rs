@@ -31,6 +31,38 @@ use kube::{
     },
 };
 
+/// One kind of request the agent makes of the API server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permission {
+    /// API group ("" for the core group).
+    pub group: &'static str,
+    /// Resource, as in RBAC rules.
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Everything the agent asks of the API server, in one place: its watchers
+/// list and watch Services, EndpointSlices and its own Node (a field
+/// selector on the name), nothing else. `deploy/base/rbac.yaml` grants
+/// exactly this; a test compares the two.
+pub const PERMISSIONS: [Permission; 3] = [
+    Permission {
+        group: <Service as k8s_openapi::Resource>::GROUP,
+        resource: <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        verbs: &["list", "watch"],
+    },
+    Permission {
+        group: <EndpointSlice as k8s_openapi::Resource>::GROUP,
+        resource: <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        verbs: &["list", "watch"],
+    },
+    Permission {
+        group: <Node as k8s_openapi::Resource>::GROUP,
+        resource: <Node as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        verbs: &["list", "watch"],
+    },
+];
+
 /// Where the API server is.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
@@ -306,5 +338,56 @@ impl ApiSource {
                 .as_ref()
                 .and_then(|store| store.state().first().cloned()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde::Deserialize as _;
+
+    use super::*;
+
+    /// The ClusterRole in `deploy/base/rbac.yaml` grants exactly
+    /// [`PERMISSIONS`]: every (group, resource, verb) the code uses, and
+    /// nothing more.
+    #[test]
+    fn the_cluster_role_grants_exactly_what_the_agent_uses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/base/rbac.yaml");
+        let mut granted = BTreeSet::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).expect("yaml");
+            if value["kind"] != "ClusterRole" {
+                continue;
+            }
+            for rule in value["rules"].as_sequence().expect("rules") {
+                let list = |key: &str| -> Vec<String> {
+                    rule[key]
+                        .as_sequence()
+                        .unwrap_or_else(|| panic!("{key} in {rule:?}"))
+                        .iter()
+                        .map(|v| v.as_str().expect("string").to_owned())
+                        .collect()
+                };
+                for group in list("apiGroups") {
+                    for resource in list("resources") {
+                        for verb in list("verbs") {
+                            granted.insert((group.clone(), resource.clone(), verb));
+                        }
+                    }
+                }
+            }
+        }
+        let used: BTreeSet<(String, String, String)> = PERMISSIONS
+            .iter()
+            .flat_map(|p| {
+                p.verbs
+                    .iter()
+                    .map(|v| (p.group.to_owned(), p.resource.to_owned(), (*v).to_owned()))
+            })
+            .collect();
+        assert_eq!(granted, used);
     }
 }

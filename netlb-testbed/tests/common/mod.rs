@@ -213,6 +213,7 @@ impl Cluster {
                 source,
                 extra_args: vec![],
                 cleanup_on_exit: true,
+                capabilities: None,
             },
             &self.tb.dir.join(log),
         )
@@ -251,6 +252,7 @@ impl Cluster {
                     source: source.clone(),
                     extra_args: args.iter().map(|a| a.to_string()).collect(),
                     cleanup_on_exit: true,
+                    capabilities: None,
                 },
                 &self.tb.dir.join(format!("agent-node{}.log", node.index)),
             )

@@ -6,8 +6,11 @@
 //! - a NodePort on the backend's own node (DNAT only),
 //! - a NodePort on the other node (DNAT + SNAT, two hops),
 //!
-//! on the same two-node topology with one agent per node. Rounds alternate
-//! the targets; the medians are reported with the ratio to the direct path.
+//! on the same two-node topology with one agent per node; and from a host
+//! process of the backend's node (in the node's test cgroup) to the pod IP
+//! directly and to the ClusterIP (socket-level load balancing). Rounds
+//! alternate the targets; the medians are reported with the ratio to the
+//! direct path.
 
 use std::time::Duration;
 
@@ -23,23 +26,34 @@ const ROUNDS: usize = 5;
 const SECONDS: u32 = 4;
 const THREADS: u32 = 4;
 
+/// Where a client runs.
+#[derive(Clone, Copy)]
+enum Client {
+    /// The outside client's namespace.
+    Outside,
+    /// A host process of node `n`.
+    Host(usize),
+}
+
 /// New connections per second, and failed attempts.
-fn connect_rate(tb: &Testbed, echo: &str, target: &str) -> Option<(f64, u64)> {
-    let out = tb
-        .exec(
-            &tb.ext,
-            &[
-                echo,
-                "connect-rate",
-                "--connect",
-                target,
-                "--threads",
-                &THREADS.to_string(),
-                "--duration-s",
-                &SECONDS.to_string(),
-            ],
-        )
-        .ok()?;
+fn connect_rate(tb: &Testbed, client: Client, echo: &str, target: &str) -> Option<(f64, u64)> {
+    let threads = THREADS.to_string();
+    let seconds = SECONDS.to_string();
+    let args = [
+        echo,
+        "connect-rate",
+        "--connect",
+        target,
+        "--threads",
+        &threads,
+        "--duration-s",
+        &seconds,
+    ];
+    let out = match client {
+        Client::Outside => tb.exec(&tb.ext, &args),
+        Client::Host(node) => tb.exec_host(node, &args),
+    }
+    .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| {
         text.split_whitespace()
@@ -105,25 +119,54 @@ fn main() {
         agents.push(agent);
     }
 
-    let targets = [
-        ("pod IP directly", format!("{}:9376", pod.ip)),
-        (
-            "NodePort, backend on that node (DNAT)",
-            format!("{}:30080", tb.nodes[1].uplink_ip),
-        ),
-        (
-            "NodePort, backend on the other node (DNAT+SNAT)",
-            format!("{}:30080", tb.nodes[0].uplink_ip),
-        ),
-    ];
+    report(
+        &tb,
+        &echo,
+        "new connections/s from the external client",
+        Client::Outside,
+        &[
+            ("pod IP directly", format!("{}:9376", pod.ip)),
+            (
+                "NodePort, backend on that node (DNAT)",
+                format!("{}:30080", tb.nodes[1].uplink_ip),
+            ),
+            (
+                "NodePort, backend on the other node (DNAT+SNAT)",
+                format!("{}:30080", tb.nodes[0].uplink_ip),
+            ),
+        ],
+    );
+    report(
+        &tb,
+        &echo,
+        "new connections/s from a host process of the backend's node",
+        Client::Host(1),
+        &[
+            ("pod IP directly", format!("{}:9376", pod.ip)),
+            ("ClusterIP (socket-level LB)", "10.96.0.80:80".to_owned()),
+        ],
+    );
+    drop(agents);
+    drop(tb);
+}
+
+/// Measures every target in alternating rounds and prints the medians
+/// with the ratio to the first target.
+fn report(
+    tb: &Testbed,
+    echo: &std::path::Path,
+    title: &str,
+    client: Client,
+    targets: &[(&str, String)],
+) {
     // Warm-up: every path once, and a check that each one serves.
-    for (name, target) in &targets {
-        let out = tb
-            .exec(
-                &tb.ext,
-                &["curl", "-sS", "-m", "3", &format!("http://{target}/")],
-            )
-            .expect("curl");
+    for (name, target) in targets {
+        let args = ["curl", "-sS", "-m", "3", &format!("http://{target}/")];
+        let out = match client {
+            Client::Outside => tb.exec(&tb.ext, &args),
+            Client::Host(node) => tb.exec_host(node, &args),
+        }
+        .expect("curl");
         assert!(out.status.success(), "{name} ({target}) does not serve");
     }
     let echo = echo.to_str().unwrap().to_owned();
@@ -131,7 +174,7 @@ fn main() {
     let mut failures = vec![0u64; targets.len()];
     for round in 0..ROUNDS {
         for (i, (_, target)) in targets.iter().enumerate() {
-            if let Some((rate, failed)) = connect_rate(&tb, &echo, target) {
+            if let Some((rate, failed)) = connect_rate(tb, client, &echo, target) {
                 rates[i].push(rate);
                 failures[i] += failed;
             }
@@ -139,7 +182,7 @@ fn main() {
         eprintln!("round {} of {ROUNDS} done", round + 1);
     }
     println!(
-        "\nnew connections/s from the external client ({ROUNDS} rounds of {SECONDS} s, {THREADS} client threads, one HTTP request per connection):"
+        "\n{title} ({ROUNDS} rounds of {SECONDS} s, {THREADS} client threads, one HTTP request per connection):"
     );
     let direct = median(rates[0].clone());
     for (i, ((name, _), samples)) in targets.iter().zip(&rates).enumerate() {
@@ -155,6 +198,4 @@ fn main() {
             failures[i]
         );
     }
-    drop(agents);
-    drop(tb);
 }

@@ -66,15 +66,28 @@ spec:
 
 /// `n` requests to `url` from `netns`, each on a new connection, counted by
 /// "backend, as seen from peer address".
+/// Where a demo request comes from.
+enum From<'a> {
+    /// A namespace (a pod, the outside client).
+    Netns(&'a str),
+    /// A host process of node `n` (in the node's cgroup, where the agent's
+    /// socket-level programs act).
+    Host(usize),
+}
+
 fn request_summary(
     tb: &Testbed,
-    netns: &str,
+    from: From<'_>,
     url: &str,
     n: usize,
 ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..n {
-        let out = tb.exec(netns, &["curl", "-sS", "-m", "3", url])?;
+        let args = ["curl", "-sS", "-m", "3", url];
+        let out = match from {
+            From::Netns(netns) => tb.exec(netns, &args)?,
+            From::Host(node) => tb.exec_host(node, &args)?,
+        };
         let body = String::from_utf8_lossy(&out.stdout);
         let mut words = body.split_whitespace();
         let key = match (words.next(), words.next()) {
@@ -185,6 +198,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "  ip netns exec {} curl -s http://{}:30007/",
         tb.ext, node_ips[1]
     );
+    // A host process of node0: it must be in the node's cgroup, where the
+    // agent attached its socket-level programs.
+    println!(
+        "  sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} curl -s http://10.96.0.10/'",
+        tb.nodes[0].cgroup.display(),
+        tb.nodes[0].netns
+    );
     println!("  {} list services --bpffs {bpffs}", agent_bin.display());
     println!("  {} list conntrack --bpffs {bpffs}", agent_bin.display());
     println!(
@@ -193,14 +213,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     if let Some(n) = args.requests {
-        let counts = request_summary(&tb, &client.netns, "http://10.96.0.10/", n)?;
+        let counts = request_summary(&tb, From::Netns(&client.netns), "http://10.96.0.10/", n)?;
         println!(
             "\n{n} requests from pod {} to my-service: {counts:?}",
             client.name
         );
         let mut failed = counts.contains_key("(failed)");
+        let counts = request_summary(&tb, From::Host(0), "http://10.96.0.10/", n)?;
+        println!("{n} requests from a host process of node0 to my-service: {counts:?}");
+        failed |= counts.contains_key("(failed)");
         for ip in &node_ips {
-            let counts = request_summary(&tb, &tb.ext, &format!("http://{ip}:30007/"), n)?;
+            let counts =
+                request_summary(&tb, From::Netns(&tb.ext), &format!("http://{ip}:30007/"), n)?;
             println!("{n} requests from outside to NodePort {ip}:30007: {counts:?}");
             failed |= counts.contains_key("(failed)");
         }

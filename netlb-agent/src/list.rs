@@ -42,7 +42,6 @@ pub struct BackendRow {
     pub protocol: String,
     pub flags: u8,
     pub flows: u64,
-    pub packets: u64,
 }
 
 #[derive(Serialize)]
@@ -141,7 +140,6 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
             protocol: proto_name(b.proto),
             flags: b.flags,
             flows: stats.flows,
-            packets: stats.packets,
         });
     }
     rows.sort_by_key(|r| r.id);

@@ -230,7 +230,7 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
         ),
         map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::COUNT),
         map_names::BACKEND_STATS => (
-            MapType::PerCpuArray,
+            MapType::Array,
             4,
             size_of::<BackendStats>(),
             sizes.backends + 1,

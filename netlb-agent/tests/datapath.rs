@@ -561,3 +561,107 @@ fn closed_flow_entries_do_not_capture_a_new_connection_on_the_same_tuple() {
     assert_eq!((pkt.saddr(), pkt.sport()), (NODE, 30080));
     pkt.assert_checksums();
 }
+
+/// The kernel's batch commands through the `Dataplane` trait: thousands of
+/// entries per call, in order; a key already gone is not an error; a full
+/// map stops the batch at the first entry that does not fit and names it.
+#[test]
+fn batch_writes_and_deletes_in_the_kernel() {
+    use netlb_agent::{loader::MapSizes, sync::Syncer};
+    let sizes = MapSizes {
+        service_entries: 20_000,
+        ..MapSizes::default()
+    };
+    let mut dp = Datapath::load_sized(Default::default(), sizes);
+    let key = |i: u32| ServiceKey {
+        address_be: be_addr(Ipv4Addr::from(0x0a60_0000 + i)),
+        port_be: 80u16.to_be(),
+        backend_slot: 0,
+        proto: proto::TCP,
+        scope: scope::EXTERNAL,
+        pad: [0; 2],
+    };
+    let value = |i: u32| ServiceValue {
+        backend_id: i,
+        rev_nat_index: i,
+        count: 0,
+        flags: svc_flags::CLUSTER_IP,
+    };
+    // More than one call's worth (8192 per call).
+    let items: Vec<(ServiceKey, ServiceValue)> = (0..19_000).map(|i| (key(i), value(i))).collect();
+    dp.maps.upsert_services(&items).expect("batch upsert");
+    for i in [0, 8_191, 8_192, 18_999] {
+        assert_eq!(dp.maps.service(&key(i)).unwrap(), Some(value(i)));
+    }
+    // Past the map's size: the first entry that does not fit is named.
+    let more: Vec<(ServiceKey, ServiceValue)> =
+        (19_000..21_000).map(|i| (key(i), value(i))).collect();
+    let err = dp.maps.upsert_services(&more).expect_err("map full");
+    assert_eq!(err.index, 1_000, "{err:?}");
+    assert!(dp.maps.service(&key(19_999)).unwrap().is_some());
+    // Deleting, with keys already gone among them (never written, deleted
+    // twice): everything named is gone, nothing else.
+    let mut gone: Vec<ServiceKey> = (0..10_000).map(key).collect();
+    gone.insert(5, key(500_000));
+    gone.push(key(3));
+    dp.maps.delete_services(&gone).expect("batch delete");
+    assert_eq!(dp.maps.service(&key(9_999)).unwrap(), None);
+    assert_eq!(dp.maps.service(&key(10_000)).unwrap(), Some(value(10_000)));
+    let left = dp.maps.dump().unwrap().services.len();
+    assert_eq!(left, 10_000);
+    // The syncer's failure path on the kernel: a Service too big for what
+    // is left is reported failed, the others are programmed.
+    dp.maps
+        .delete_services(&(10_000..20_000).map(key).collect::<Vec<_>>())
+        .unwrap();
+    let mut syncer = Syncer::new();
+    let mut want = netlb_agent::desired::DesiredState::default();
+    let frontend = |i: u32, n: u16| {
+        (
+            netlb_agent::desired::FrontendKey {
+                address: Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8),
+                port: 80,
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+            },
+            netlb_agent::desired::DesiredFrontend {
+                service: netlb_agent::model::ServicePortName {
+                    namespace: "default".into(),
+                    name: format!("svc-{i}").into(),
+                    port_name: "".into(),
+                    protocol: "TCP".into(),
+                },
+                flags: svc_flags::CLUSTER_IP,
+                backends: (0..n)
+                    .map(|b| netlb_agent::desired::DesiredBackend {
+                        addr: netlb_agent::desired::BackendAddr {
+                            address: Ipv4Addr::new(10, 244, i as u8, b as u8),
+                            port: 8080,
+                            proto: proto::TCP,
+                        },
+                        flags: 0,
+                    })
+                    .collect(),
+            },
+        )
+    };
+    // 100 Services of 4 backends fit (500 entries); one of 30,000 does not.
+    want.frontends.extend((0..100).map(|i| frontend(i, 4)));
+    want.frontends.extend([frontend(1_000, 30_000)]);
+    let report = syncer.sync(&mut dp.maps, &want).unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    let programmed = dp.maps.dump().unwrap();
+    for i in 0..100 {
+        let (fe, _) = frontend(i, 4);
+        let head = dp
+            .maps
+            .service(&ServiceKey {
+                address_be: be_addr(fe.address),
+                ..key(0)
+            })
+            .unwrap()
+            .expect("programmed");
+        assert_eq!(head.count, 4);
+    }
+    assert!(programmed.backends.len() >= 400);
+}

@@ -91,13 +91,16 @@ pub mod program_names {
 
 /// Default map sizes; the agent may override them at load time.
 pub mod limits {
-    /// `SERVICES` entries: one per frontend plus one per backend slot.
-    pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
+    /// `SERVICES` entries: one per frontend plus one per backend slot
+    /// (100k single-port Services with 4 endpoints use 500k). The three
+    /// service maps are allocated as they fill (`BPF_F_NO_PREALLOC`), so a
+    /// large default costs nothing until used.
+    pub const MAX_SERVICE_ENTRIES: u32 = 1_048_576;
     /// Distinct backends (address, port, protocol). Backend ids are
     /// `1..=MAX_BACKENDS`; id 0 is never used so that a zeroed value is invalid.
-    pub const MAX_BACKENDS: u32 = 262_144;
+    pub const MAX_BACKENDS: u32 = 524_288;
     /// Reverse NAT entries: one per distinct (VIP, port).
-    pub const MAX_REV_NAT: u32 = 131_072;
+    pub const MAX_REV_NAT: u32 = 262_144;
     /// Conntrack entries (a hash map the agent garbage-collects): two per
     /// east-west connection, two or three per north-south one.
     pub const MAX_CONNTRACK: u32 = 524_288;
@@ -472,17 +475,19 @@ pub fn ct_link_owner(key: &CtKey4, link: &CtEntry4) -> CtKey4 {
     }
 }
 
-/// Value of the per-CPU backend counter array (`BACKEND_STATS`, indexed by
-/// backend id); the agent sums the CPUs.
+/// Value of the backend counter array (`BACKEND_STATS`, indexed by backend
+/// id). One array shared by the CPUs, added to atomically once per new
+/// flow: a per-CPU array would cost its size times the node's CPUs (8 MiB
+/// per CPU at the default half a million backends), and per-packet
+/// counting would bounce a shared cache line on every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
-    /// Flows (new conntrack entries) that selected this backend.
+    /// Flows (new conntrack entries, or connects and sends of host
+    /// sockets) that selected this backend. Native endian.
     pub flows: u64,
-    /// Packets DNATed to this backend.
-    pub packets: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 8);
 
 /// The datapath's runtime configuration, in slot 0 of the `CONFIG` array.
 #[repr(C)]

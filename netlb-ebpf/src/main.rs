@@ -26,6 +26,8 @@
 //! CNI's, the bandwidth plugin's classic clsact filters) still run.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly for the atomic add of `maps::count_backend_flow`.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;

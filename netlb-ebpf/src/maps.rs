@@ -11,19 +11,27 @@ use netlb_common::{
     ServiceValue, SockRevKey, SockRevValue, limits, stat,
 };
 
+/// `BPF_F_NO_PREALLOC`: entries are allocated when the agent writes them.
+/// For the three service maps, which the programs only read: their large
+/// defaults (sized for 100k Services) cost kernel memory only as they fill.
+/// The conntrack map stays preallocated: the programs insert into it, and a
+/// preallocated table cannot fail an insert for want of memory.
+const NO_PREALLOC: u32 = 1;
+
 /// Frontends (slot 0) and backend slots (1..=count).
 #[map(name = "NETLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(limits::MAX_SERVICE_ENTRIES, 0);
+    HashMap::with_max_entries(limits::MAX_SERVICE_ENTRIES, NO_PREALLOC);
 
 /// Backends by id.
 #[map(name = "NETLB_BACKENDS")]
 pub static BACKENDS: HashMap<u32, BackendValue> =
-    HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
+    HashMap::with_max_entries(limits::MAX_BACKENDS, NO_PREALLOC);
 
 /// Reverse NAT: index -> frontend address.
 #[map(name = "NETLB_REV_NAT")]
-pub static REV_NAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(limits::MAX_REV_NAT, 0);
+pub static REV_NAT: HashMap<u32, RevNatValue> =
+    HashMap::with_max_entries(limits::MAX_REV_NAT, NO_PREALLOC);
 
 /// Conntrack: a plain hash, so that the kernel never evicts part of a
 /// connection (see `conntrack`); the agent garbage-collects it.
@@ -35,10 +43,11 @@ pub static CONNTRACK: HashMap<CtKey4, CtEntry4> =
 #[map(name = "NETLB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Per-CPU backend counters, indexed by backend id.
+/// Backend counters, indexed by backend id (shared by the CPUs; see
+/// `BackendStats`).
 #[map(name = "NETLB_BACKEND_STATS")]
-pub static BACKEND_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::with_max_entries(limits::MAX_BACKENDS + 1, 0);
+pub static BACKEND_STATS: Array<BackendStats> =
+    Array::with_max_entries(limits::MAX_BACKENDS + 1, 0);
 
 /// Runtime configuration in slot 0.
 #[map(name = "NETLB_CONFIG")]
@@ -65,16 +74,28 @@ pub fn count(index: u32) {
     }
 }
 
-/// Adds to a backend's per-CPU counters.
+/// Counts a new flow to a backend.
 #[inline(always)]
-pub fn count_backend(id: u32, new_flow: bool) {
+pub fn count_backend_flow(id: u32) {
     if let Some(ptr) = BACKEND_STATS.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        // Other CPUs add to the slot concurrently: an atomic add
+        // (BPF_ATOMIC | BPF_ADD). core has no read-modify-write atomics for
+        // the bpf target (it only declares atomic loads and stores), so the
+        // instruction is written out; the verifier accepts it on map values.
+        // SAFETY: `ptr` is a valid, 8-byte aligned slot of the array for the
+        // program's lifetime.
+        #[cfg(target_arch = "bpf")]
         unsafe {
-            (*ptr).packets += 1;
-            if new_flow {
-                (*ptr).flows += 1;
-            }
+            core::arch::asm!(
+                "lock *(u64 *)({slot} + 0) += {one}",
+                slot = in(reg) &raw mut (*ptr).flows,
+                one = in(reg) 1u64,
+            );
+        }
+        #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: as above (host builds never run the datapath).
+        unsafe {
+            (*ptr).flows += 1;
         }
     }
 }

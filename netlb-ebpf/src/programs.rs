@@ -224,7 +224,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         }
     }
     maps::count(stat::FORWARD_NAT);
-    maps::count_backend(conn.backend_id, new_flow);
+    if new_flow {
+        maps::count_backend_flow(conn.backend_id);
+    }
     Ok(NEXT)
 }
 
@@ -303,7 +305,9 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
     };
     nat::dnat(ctx, &pkt, conn.target_addr, conn.target_port_be)?;
     maps::count(stat::FORWARD_NAT);
-    maps::count_backend(conn.backend_id, new_flow);
+    if new_flow {
+        maps::count_backend_flow(conn.backend_id);
+    }
     Ok(NEXT)
 }
 

@@ -116,7 +116,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         (*sa).user_port = backend.port_be as u32;
     }
     maps::count(stat::SOCK_LB);
-    maps::count_backend(id, true);
+    maps::count_backend_flow(id);
     ALLOW
 }
 

@@ -1,7 +1,9 @@
 //! [`Dataplane`] and [`ConntrackTable`] over the real (kernel) BPF maps,
-//! through aya; the conntrack snapshot uses `BPF_MAP_LOOKUP_BATCH`, which aya
-//! 0.14 does not wrap (the one raw `bpf(2)` call of the agent, in
-//! [`lookup_batch`]).
+//! through aya. The batch commands, which aya 0.14 does not wrap, are the
+//! agent's only raw `bpf(2)` calls: `BPF_MAP_LOOKUP_BATCH` for the conntrack
+//! snapshot ([`lookup_batch`]), `BPF_MAP_UPDATE_BATCH` and
+//! `BPF_MAP_DELETE_BATCH` for the sync's writes ([`update_batch`],
+//! [`delete_batch`]).
 
 use std::{
     io,
@@ -11,21 +13,23 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use netlb_common::{
     BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue, map_names,
     stat,
 };
 
-use super::{BackendId, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
+use super::{
+    BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
+};
 
 /// The service maps of a loaded datapath (or of a pinned one).
 pub struct AyaDataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
-    backend_stats: PerCpuArray<MapData, BackendStats>,
+    backend_stats: Array<MapData, BackendStats>,
 }
 
 fn io_error(e: MapError) -> io::Error {
@@ -91,21 +95,29 @@ impl AyaDataplane {
         })
     }
 
-    /// Counters of one backend, summed over CPUs.
+    /// One entry of the service map as the kernel holds it.
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(DataplaneError::Read {
+                map: map_names::SERVICES,
+                source: io_error(e),
+            }),
+        }
+    }
+
+    /// Counters of one backend.
     pub fn backend_stats(&self, id: BackendId) -> Result<BackendStats, DataplaneError> {
-        let per_cpu = self
-            .backend_stats
+        self.backend_stats
             .get(&id, 0)
             .map_err(|e| DataplaneError::Read {
                 map: map_names::BACKEND_STATS,
                 source: io_error(e),
-            })?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendStats::default(), |sum, s| BackendStats {
-                flows: sum.flows + s.flows,
-                packets: sum.packets + s.packets,
-            }))
+            })
     }
 }
 
@@ -203,22 +215,31 @@ impl Dataplane for AyaDataplane {
     }
 
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Write {
-            map: map_names::BACKEND_STATS,
-            key: id.to_string(),
-            source,
-        })?;
-        let zeroes =
-            PerCpuValues::try_from(vec![BackendStats::default(); cpus]).map_err(|source| {
-                DataplaneError::Write {
-                    map: map_names::BACKEND_STATS,
-                    key: id.to_string(),
-                    source,
-                }
-            })?;
         self.backend_stats
-            .set(id, zeroes, 0)
+            .set(id, BackendStats::default(), 0)
             .map_err(write_err(map_names::BACKEND_STATS, id.to_string()))
+    }
+
+    fn upsert_services(&mut self, items: &[(ServiceKey, ServiceValue)]) -> Result<(), BatchError> {
+        update_batch(map_fd(&self.services), map_names::SERVICES, items, |k| {
+            format!("{k:?}")
+        })
+    }
+
+    fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
+        delete_batch(map_fd(&self.services), map_names::SERVICES, keys)
+    }
+
+    fn upsert_backends(&mut self, items: &[(BackendId, BackendValue)]) -> Result<(), BatchError> {
+        update_batch(map_fd(&self.backends), map_names::BACKENDS, items, |k| {
+            k.to_string()
+        })
+    }
+
+    fn upsert_rev_nats(&mut self, items: &[(RevNatIndex, RevNatValue)]) -> Result<(), BatchError> {
+        update_batch(map_fd(&self.rev_nat), map_names::REV_NAT, items, |k| {
+            k.to_string()
+        })
     }
 
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
@@ -411,8 +432,117 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` (v5.6).
+/// `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`
+/// (all since v5.6; hash maps support all three).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// Entries per update or delete call: large enough that a first sync of
+/// 100k Services takes a few hundred calls, small enough that one call
+/// never holds the CPU for long (the kernel processes them one by one).
+const WRITE_BATCH: usize = 8192;
+
+fn map_fd<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> i32 {
+    aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd()
+}
+
+/// One batch command; returns how many entries the kernel processed and
+/// the error that stopped it, if any.
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> (usize, Option<io::Error>) {
+    let asked = attr.count as usize;
+    // SAFETY: `attr` points to `count` keys (and values) of the map's key
+    // and value sizes (the map was typed with them when opened), alive for
+    // the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    let err = (rc < 0).then(io::Error::last_os_error);
+    ((attr.count as usize).min(asked), err)
+}
+
+/// Writes `items` in order with `BPF_MAP_UPDATE_BATCH` (flags `BPF_ANY`).
+/// The kernel stops at the first entry it cannot write and reports how
+/// many it wrote: that entry's index is the error's.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    fd: i32,
+    map: &'static str,
+    items: &[(K, V)],
+    describe: impl Fn(&K) -> String,
+) -> Result<(), BatchError> {
+    let mut done = 0;
+    while done < items.len() {
+        let chunk = &items[done..(done + WRITE_BATCH).min(items.len())];
+        // The syscall wants keys and values in two arrays.
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let (n, err) = batch_call(BPF_MAP_UPDATE_BATCH, &mut attr);
+        if let Some(source) = err {
+            let index = done + n;
+            return Err(BatchError {
+                index,
+                source: DataplaneError::Write {
+                    map,
+                    key: items
+                        .get(index)
+                        .map(|(k, _)| describe(k))
+                        .unwrap_or_default(),
+                    source,
+                },
+            });
+        }
+        done += chunk.len();
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in order with `BPF_MAP_DELETE_BATCH`. A key already gone
+/// is skipped (the kernel stops there with ENOENT; the rest is retried),
+/// as [`delete_result`] does for single deletions.
+fn delete_batch<K: aya::Pod + std::fmt::Debug>(
+    fd: i32,
+    map: &'static str,
+    keys: &[K],
+) -> Result<(), BatchError> {
+    let mut done = 0;
+    while done < keys.len() {
+        let chunk = &keys[done..(done + WRITE_BATCH).min(keys.len())];
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let (n, err) = batch_call(BPF_MAP_DELETE_BATCH, &mut attr);
+        match err {
+            None => done += chunk.len(),
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => done += n + 1,
+            Some(source) => {
+                let index = done + n;
+                return Err(BatchError {
+                    index,
+                    source: DataplaneError::Delete {
+                        map,
+                        key: format!("{:?}", keys[index.min(keys.len() - 1)]),
+                        source,
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
+}
 /// Entries asked for per call.
 const BATCH: usize = 4096;
 

@@ -48,6 +48,15 @@ pub enum DataplaneError {
     },
 }
 
+/// A batch operation that stopped at entry `index`.
+#[derive(Debug, thiserror::Error)]
+#[error("entry {index} of a batch")]
+pub struct BatchError {
+    pub index: usize,
+    #[source]
+    pub source: DataplaneError,
+}
+
 /// Writes to the datapath's service maps. Implementations apply each call
 /// immediately and in order: the caller is responsible for make-before-break
 /// ordering.
@@ -67,6 +76,37 @@ pub trait Dataplane {
         value: &RevNatValue,
     ) -> Result<(), DataplaneError>;
     fn delete_rev_nat(&mut self, index: RevNatIndex) -> Result<(), DataplaneError>;
+    /// Writes many entries of one map, in order; the kernel does it in
+    /// batches (`BPF_MAP_UPDATE_BATCH`), one system call per thousands of
+    /// entries. On failure, the index of the first entry not written.
+    fn upsert_services(&mut self, items: &[(ServiceKey, ServiceValue)]) -> Result<(), BatchError> {
+        for (i, (k, v)) in items.iter().enumerate() {
+            self.upsert_service(k, v)
+                .map_err(|source| BatchError { index: i, source })?;
+        }
+        Ok(())
+    }
+    fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
+        for (i, k) in keys.iter().enumerate() {
+            self.delete_service(k)
+                .map_err(|source| BatchError { index: i, source })?;
+        }
+        Ok(())
+    }
+    fn upsert_backends(&mut self, items: &[(BackendId, BackendValue)]) -> Result<(), BatchError> {
+        for (i, (k, v)) in items.iter().enumerate() {
+            self.upsert_backend(*k, v)
+                .map_err(|source| BatchError { index: i, source })?;
+        }
+        Ok(())
+    }
+    fn upsert_rev_nats(&mut self, items: &[(RevNatIndex, RevNatValue)]) -> Result<(), BatchError> {
+        for (i, (k, v)) in items.iter().enumerate() {
+            self.upsert_rev_nat(*k, v)
+                .map_err(|source| BatchError { index: i, source })?;
+        }
+        Ok(())
+    }
     /// Zeroes a backend id's counters (before the id is handed out again).
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
     /// Reads back everything programmed (adoption after a restart).

@@ -45,6 +45,7 @@ use netlb_common::{
 use crate::{
     dataplane::{ConntrackTable, DataplaneError},
     metrics::Metrics,
+    tracker::ObjectKey,
 };
 
 /// Early drop starts above this fill level...
@@ -349,7 +350,8 @@ pub fn sweep(
 /// What the sync loop and the collector thread share.
 #[derive(Debug, Default)]
 struct Shared {
-    udp_serving: Mutex<UdpServing>,
+    /// Each Service's UDP frontends with their serving endpoints.
+    udp_serving: Mutex<HashMap<ObjectKey, UdpServing>>,
     /// The sync loop's last sync generation ([`crate::sync::Syncer::generation`]).
     sync_generation: AtomicU64,
     /// The last sweep, with the sync generation current when it started.
@@ -364,6 +366,8 @@ struct Shared {
 pub struct Collector {
     shared: Arc<Shared>,
     wake: mpsc::Sender<()>,
+    /// A UDP endpoint stopped serving: sweep once the sync is written.
+    wake_when_published: AtomicBool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -394,7 +398,10 @@ impl Collector {
                     }
                     while rx.try_recv().is_ok() {}
                     let generation = shared.sync_generation.load(Ordering::Acquire);
-                    let serving = lock(&shared.udp_serving).clone();
+                    let serving: UdpServing = lock(&shared.udp_serving)
+                        .values()
+                        .flat_map(|s| s.iter().map(|(k, v)| (*k, v.clone())))
+                        .collect();
                     match sweep(table.as_mut(), &serving) {
                         Ok(report) => {
                             let busy = report.capacity > 0
@@ -425,28 +432,43 @@ impl Collector {
         Ok(Self {
             shared,
             wake,
+            wake_when_published: AtomicBool::new(false),
             thread: Some(thread),
         })
     }
 
-    /// Hands the collector the UDP frontends' serving endpoints of sync
-    /// `generation`; sweeps at once when an endpoint stopped serving a
-    /// frontend that still has serving ones.
-    pub fn publish(&self, udp_serving: UdpServing, generation: u64) {
+    /// Records one Service's UDP frontends with their serving endpoints;
+    /// sweeps at once when an endpoint stopped serving a frontend that
+    /// still has serving ones (its flows must move within a second).
+    pub fn update_service(&self, key: &ObjectKey, udp_serving: UdpServing) {
         let stale = {
-            let mut current = lock(&self.shared.udp_serving);
-            let stale = current.iter().any(|(frontend, old)| {
-                udp_serving
-                    .get(frontend)
-                    .is_some_and(|new| !old.is_subset(new))
+            let mut all = lock(&self.shared.udp_serving);
+            let stale = all.get(key).is_some_and(|old| {
+                old.iter().any(|(frontend, old)| {
+                    udp_serving
+                        .get(frontend)
+                        .is_some_and(|new| !old.is_subset(new))
+                })
             });
-            *current = udp_serving;
+            if udp_serving.is_empty() {
+                all.remove(key);
+            } else {
+                all.insert(key.clone(), udp_serving);
+            }
             stale
         };
+        if stale {
+            self.wake_when_published.store(true, Ordering::Release);
+        }
+    }
+
+    /// The sync step `generation` is done (ids it released are out of the
+    /// maps); runs the sweep a UDP change asked for.
+    pub fn publish(&self, generation: u64) {
         self.shared
             .sync_generation
             .store(generation, Ordering::Release);
-        if stale {
+        if self.wake_when_published.swap(false, Ordering::AcqRel) {
             let _ = self.wake.send(());
         }
     }

@@ -259,3 +259,18 @@ fn record_udp_serving(
             .extend(serving.iter().copied());
     }
 }
+
+/// The model and desired state of one changed Service (the change tracker's
+/// unit of work): an empty model when the Service is gone.
+pub fn for_change(
+    change: &crate::tracker::ServiceChange,
+    node: &crate::model::NodeContext,
+    nodeport_addresses: &[Ipv4Addr],
+) -> (Model, DesiredState) {
+    let model = match &change.service {
+        Some(svc) => crate::model::build_service(svc, change.slices.iter().map(|s| &**s), node),
+        None => Model::default(),
+    };
+    let desired = build(&model, nodeport_addresses);
+    (model, desired)
+}

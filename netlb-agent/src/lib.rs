@@ -18,6 +18,8 @@ pub mod list;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod objects;
 pub mod run;
 pub mod source;
 pub mod sync;
+pub mod tracker;

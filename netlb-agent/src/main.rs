@@ -124,7 +124,8 @@ enum Command {
         /// its Service).
         #[arg(long, default_value = "169.254.42.1", env = "NETLB_SERVICE_LOOPBACK")]
         service_loopback: Ipv4Addr,
-        /// This node's name (for traffic policies).
+        /// This node's name (for traffic policies and its Node object).
+        /// Default: the OS hostname, lower-cased, as kube-proxy's.
         #[arg(long = "hostname-override", env = "NODE_NAME")]
         node_name: Option<String>,
         /// Accept Services labelled service.kubernetes.io/service-proxy-name
@@ -246,11 +247,16 @@ fn main() -> anyhow::Result<()> {
                 ifaces::enter_netns(netns)
                     .with_context(|| format!("entering network namespace {}", netns.display()))?;
             }
+            let node_name = node_name
+                .map(|n| n.trim().to_lowercase())
+                .filter(|n| !n.is_empty())
+                .or_else(os_hostname);
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Api(ApiConfig {
                     kubeconfig,
                     master,
+                    proxy_name: proxy_name.clone(),
                     node_name: node_name.clone(),
                     watch_timeout: Duration::from_secs(watch_timeout_s),
                 }),
@@ -313,6 +319,14 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// kube-proxy's `nodeutil.GetHostname("")`: the kernel's hostname,
+/// trimmed and lower-cased.
+fn os_hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim().to_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
 fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let ctx = || format!("reading the maps pinned in {}", bpffs.display());
     let (json, header, rows): (serde_json::Value, &[&str], Vec<Vec<String>>) = match what {
@@ -350,13 +364,12 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
                         format!("{}:{}", r.address, r.port),
                         r.protocol.clone(),
                         r.flows.to_string(),
-                        r.packets.to_string(),
                     ]
                 })
                 .collect();
             (
                 serde_json::to_value(&rows)?,
-                &["ID", "BACKEND", "PROTO", "FLOWS", "PACKETS"],
+                &["ID", "BACKEND", "PROTO", "FLOWS"],
                 table,
             )
         }

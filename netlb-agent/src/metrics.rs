@@ -91,6 +91,24 @@ struct State {
     datapath: [u64; stat::COUNT as usize],
     watch_errors: u64,
     conntrack: ConntrackMetrics,
+    /// Lists that fail for good (403, 404): health says so.
+    source_failures: Vec<String>,
+    /// Highest fill level warned about, per map.
+    fill_warned: BTreeMap<&'static str, u8>,
+    /// Map entries written and deleted by syncs, and Services recomputed.
+    map_writes: u64,
+    map_deletes: u64,
+    services_recomputed: u64,
+}
+
+/// What one sync did, for the counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncCounts {
+    pub frontends: u64,
+    pub backends: u64,
+    pub writes: u64,
+    pub deletes: u64,
+    pub recomputed: u64,
 }
 
 /// What the conntrack garbage collector reports.
@@ -151,6 +169,11 @@ impl Metrics {
                 datapath: [0; stat::COUNT as usize],
                 watch_errors: 0,
                 conntrack: ConntrackMetrics::default(),
+                source_failures: Vec::new(),
+                fill_warned: BTreeMap::new(),
+                map_writes: 0,
+                map_deletes: 0,
+                services_recomputed: 0,
             }),
             health_timeout,
         }
@@ -170,8 +193,16 @@ impl Metrics {
     }
 
     /// A sync succeeded (kube-proxy's Updated).
-    pub fn synced(&self, duration: Duration, frontends: u64, backends: u64) {
+    pub fn synced(&self, duration: Duration, counts: SyncCounts) {
         let mut s = self.lock();
+        s.map_writes += counts.writes;
+        s.map_deletes += counts.deletes;
+        s.services_recomputed += counts.recomputed;
+        let SyncCounts {
+            frontends,
+            backends,
+            ..
+        } = counts;
         s.sync_duration.observe(duration.as_secs_f64());
         let now = SystemTime::now();
         s.last_sync = Some(now);
@@ -229,11 +260,34 @@ impl Metrics {
         c.last_sweep_seconds = report.duration.as_secs_f64();
     }
 
+    /// Lists that fail for good (RBAC 403, a resource that does not
+    /// exist): `/healthz` fails and says why, instead of reporting healthy
+    /// with nothing programmed.
+    pub fn set_source_failures(&self, failures: Vec<String>) {
+        self.lock().source_failures = failures;
+    }
+
+    /// Whether `map`'s fill level `percent` (90 or more) is past the last
+    /// one warned about.
+    pub fn fill_crossed(&self, map: &'static str, percent: u8) -> bool {
+        let mut s = self.lock();
+        let last = s.fill_warned.get(map).copied().unwrap_or(89);
+        if percent > last {
+            s.fill_warned.insert(map, percent);
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn set_watch_errors(&self, errors: u64) {
         self.lock().watch_errors = errors;
     }
 
     fn is_healthy(&self, s: &State) -> bool {
+        if !s.source_failures.is_empty() {
+            return false;
+        }
         match s.oldest_pending {
             Some(since) if s.last_updated.is_some() => since.elapsed() < self.health_timeout,
             // Healthy while starting up or when fully synced, as kube-proxy.
@@ -262,6 +316,15 @@ impl Metrics {
                 go_time(last_updated),
                 go_time(now)
             )
+        } else if !s.source_failures.is_empty() {
+            // Not kube-proxy's body: kube-proxy has no such state. Says why.
+            serde_json::json!({
+                "lastUpdated": go_time(last_updated),
+                "currentTime": go_time(now),
+                "nodeEligible": s.node_eligible,
+                "error": s.source_failures.join("; "),
+            })
+            .to_string()
         } else {
             format!(
                 "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\", \"nodeEligible\": {}}}",
@@ -316,6 +379,11 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP netlb_sync_map_writes_total Datapath map entries written by syncs.\n# TYPE netlb_sync_map_writes_total counter\nnetlb_sync_map_writes_total {}\n# HELP netlb_sync_map_deletes_total Datapath map entries deleted by syncs.\n# TYPE netlb_sync_map_deletes_total counter\nnetlb_sync_map_deletes_total {}\n# HELP netlb_sync_services_recomputed_total Services whose model was recomputed by syncs (changed ones, and the verification resync's).\n# TYPE netlb_sync_services_recomputed_total counter\nnetlb_sync_services_recomputed_total {}",
+            s.map_writes, s.map_deletes, s.services_recomputed
+        );
+        let _ = writeln!(
+            out,
             "# HELP netlb_sync_errors_total Failed syncs by reason.\n# TYPE netlb_sync_errors_total counter"
         );
         for (reason, n) in &s.sync_errors {
@@ -333,6 +401,17 @@ impl Metrics {
             "# HELP netlb_programmed_frontends Frontends programmed in the datapath.\n# TYPE netlb_programmed_frontends gauge\nnetlb_programmed_frontends {}\n# HELP netlb_programmed_backends Backends programmed in the datapath.\n# TYPE netlb_programmed_backends gauge\nnetlb_programmed_backends {}",
             s.programmed_frontends, s.programmed_backends
         );
+        let _ = writeln!(
+            out,
+            "# HELP netlb_source_list_failing Lists that fail for good (403, 404), by message.\n# TYPE netlb_source_list_failing gauge"
+        );
+        for message in &s.source_failures {
+            let _ = writeln!(
+                out,
+                "netlb_source_list_failing{{message=\"{}\"}} 1",
+                message.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP netlb_watch_errors_total API watch errors (retried with backoff).\n# TYPE netlb_watch_errors_total counter\nnetlb_watch_errors_total {}",
@@ -434,14 +513,28 @@ mod tests {
         m.queued_update();
         // Queued but never updated yet: still healthy (no lastUpdated).
         assert!(m.health(false).healthy);
-        m.synced(Duration::from_millis(1), 1, 1);
+        m.synced(
+            Duration::from_millis(1),
+            SyncCounts {
+                frontends: 1,
+                backends: 1,
+                ..Default::default()
+            },
+        );
         m.queued_update();
         assert!(m.health(false).healthy, "pending but not late");
         std::thread::sleep(Duration::from_millis(80));
         let h = m.health(false);
         assert!(!h.healthy, "pending past the timeout");
         assert!(h.body.contains("\"nodeEligible\": true"), "{}", h.body);
-        m.synced(Duration::from_millis(1), 1, 1);
+        m.synced(
+            Duration::from_millis(1),
+            SyncCounts {
+                frontends: 1,
+                backends: 1,
+                ..Default::default()
+            },
+        );
         assert!(m.health(false).healthy);
         m.set_node_eligible(false);
         assert!(!m.health(false).healthy);

@@ -5,21 +5,10 @@
 //! endpoints out. Objects the model cannot use become [`ModelIssue`]s and
 //! never affect other Services.
 
-use std::{
-    borrow::Borrow,
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-    net::Ipv4Addr,
-};
+use std::{borrow::Borrow, collections::BTreeMap, fmt, net::Ipv4Addr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
-/// Label of EndpointSlices naming their Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Services (and slices) with this label belong to another proxy.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Headless Services' slices carry this label; kube-proxy ignores them.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub use crate::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::objects::{Name, ProxyLabel, ServiceObject, ServiceType, SliceObject};
 
 /// What the model needs to know about this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,11 +25,11 @@ pub struct NodeContext {
 /// kube-proxy's `ServicePortName`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
-    /// "TCP", "UDP" or "SCTP".
-    pub protocol: String,
+    pub namespace: Name,
+    pub name: Name,
+    pub port_name: Name,
+    /// "TCP" or "UDP".
+    pub protocol: Name,
 }
 
 impl fmt::Display for ServicePortName {
@@ -62,8 +51,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub zone_hints: Vec<Name>,
+    pub node_hints: Vec<Name>,
 }
 
 /// Where traffic of one kind goes.
@@ -92,7 +81,7 @@ impl Targets {
 pub struct ServicePort {
     pub cluster_ips: Vec<Ipv4Addr>,
     pub port: u16,
-    pub protocol: String,
+    pub protocol: Name,
     pub node_port: Option<u16>,
     pub external_ips: Vec<Ipv4Addr>,
     pub load_balancer_ips: Vec<Ipv4Addr>,
@@ -159,7 +148,7 @@ impl Model {
         let mut ports = BTreeMap::new();
         let mut counts = BTreeMap::new();
         for (name, port) in &self.ports {
-            let key = (name.namespace.clone(), name.name.clone());
+            let key = (name.namespace.to_string(), name.name.to_string());
             if let Some(hc) = port.health_check_node_port {
                 ports.insert(key.clone(), hc);
             }
@@ -176,154 +165,106 @@ impl Model {
     }
 }
 
-fn labels_of(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<&BTreeMap<String, String>> {
-    meta.labels.as_ref()
-}
-
 /// kube-proxy's informer label selector: no foreign service-proxy-name
 /// (ours is accepted when configured) and not headless.
-fn selected(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    node: &NodeContext,
-) -> bool {
-    let Some(labels) = labels_of(meta) else {
-        return true;
-    };
-    if labels.contains_key(HEADLESS_LABEL) {
-        return false;
+fn selected(proxy: &ProxyLabel, node: &NodeContext) -> bool {
+    match proxy {
+        ProxyLabel::None => true,
+        ProxyLabel::Headless => false,
+        ProxyLabel::Named(name) => node.proxy_name.as_deref() == Some(&**name),
     }
-    match labels.get(SERVICE_PROXY_NAME_LABEL) {
-        None => true,
-        Some(name) => node.proxy_name.as_deref() == Some(name.as_str()),
-    }
-}
-
-fn protocol_of(p: Option<&String>) -> String {
-    // The API server defaults a missing protocol to TCP.
-    p.cloned().unwrap_or_else(|| "TCP".to_owned())
 }
 
 /// Endpoints of one slice port, collected per service port name.
 type EndpointsByPort = BTreeMap<ServicePortName, Vec<Endpoint>>;
 
-fn collect_endpoints<E: Borrow<EndpointSlice>>(
-    slices: &[E],
+fn slice_issue(slice: &SliceObject, message: String) -> ModelIssue {
+    ModelIssue {
+        kind: "EndpointSlice",
+        namespace: slice.namespace.to_string(),
+        name: slice.name.to_string(),
+        message,
+    }
+}
+
+/// The endpoints of `slices` by service port (kube-proxy's
+/// `endpointSliceCache`), with the slices' issues.
+fn collect_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a SliceObject>,
     node: &NodeContext,
     issues: &mut Vec<ModelIssue>,
 ) -> EndpointsByPort {
     // kube-proxy walks a service's slices in name order.
-    let mut sorted: Vec<&EndpointSlice> = slices.iter().map(Borrow::borrow).collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    let mut out: EndpointsByPort = BTreeMap::new();
+    let mut sorted: Vec<&SliceObject> = slices.into_iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    // Each port's endpoints, with where each (address, port) sits in the
+    // list: deduplication in constant time per endpoint (a Service may have
+    // tens of thousands).
+    let mut out: BTreeMap<ServicePortName, (Vec<Endpoint>, PositionOf)> = BTreeMap::new();
     for slice in sorted {
-        let namespace = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let slice_name = slice.metadata.name.clone().unwrap_or_default();
-        if !selected(&slice.metadata, node) {
+        if !selected(&slice.proxy, node) {
             continue;
         }
-        let Some(service) = labels_of(&slice.metadata).and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = &slice.service else {
             // Not owned by a Service; nothing to proxy.
             continue;
         };
         // FQDN and IPv6 slices are ignored (this node serves IPv4).
-        if slice.address_type != "IPv4" {
+        if !slice.ipv4 {
             continue;
         }
-        for port in slice.ports.iter().flatten() {
+        issues.extend(slice.issues.iter().map(|m| slice_issue(slice, m.clone())));
+        for port in &slice.ports {
             let Some(port_name) = &port.name else {
-                issues.push(ModelIssue {
-                    kind: "EndpointSlice",
-                    namespace: namespace.clone(),
-                    name: slice_name.clone(),
-                    message: "ignoring a port with no name".into(),
-                });
+                issues.push(slice_issue(slice, "ignoring a port with no name".into()));
                 continue;
             };
-            let number = match port.port {
-                Some(p) if (1..=65535).contains(&p) => p as u16,
-                other => {
-                    issues.push(ModelIssue {
-                        kind: "EndpointSlice",
-                        namespace: namespace.clone(),
-                        name: slice_name.clone(),
-                        message: format!(
-                            "ignoring port {port_name:?} with invalid number {other:?}"
-                        ),
-                    });
-                    continue;
-                }
+            let Some(number) = port.port else {
+                issues.push(slice_issue(
+                    slice,
+                    format!("ignoring port {port_name:?} with an invalid number"),
+                ));
+                continue;
             };
             let spn = ServicePortName {
-                namespace: namespace.clone(),
+                namespace: slice.namespace.clone(),
                 name: service.clone(),
                 port_name: port_name.clone(),
-                protocol: protocol_of(port.protocol.as_ref()),
+                protocol: port.protocol.clone(),
             };
-            let list = out.entry(spn).or_default();
-            for ep in slice.endpoints.iter().flatten() {
-                let Some(first) = ep.addresses.first() else {
-                    continue;
-                };
-                let Ok(address) = first.parse::<Ipv4Addr>() else {
-                    issues.push(ModelIssue {
-                        kind: "EndpointSlice",
-                        namespace: namespace.clone(),
-                        name: slice_name.clone(),
-                        message: format!("ignoring endpoint with invalid IPv4 address {first:?}"),
-                    });
-                    continue;
-                };
-                let conditions = ep.conditions.as_ref();
-                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-                let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let (list, index) = out.entry(spn).or_default();
+            for ep in &slice.endpoints {
                 let is_local = match (&ep.node_name, &node.node_name) {
-                    (Some(a), Some(b)) => a == b,
+                    (Some(a), Some(b)) => **a == **b,
                     _ => false,
                 };
-                let hints = ep.hints.as_ref();
                 let endpoint = Endpoint {
-                    address,
+                    address: ep.address,
                     port: number,
                     is_local,
-                    ready,
-                    serving,
-                    terminating,
-                    zone_hints: hints
-                        .and_then(|h| h.for_zones.as_ref())
-                        .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                        .unwrap_or_default(),
-                    node_hints: hints
-                        .and_then(|h| h.for_nodes.as_ref())
-                        .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                        .unwrap_or_default(),
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    zone_hints: ep.zone_hints.clone(),
+                    node_hints: ep.node_hints.clone(),
                 };
                 // Deduplicate by IP:port: the first one seen wins, unless a
                 // later one is local (kube-proxy's addEndpoints).
-                match list
-                    .iter_mut()
-                    .find(|e| e.address == address && e.port == number)
-                {
-                    Some(existing) => {
+                match index.entry((ep.address, number)) {
+                    std::collections::hash_map::Entry::Occupied(at) => {
                         if is_local {
-                            *existing = endpoint;
+                            list[*at.get()] = endpoint;
                         }
                     }
-                    None => list.push(endpoint),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(list.len());
+                        list.push(endpoint);
+                    }
                 }
             }
         }
     }
-    out
+    out.into_iter().map(|(k, (list, _))| (k, list)).collect()
 }
 
 /// kube-proxy's `topologyModeFromHints`.
@@ -345,7 +286,7 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeContext) -> TopologyMode {
         } else if node
             .node_name
             .as_ref()
-            .is_some_and(|n| ep.node_hints.contains(n))
+            .is_some_and(|n| hinted(&ep.node_hints, n))
         {
             has_for_node = true;
         }
@@ -354,7 +295,7 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeContext) -> TopologyMode {
         } else if node
             .zone
             .as_ref()
-            .is_some_and(|z| ep.zone_hints.contains(z))
+            .is_some_and(|z| hinted(&ep.zone_hints, z))
         {
             has_for_zone = true;
         }
@@ -368,17 +309,21 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeContext) -> TopologyMode {
     TopologyMode::None
 }
 
+fn hinted(hints: &[Name], want: &str) -> bool {
+    hints.iter().any(|h| **h == *want)
+}
+
 fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeContext) -> bool {
     match mode {
         TopologyMode::None => true,
         TopologyMode::PreferSameNode => node
             .node_name
             .as_ref()
-            .is_some_and(|n| ep.node_hints.contains(n)),
+            .is_some_and(|n| hinted(&ep.node_hints, n)),
         TopologyMode::PreferSameZone => node
             .zone
             .as_ref()
-            .is_some_and(|z| ep.zone_hints.contains(z)),
+            .is_some_and(|z| hinted(&ep.zone_hints, z)),
     }
 }
 
@@ -452,179 +397,85 @@ fn targets(chosen: Vec<Endpoint>, has_any: bool) -> Targets {
     }
 }
 
-fn parse_ipv4s<'a>(
-    values: impl Iterator<Item = &'a String>,
-    what: &str,
-    issue: &mut dyn FnMut(String),
-) -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    for v in values {
-        match v.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => {
-                if !out.contains(&ip) {
-                    out.push(ip);
-                }
-            }
-            // This node serves IPv4; IPv6 addresses belong to the other family.
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => issue(format!("ignoring invalid {what} {v:?}")),
-        }
-    }
-    out
-}
-
-/// Builds the model from a consistent snapshot of objects (owned, or the
-/// `Arc`s of a reflector store).
-pub fn build<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+/// Builds the model from a consistent snapshot of objects.
+pub fn build<S: Borrow<ServiceObject>, E: Borrow<SliceObject>>(
     services: &[S],
     slices: &[E],
     node: &NodeContext,
 ) -> Model {
     let mut issues = Vec::new();
-    let endpoints = collect_endpoints(slices, node, &mut issues);
+    let endpoints = collect_endpoints(slices.iter().map(Borrow::borrow), node, &mut issues);
     let mut ports = BTreeMap::new();
-    let mut sorted: Vec<&Service> = services.iter().map(Borrow::borrow).collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
+    let mut sorted: Vec<&ServiceObject> = services.iter().map(Borrow::borrow).collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for svc in sorted {
         add_service(svc, node, &endpoints, &mut ports, &mut issues);
     }
     Model { ports, issues }
 }
 
+/// Where each (address, port) sits in a port's endpoint list.
+type PositionOf = rustc_hash::FxHashMap<(Ipv4Addr, u16), usize>;
+
+/// The model of one Service from its own slices (the change tracker's unit
+/// of work): the same as its part of [`build`] over every object.
+pub fn build_service<'a>(
+    svc: &ServiceObject,
+    slices: impl IntoIterator<Item = &'a SliceObject>,
+    node: &NodeContext,
+) -> Model {
+    let mut issues = Vec::new();
+    let endpoints = collect_endpoints(slices, node, &mut issues);
+    let mut ports = BTreeMap::new();
+    add_service(svc, node, &endpoints, &mut ports, &mut issues);
+    Model { ports, issues }
+}
+
 fn add_service(
-    svc: &Service,
+    svc: &ServiceObject,
     node: &NodeContext,
     endpoints: &EndpointsByPort,
     ports: &mut BTreeMap<ServicePortName, ServicePort>,
     issues: &mut Vec<ModelIssue>,
 ) {
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let Some(name) = svc.metadata.name.clone() else {
-        issues.push(ModelIssue {
-            kind: "Service",
-            namespace,
-            name: String::new(),
-            message: "no metadata.name".into(),
-        });
-        return;
+    let issue = |message: String| ModelIssue {
+        kind: "Service",
+        namespace: svc.namespace.to_string(),
+        name: svc.name.to_string(),
+        message,
     };
-    let mut issue = |message: String| {
-        issues.push(ModelIssue {
-            kind: "Service",
-            namespace: namespace.clone(),
-            name: name.clone(),
-            message,
-        })
-    };
-    if !selected(&svc.metadata, node) {
+    if !selected(&svc.proxy, node) || svc.type_ == ServiceType::ExternalName {
         return;
     }
-    let Some(spec) = &svc.spec else {
-        issue("no spec".into());
-        return;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return;
-    }
-    let cluster_ip_strings: Vec<&String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
-    };
-    if cluster_ip_strings.iter().any(|ip| ip.as_str() == "None") {
+    issues.extend(svc.issues.iter().map(|m| issue(m.clone())));
+    let Some(cluster_ips) = &svc.cluster_ips else {
         return; // headless
-    }
-    if cluster_ip_strings.iter().all(|ip| ip.is_empty()) {
-        issue(
-            "no clusterIP allocated (a manifest-directory Service must set spec.clusterIP)".into(),
-        );
-        return;
-    }
-    let cluster_ips = parse_ipv4s(
-        cluster_ip_strings.into_iter().filter(|ip| !ip.is_empty()),
-        "clusterIP",
-        &mut issue,
-    );
-    if cluster_ips.is_empty() {
-        // Only IPv6 (or invalid) cluster IPs: not this node's family.
-        return;
-    }
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let external_ips = parse_ipv4s(spec.external_ips.iter().flatten(), "externalIP", &mut issue);
-    let load_balancer_ips = if type_ == "LoadBalancer" {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        // ipMode Proxy: the load balancer delivers to the node, not to the
-        // VIP; kube-proxy does not program the IP then.
-        let ips: Vec<&String> = ingress
-            .into_iter()
-            .flatten()
-            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.as_ref())
-            .collect();
-        parse_ipv4s(ips.into_iter(), "load balancer ingress IP", &mut issue)
-    } else {
-        Vec::new()
     };
-    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    if cluster_ips.is_empty() {
+        // None allocated (an issue already), or only IPv6 ones: not this
+        // node's family.
+        return;
+    }
+    let type_ = svc.type_;
+    let external_ips = &svc.external_ips;
+    let load_balancer_ips = &svc.load_balancer_ips;
+    let internal_policy_local = svc.internal_policy_local;
     // kube-proxy's ExternalPolicyLocal: only for externally accessible types.
-    let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local")
-        && (matches!(type_, "NodePort" | "LoadBalancer") || !external_ips.is_empty());
-    let session_affinity_timeout =
-        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map(|t| t.max(0) as u32)
-                .unwrap_or(10_800)
-        });
+    let external_policy_local = svc.external_policy_local
+        && (matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer)
+            || !external_ips.is_empty());
     // kube-proxy's `NeedsHealthCheck`: only LoadBalancer Services with a
     // Local external policy get a health-check node port.
-    let health_check_node_port = spec
+    let health_check_node_port = svc
         .health_check_node_port
-        .filter(|p| (1..=65535).contains(p))
-        .filter(|_| type_ == "LoadBalancer" && external_policy_local)
-        .map(|p| p as u16);
-    for port in spec.ports.iter().flatten() {
-        let protocol = protocol_of(port.protocol.as_ref());
-        let port_name = port.name.clone().unwrap_or_default();
-        if protocol == "SCTP" {
-            issue(format!(
-                "port {port_name:?} {}/SCTP: SCTP is not supported by netlb",
-                port.port
-            ));
-            continue;
-        }
-        if protocol != "TCP" && protocol != "UDP" {
-            issue(format!("port {port_name:?}: unknown protocol {protocol:?}"));
-            continue;
-        }
-        if !(1..=65535).contains(&port.port) {
-            issue(format!("port {port_name:?}: invalid port {}", port.port));
-            continue;
-        }
-        let node_port = match (type_, port.node_port) {
-            ("NodePort" | "LoadBalancer", Some(p)) if (1..=65535).contains(&p) => Some(p as u16),
-            ("NodePort" | "LoadBalancer", Some(p)) if p != 0 => {
-                issue(format!("port {port_name:?}: invalid nodePort {p}"));
-                None
-            }
-            _ => None,
-        };
+        .filter(|_| type_ == ServiceType::LoadBalancer && external_policy_local);
+    for port in &svc.ports {
+        let node_port = port.node_port;
         let spn = ServicePortName {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            port_name,
-            protocol: protocol.clone(),
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            port_name: port.name.clone(),
+            protocol: port.protocol.clone(),
         };
         let eps = endpoints.get(&spn).cloned().unwrap_or_default();
         let externally_accessible =
@@ -664,15 +515,15 @@ fn add_service(
             spn,
             ServicePort {
                 cluster_ips: cluster_ips.clone(),
-                port: port.port as u16,
-                protocol,
+                port: port.port,
+                protocol: port.protocol.clone(),
                 node_port,
                 external_ips: external_ips.clone(),
                 load_balancer_ips: load_balancer_ips.clone(),
                 internal_policy_local,
                 external_policy_local: ext_local,
                 health_check_node_port,
-                session_affinity_timeout,
+                session_affinity_timeout: svc.session_affinity_timeout,
                 endpoints: eps,
                 internal,
                 external,
@@ -705,6 +556,35 @@ mod tests {
 
     use super::*;
     use crate::desired::{self, DesiredState, FrontendKey};
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+    /// The model of typed objects, through their lean forms; checks that
+    /// recomputing each Service alone from its own slices (the change
+    /// tracker's way) gives the same result as building everything.
+    fn build_typed(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
+        let mut names = crate::objects::Interner::default();
+        let services: Vec<ServiceObject> = services
+            .iter()
+            .map(|s| ServiceObject::from_service(s, &mut names))
+            .collect();
+        let slices: Vec<SliceObject> = slices
+            .iter()
+            .map(|s| SliceObject::from_slice(s, &mut names))
+            .collect();
+        let full = build(&services, &slices, node);
+        let mut ports = BTreeMap::new();
+        for svc in &services {
+            let own = slices.iter().filter(|s| {
+                s.namespace == svc.namespace && s.service.as_deref() == Some(&*svc.name)
+            });
+            ports.extend(build_service(svc, own, node).ports);
+        }
+        assert_eq!(
+            ports, full.ports,
+            "per-Service models differ from the whole one"
+        );
+        full
+    }
 
     const NODE: &str = "node-a";
     /// This node's NodePort address.
@@ -880,7 +760,7 @@ mod tests {
         slices: &[EndpointSlice],
         cases: &[(Source, u8, &str, u16, &str)],
     ) -> Model {
-        let model = build(services, slices, &node());
+        let model = build_typed(services, slices, &node());
         let state = desired::build(&model, &[NODE_IP]);
         for (source, protocol, dest, port, want) in cases {
             assert_eq!(
@@ -1302,7 +1182,9 @@ mod tests {
         let mut ctx = node();
         ctx.proxy_name = Some("other".into());
         assert_eq!(
-            build(&services, &[] as &[EndpointSlice], &ctx).ports.len(),
+            build_typed(&services, &[] as &[EndpointSlice], &ctx)
+                .ports
+                .len(),
             3
         );
     }
@@ -1404,7 +1286,7 @@ mod tests {
                 vec![ep("10.180.0.2", NODE)],
             ),
         ];
-        let state = desired::build(&build(&services, &slices, &node()), &[NODE_IP]);
+        let state = desired::build(&build_typed(&services, &slices, &node()), &[NODE_IP]);
         assert_eq!(flow(&state, Pod, TCP, "172.30.0.1", 80), "10.180.0.1:80");
         assert_eq!(state.conflicts.len(), 1);
     }

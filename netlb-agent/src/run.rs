@@ -1,23 +1,24 @@
-//! The agent's main loop, in kube-proxy's shape: sources only record changes
-//! and wake the loop; one sync step reads a whole snapshot, computes the
-//! desired state and applies the minimal diff, at most every
-//! `min_sync_interval`, at least every `resync_interval`, retrying failures
-//! with backoff; interfaces are attached as they appear.
+//! The agent's main loop, in kube-proxy's shape: sources only record
+//! changes (into the [`ObjectStore`], which marks the Services that really
+//! changed) and wake the loop; one sync step recomputes the changed
+//! Services alone and applies the minimal diff, at most every
+//! `min_sync_interval`, retrying failures with backoff. A verification
+//! resync walks every Service and programmed frontend in bounded chunks
+//! (each `resync_interval`), so it never stalls a change behind it.
+//! Interfaces are attached as they appear.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    hash::{Hash as _, Hasher as _},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    str::FromStr as _,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
     time::{Duration, Instant, SystemTime},
 };
-
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
     config::DatapathSettings,
@@ -29,12 +30,14 @@ use crate::{
     ifaces::{Ipv4Cidr, NamePattern},
     loader::{self, Attacher, LoadOptions, MapSizes, Role},
     metrics::Metrics,
-    model::{self, NodeContext},
+    model::{self, Model, NodeContext},
+    objects::{ServiceObject, SliceObject},
     source::{
         kube::{ApiConfig, ApiSource},
         manifests,
     },
     sync::Syncer,
+    tracker::{Kind, ObjectKey, ObjectStore},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -110,13 +113,6 @@ pub enum RunError {
     },
 }
 
-/// Objects of one consistent read of a source.
-struct Objects {
-    services: Vec<Arc<Service>>,
-    endpoint_slices: Vec<Arc<EndpointSlice>>,
-    node: Option<Arc<Node>>,
-}
-
 enum Source {
     Manifests {
         dir: PathBuf,
@@ -144,53 +140,56 @@ impl SyncStepError {
 }
 
 impl Source {
-    /// Whether the source changed since the last call (manifests are polled;
-    /// the API source wakes the loop through the channel instead).
-    fn poll_changed(&mut self) -> bool {
-        match self {
-            Self::Manifests { dir, fingerprint } => match manifests::fingerprint(dir) {
-                Ok(fp) if Some(fp) != *fingerprint => {
-                    *fingerprint = Some(fp);
-                    true
-                }
-                Ok(_) => false,
-                Err(e) => {
-                    log::warn!("cannot read {}: {e}", dir.display());
-                    false
-                }
-            },
-            Self::Api(_) => false,
+    /// Reads the manifest directory into the store when it changed (the
+    /// API source records on its own); `true` when it did.
+    fn poll(
+        &mut self,
+        store: &Mutex<ObjectStore>,
+        metrics: &Metrics,
+    ) -> Result<bool, SyncStepError> {
+        let Self::Manifests { dir, fingerprint } = self else {
+            return Ok(false);
+        };
+        match manifests::fingerprint(dir) {
+            Ok(fp) if Some(fp) != *fingerprint => {
+                *fingerprint = Some(fp);
+            }
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                log::warn!("cannot read {}: {e}", dir.display());
+                return Ok(false);
+            }
         }
+        let snapshot = manifests::load_dir(dir).map_err(SyncStepError::Manifests)?;
+        for error in &snapshot.errors {
+            log::warn!("ignored manifest object: {error}");
+            metrics.invalid_object("manifest");
+        }
+        for allocation in &snapshot.allocations {
+            log::debug!("allocated {allocation}");
+        }
+        // The directory is the whole truth each time: a list.
+        let mut store = lock(store);
+        store.begin_list(Kind::Service);
+        for svc in &snapshot.services {
+            let obj = ServiceObject::from_service(svc, store.names());
+            store.apply_service(obj);
+        }
+        store.end_list(Kind::Service);
+        store.begin_list(Kind::EndpointSlice);
+        for slice in &snapshot.endpoint_slices {
+            let obj = SliceObject::from_slice(slice, store.names());
+            store.apply_slice(obj);
+        }
+        store.end_list(Kind::EndpointSlice);
+        Ok(true)
     }
+}
 
-    /// `Ok(None)`: not synced yet, do not program anything.
-    fn objects(&self, metrics: &Metrics) -> Result<Option<Objects>, SyncStepError> {
-        match self {
-            Self::Manifests { dir, .. } => {
-                let snapshot = manifests::load_dir(dir).map_err(SyncStepError::Manifests)?;
-                for error in &snapshot.errors {
-                    log::warn!("ignored manifest object: {error}");
-                    metrics.invalid_object("manifest");
-                }
-                for allocation in &snapshot.allocations {
-                    log::debug!("allocated {allocation}");
-                }
-                Ok(Some(Objects {
-                    services: snapshot.services.into_iter().map(Arc::new).collect(),
-                    endpoint_slices: snapshot.endpoint_slices.into_iter().map(Arc::new).collect(),
-                    node: None,
-                }))
-            }
-            Self::Api(api) => {
-                metrics.set_watch_errors(api.stats.errors.load(Ordering::Relaxed));
-                Ok(api.snapshot().map(|s| Objects {
-                    services: s.services,
-                    endpoint_slices: s.endpoint_slices,
-                    node: s.node,
-                }))
-            }
-        }
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The store is only ever updated whole object by whole object; a panic
+    // elsewhere cannot leave it torn.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// This node's addresses as the datapath needs them.
@@ -240,64 +239,34 @@ fn backoff_delay(failures: u32) -> Duration {
     Duration::from_millis(100u64 << failures.min(8)).min(Duration::from_secs(30))
 }
 
-const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+/// Services recomputed (and frontends compared with the kernel) per loop
+/// turn by the verification resync: a few milliseconds of work, the longest
+/// a change can wait behind it.
+const VERIFY_CHUNK: usize = 500;
 
-/// Network programming latency bookkeeping, as kube-proxy computes it: for
-/// every EndpointSlice that changed since the last successful sync and whose
-/// trigger-time annotation is newer than the agent's start, the time from
-/// that trigger to the end of the sync that programmed it.
-struct ProgrammingLatency {
+/// The state the sync step carries from one step to the next.
+struct Pipeline {
+    store: Arc<Mutex<ObjectStore>>,
+    syncer: Syncer,
+    node: NodeContext,
+    /// Model issues last reported per Service (a hash of them): each is
+    /// logged and counted once per state of its objects.
+    reported_issues: HashMap<ObjectKey, u64>,
+    /// Decoding failures already reported.
+    reported_undecodable: usize,
+    /// Health-check node ports and local endpoint counts per Service.
+    hc_ports: BTreeMap<model::ServiceName, u16>,
+    hc_counts: BTreeMap<model::ServiceName, usize>,
+    hc_dirty: bool,
+    /// When the agent started: older trigger times are not its latency.
     started: SystemTime,
-    seen: BTreeMap<(String, String), String>,
-}
-
-impl ProgrammingLatency {
-    fn pending(&self, slices: &[Arc<EndpointSlice>]) -> Vec<SystemTime> {
-        let mut out = Vec::new();
-        for slice in slices {
-            let meta = &slice.metadata;
-            let key = (
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            let version = meta.resource_version.clone().unwrap_or_default();
-            if self.seen.get(&key) == Some(&version) {
-                continue;
-            }
-            let trigger = meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-                .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
-                .and_then(|t| {
-                    let nanos = t.as_nanosecond();
-                    (nanos > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64))
-                });
-            if let Some(trigger) = trigger
-                && trigger > self.started
-            {
-                out.push(trigger);
-            }
-        }
-        out
-    }
-
-    fn record(&mut self, slices: &[Arc<EndpointSlice>]) {
-        self.seen = slices
-            .iter()
-            .map(|s| {
-                (
-                    (
-                        s.metadata.namespace.clone().unwrap_or_default(),
-                        s.metadata.name.clone().unwrap_or_default(),
-                    ),
-                    s.metadata.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
-    }
+    /// The verification resync's position: Services left to recompute and
+    /// the last frontend checked against the kernel.
+    verify_services: Vec<ObjectKey>,
+    verify_after: Option<crate::desired::FrontendKey>,
+    verifying: bool,
+    /// Set once the initial sync is done.
+    synced_once: bool,
 }
 
 pub fn run(opts: RunOptions) -> Result<(), RunError> {
@@ -349,8 +318,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         Arc::clone(&metrics),
     )
     .map_err(|source| RunError::Threads { source })?;
-    let mut syncer =
-        Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
+    let syncer = Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
     log::info!(
         "loaded datapath, maps pinned in {}; adopted what an earlier agent programmed",
         opts.pin_dir.display(),
@@ -374,21 +342,36 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let _watcher = ifaces::spawn_watcher(socket, Arc::clone(&links_changed), tx.clone())
         .map_err(|source| RunError::Interfaces { source })?;
     let mut last_links = Instant::now();
+    let store = Arc::new(Mutex::new(ObjectStore::default()));
     let mut source = match &opts.source {
         SourceConfig::Manifests(dir) => Source::Manifests {
             dir: dir.clone(),
             fingerprint: None,
         },
-        SourceConfig::Api(cfg) => Source::Api(ApiSource::start(cfg.clone(), tx.clone())?),
+        SourceConfig::Api(cfg) => Source::Api(ApiSource::start(
+            cfg.clone(),
+            Arc::clone(&store),
+            tx.clone(),
+        )?),
     };
     drop(tx);
 
-    let mut latency = ProgrammingLatency {
+    let mut pipeline = Pipeline {
+        store: Arc::clone(&store),
+        syncer,
+        node: opts.node.clone(),
+        reported_issues: HashMap::new(),
+        reported_undecodable: 0,
+        hc_ports: BTreeMap::new(),
+        hc_counts: BTreeMap::new(),
+        hc_dirty: false,
         started: SystemTime::now(),
-        seen: BTreeMap::new(),
+        verify_services: Vec::new(),
+        verify_after: None,
+        verifying: false,
+        synced_once: false,
     };
     let mut dirty = true;
-    let mut synced_once = false;
     let mut waiting_logged = false;
     let mut last_sync: Option<Instant> = None;
     let mut failures = 0u32;
@@ -407,22 +390,49 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             reconcile_pod_sources(&mut pod_sources, &opts.pod_ifaces);
         }
         if let Some((generation, report)) = collector.take_report() {
-            let freed = syncer.reclaim(&report.backend_ids, &report.rev_nat_indices, generation);
+            let freed =
+                pipeline
+                    .syncer
+                    .reclaim(&report.backend_ids, &report.rev_nat_indices, generation);
             if freed > 0 {
                 log::debug!("{freed} backend ids / rev-NAT indices free for reuse");
             }
         }
-        if source.poll_changed() {
-            dirty = true;
-            metrics.queued_update();
+        match source.poll(&store, &metrics) {
+            Ok(true) => {
+                dirty = true;
+                metrics.queued_update();
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("{e}: {}", error_chain(&e)),
         }
-        let resync_due = last_sync.is_none_or(|t| t.elapsed() >= opts.resync_interval);
+        if let Source::Api(api) = &source {
+            metrics.set_watch_errors(api.stats.errors.load(Ordering::Relaxed));
+            let failing = lock(&api.failing);
+            metrics.set_source_failures(failing.values().cloned().collect());
+        }
+        // The verification resync starts every resync interval and then
+        // runs a chunk per turn.
+        let resync_due = pipeline.synced_once
+            && !pipeline.verifying
+            && last_sync.is_none_or(|t| t.elapsed() >= opts.resync_interval);
+        if resync_due {
+            pipeline.verifying = true;
+            pipeline.verify_services = lock(&store).service_keys();
+            pipeline.verify_services.reverse();
+            pipeline.verify_after = None;
+        }
+        if pipeline.verifying {
+            dirty = true;
+        }
         let rate_ok = last_sync.is_none_or(|t| t.elapsed() >= opts.min_sync_interval)
             && last_attempt.is_none_or(|t| t.elapsed() >= backoff_delay(failures));
-        if (dirty || resync_due) && rate_ok {
+        if dirty && rate_ok {
             last_attempt = Some(Instant::now());
             match node_addresses(&opts) {
                 Ok(now) if now != addresses => {
+                    // Node ports on other addresses: every Service again.
+                    lock(&store).mark_all();
                     log::info!(
                         "node addresses changed: node ports on {:?}, north-south SNAT to {:?}",
                         now.nodeport,
@@ -445,21 +455,22 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             }
             match sync_step(
                 &opts,
-                &source,
-                &mut syncer,
+                &mut pipeline,
                 &mut dataplane,
                 &metrics,
-                &mut latency,
                 &addresses,
                 &mut health,
                 &collector,
             ) {
                 Ok(true) => {
-                    dirty = false;
+                    dirty = pipeline.verifying;
                     failures = 0;
-                    last_sync = Some(Instant::now());
-                    if !synced_once {
-                        synced_once = true;
+                    if !pipeline.verifying {
+                        last_sync = Some(Instant::now());
+                    }
+                    if !pipeline.synced_once {
+                        pipeline.synced_once = true;
+                        last_sync = Some(Instant::now());
                         log::info!("initial sync complete");
                     }
                 }
@@ -543,86 +554,230 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
-/// One sync: `Ok(false)` when the source has not synced yet.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the loop's state, borrowed piecewise; a struct would only rename it"
-)]
+/// One sync step: `Ok(false)` when the sources have not synced yet.
 fn sync_step(
     opts: &RunOptions,
-    source: &Source,
-    syncer: &mut Syncer,
+    p: &mut Pipeline,
     dataplane: &mut AyaDataplane,
     metrics: &Metrics,
-    latency: &mut ProgrammingLatency,
     addresses: &NodeAddresses,
     health: &mut ServiceHealthServer,
     collector: &Collector,
 ) -> Result<bool, SyncStepError> {
-    let Some(objects) = source.objects(metrics)? else {
-        return Ok(false);
-    };
-    let mut node = opts.node.clone();
-    if let Some(n) = &objects.node {
-        if node.zone.is_none() {
-            node.zone = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(ZONE_LABEL))
-                .cloned();
-        }
-        let deleting = n.metadata.deletion_timestamp.is_some();
-        let tainted = n
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-        metrics.set_node_eligible(!deleting && !tainted);
-    }
     let started = Instant::now();
-    let triggers = latency.pending(&objects.endpoint_slices);
-    let model = model::build(&objects.services, &objects.endpoint_slices, &node);
-    for issue in &model.issues {
-        log::warn!("{issue}");
-        metrics.invalid_object("model");
+    let mut verify_turn = false;
+    let (changes, undecodable) = {
+        let mut store = lock(&p.store);
+        if !store.synced() {
+            return Ok(false);
+        }
+        let mut changes = store.take_changes();
+        // The verification resync: a chunk of Services recomputed (and so
+        // compared with what is programmed), in a turn without changes of
+        // its own, so that a change waits for one small chunk at most.
+        if p.verifying && changes.services.is_empty() && changes.node.is_none() {
+            verify_turn = true;
+            let n = VERIFY_CHUNK.min(p.verify_services.len());
+            let chunk: Vec<ObjectKey> = p.verify_services.split_off(p.verify_services.len() - n);
+            store.mark_services(chunk);
+            let verified = store.take_changes();
+            changes.services = verified.services;
+            changes.triggers.extend(verified.triggers);
+        }
+        if let Some(node) = &changes.node {
+            metrics.set_node_eligible(!node.deleting);
+            let zone = opts
+                .node
+                .zone
+                .clone()
+                .or_else(|| node.zone.as_ref().map(|z| z.to_string()));
+            if zone != p.node.zone {
+                // Topology hints depend on the zone: every Service again.
+                p.node.zone = zone;
+                store.mark_all();
+                let more = store.take_changes();
+                changes.services = more.services;
+                changes.triggers.extend(more.triggers);
+            }
+        }
+        let undecodable = store.undecodable_objects();
+        (changes, undecodable)
+    };
+    if undecodable.len() != p.reported_undecodable {
+        for u in &undecodable {
+            log::warn!(
+                "{} {}/{}: {}",
+                u.kind.name(),
+                u.namespace,
+                u.name,
+                u.message
+            );
+        }
+        if undecodable.len() > p.reported_undecodable {
+            for _ in p.reported_undecodable..undecodable.len() {
+                metrics.invalid_object("undecodable");
+            }
+        }
+        p.reported_undecodable = undecodable.len();
     }
-    let mut desired = desired::build(&model, &addresses.nodeport);
-    let report = syncer
-        .sync(dataplane, &desired)
-        .map_err(SyncStepError::Sync)?;
-    collector.publish(
-        std::mem::take(&mut desired.udp_serving),
-        syncer.generation(),
-    );
+    let recomputed = changes.services.len();
+    for change in changes.services {
+        let (mut model, desired) = desired::for_change(&change, &p.node, &addresses.nodeport);
+        let (hc_ports, hc_counts) = model.health_checks();
+        let name = (change.key.0.to_string(), change.key.1.to_string());
+        if p.hc_ports.get(&name) != hc_ports.get(&name) {
+            match hc_ports.get(&name) {
+                Some(port) => p.hc_ports.insert(name.clone(), *port),
+                None => p.hc_ports.remove(&name),
+            };
+            p.hc_dirty = true;
+        }
+        if p.hc_counts.get(&name) != hc_counts.get(&name) {
+            match hc_counts.get(&name) {
+                Some(count) => p.hc_counts.insert(name.clone(), *count),
+                None => p.hc_counts.remove(&name),
+            };
+            p.hc_dirty = true;
+        }
+        collector.update_service(&change.key, desired.udp_serving);
+        p.syncer.update_service(&change.key, desired.frontends);
+        // Addresses another Service holds too: reported with this one's
+        // issues (kube-proxy's first-come rule decides which is served).
+        model.issues.extend(
+            p.syncer
+                .conflicts_of(&change.key)
+                .into_iter()
+                .map(|message| model::ModelIssue {
+                    kind: "Service",
+                    namespace: change.key.0.to_string(),
+                    name: change.key.1.to_string(),
+                    message,
+                }),
+        );
+        report_issues(p, &change.key, &model, metrics);
+    }
+    if verify_turn {
+        verify_kernel(p, dataplane);
+        if p.verify_services.is_empty() && p.verify_after.is_none() {
+            p.verifying = false;
+        }
+    }
+    let report = p.syncer.apply(dataplane).map_err(SyncStepError::Sync)?;
+    collector.publish(p.syncer.generation());
+    if report.failed > 0 {
+        metrics.sync_failed("frontend");
+        log::warn!(
+            "{} frontends could not be written ({} for want of ids); they are retried",
+            report.failed,
+            report.exhausted
+        );
+    }
     // Health-check node ports follow what was just programmed, as
     // kube-proxy updates its service health server after each sync.
-    let (hc_services, hc_counts) = model.health_checks();
-    for e in health.sync_services(&hc_services) {
-        log::warn!("{e}: {}", error_chain(&e));
+    if std::mem::take(&mut p.hc_dirty) {
+        for e in health.sync_services(&p.hc_ports) {
+            log::warn!("{e}: {}", error_chain(&e));
+        }
+        health.sync_endpoints(&p.hc_counts);
     }
-    health.sync_endpoints(&hc_counts);
     let now = SystemTime::now();
-    for trigger in triggers {
-        metrics.programming_latency(now.duration_since(trigger).unwrap_or_default());
+    for trigger in changes.triggers {
+        if trigger > p.started {
+            metrics.programming_latency(now.duration_since(trigger).unwrap_or_default());
+        }
     }
-    latency.record(&objects.endpoint_slices);
     metrics.synced(
         started.elapsed(),
-        report.frontends as u64,
-        report.backends as u64,
+        crate::metrics::SyncCounts {
+            frontends: report.frontends as u64,
+            backends: report.backends as u64,
+            writes: report.writes as u64,
+            deletes: report.deletes as u64,
+            recomputed: recomputed as u64,
+        },
     );
+    warn_about_fill(opts, &p.syncer, metrics);
     if report.writes + report.deletes > 0 {
         log::info!(
-            "synced {} frontends, {} backends: {} writes, {} deletes in {:?}",
+            "synced {} frontends, {} backends: {recomputed} Services recomputed, {} writes, {} deletes in {:?}",
             report.frontends,
             report.backends,
             report.writes,
             report.deletes,
-            report.duration
+            started.elapsed()
         );
     }
     Ok(true)
+}
+
+/// Logs and counts a Service's model issues when they differ from those
+/// last reported for it: once per state of its objects, not once per sync.
+fn report_issues(p: &mut Pipeline, key: &ObjectKey, model: &Model, metrics: &Metrics) {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for issue in &model.issues {
+        issue.to_string().hash(&mut hasher);
+    }
+    let fingerprint = hasher.finish();
+    if model.issues.is_empty() {
+        p.reported_issues.remove(key);
+        return;
+    }
+    if p.reported_issues.insert(key.clone(), fingerprint) == Some(fingerprint) {
+        return;
+    }
+    for issue in &model.issues {
+        log::warn!("{issue}");
+        metrics.invalid_object("model");
+    }
+}
+
+/// Compares a chunk of programmed frontends with what the kernel holds in
+/// their slot 0; a difference (a write lost, an entry changed behind the
+/// agent's back) makes the frontend rewritten.
+fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane) {
+    let chunk = p.syncer.programmed_chunk(p.verify_after, VERIFY_CHUNK);
+    p.verify_after = chunk.last().map(|(k, _, _)| *k);
+    let mut wrong = Vec::new();
+    for (fk, key, want) in chunk {
+        match dataplane.service(&key) {
+            Ok(Some(have)) if have == want => {}
+            Ok(_) => wrong.push(fk),
+            Err(e) => log::warn!("verification: {e}"),
+        }
+    }
+    if !wrong.is_empty() {
+        log::warn!(
+            "verification: {} frontends differ from what the kernel holds; rewriting them",
+            wrong.len()
+        );
+        p.syncer.mark_unknown(wrong);
+    }
+}
+
+/// Warns once a map is 90 % full (and again each time it grows past a
+/// further 1 %).
+fn warn_about_fill(opts: &RunOptions, syncer: &Syncer, metrics: &Metrics) {
+    let fills = [
+        ("backends", syncer.backend_count(), opts.sizes.backends),
+        (
+            "service entries (frontends)",
+            syncer.frontend_count(),
+            opts.sizes.service_entries,
+        ),
+    ];
+    for (what, used, size) in fills {
+        let percent = (used as u64 * 100 / u64::from(size.max(1))) as u8;
+        if metrics.fill_crossed(what, percent) {
+            log::warn!(
+                "{what}: {used} of {size} in use ({percent} %); raise --max-{} before it fills",
+                if what == "backends" {
+                    "backends"
+                } else {
+                    "service-entries"
+                }
+            );
+        }
+    }
 }
 
 /// Keeps the datapath's pod source addresses in line with the node's host

@@ -1,19 +1,28 @@
-//! API-server source: kube-rs watchers + reflectors for v1 Services,
-//! discovery.k8s.io/v1 EndpointSlices and this node's v1 Node.
+//! API-server source: kube-rs watchers for v1 Services,
+//! discovery.k8s.io/v1 EndpointSlices and this node's v1 Node, feeding the
+//! agent's [`ObjectStore`].
 //!
-//! Like kube-proxy's informers, the watchers only record: each reflector keeps
-//! its store, every event wakes the sync loop, and the sync step reads whole
-//! store snapshots. Deletions are taken from the snapshots (a re-list after a
-//! `410 Gone` or a broken watch replaces a store atomically), never from Delete
-//! events. [`ApiSource::snapshot`] returns nothing until both Services and
-//! EndpointSlices have completed their first list, so the datapath is never
-//! programmed from partial state after a restart.
+//! Like kube-proxy's informers, the watchers only record: every object is
+//! decoded on its own into its lean form (a watch delivers `DynamicObject`s,
+//! so one object that is not what its kind says fails alone, never its list
+//! page) and recorded in the store, which marks the Services that really
+//! changed; every event wakes the sync loop. No reflector keeps a second
+//! copy: a relist (after `410 Gone` or a broken watch) is applied object by
+//! object into the store, which deletes what the relist did not contain.
+//! Nothing is programmed until Services and EndpointSlices have both
+//! completed a first list (the store's `synced`).
+//!
+//! The watches use kube-proxy's label selector (no foreign
+//! `service-proxy-name`, no headless slices), and a short bounded backoff
+//! that resets on success, so that lists and watches are back within a
+//! second of the API server answering again after a restart.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
         mpsc::Sender,
     },
     time::Duration,
@@ -23,12 +32,14 @@ use futures::TryStreamExt as _;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, Config,
+    api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
+};
+
+use crate::{
+    objects::{HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject, SliceObject},
+    tracker::{Kind, ObjectStore},
 };
 
 /// One kind of request the agent makes of the API server.
@@ -79,6 +90,8 @@ pub struct ApiConfig {
     pub master: Option<String>,
     /// This node, for its Node object (zone label, addresses).
     pub node_name: Option<String>,
+    /// `--proxy-name`: Services labelled with it are ours too.
+    pub proxy_name: Option<String>,
     /// Watches are renewed this often (the server ends them); a watch that
     /// stays silent for this long plus 5 s is taken for a dead (half-open)
     /// connection and re-established. kube-rs' defaults: 290 s and 295 s.
@@ -91,6 +104,7 @@ impl Default for ApiConfig {
             kubeconfig: None,
             master: None,
             node_name: None,
+            proxy_name: None,
             watch_timeout: Duration::from_secs(290),
         }
     }
@@ -133,15 +147,6 @@ pub enum ApiSourceError {
     },
 }
 
-/// Objects of one consistent read of the stores.
-#[derive(Clone, Debug, Default)]
-pub struct ApiSnapshot {
-    /// Shared with the reflector stores: reading a snapshot copies no object.
-    pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    pub node: Option<Arc<Node>>,
-}
-
 /// Counters of the watchers, for metrics.
 #[derive(Debug, Default)]
 pub struct WatchStats {
@@ -153,13 +158,50 @@ pub struct WatchStats {
 
 /// Running watchers. Dropping it stops them.
 pub struct ApiSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Option<Store<Node>>,
-    services_synced: Arc<AtomicBool>,
-    slices_synced: Arc<AtomicBool>,
     pub stats: Arc<WatchStats>,
+    /// Lists that fail for good (403 Forbidden, 404 Not Found), by kind:
+    /// health reports them instead of claiming all is well.
+    pub failing: Arc<Mutex<BTreeMap<Kind, String>>>,
     _runtime: tokio::runtime::Runtime,
+}
+
+/// Retries after 100 ms, doubling up to 500 ms, each delay shortened by up
+/// to a fifth at random (so that a restarted API server is not met by
+/// every node at the same instant), and starts over after every successful
+/// event: a watch is back within half a second of the API server answering
+/// again (kube-rs' default grows to 30 s, which left a restarted API
+/// server's changes unserved for seconds). Three watches retrying twice a
+/// second is no load for a server that answers nothing.
+#[derive(Clone, Debug)]
+struct QuickBackoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+impl Iterator for QuickBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        // A random fraction from the standard library's hasher seeds.
+        let random = {
+            use std::hash::{BuildHasher as _, Hasher as _};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(delay.as_nanos() as u64);
+            h.finish()
+        };
+        let fifth = delay.as_micros() as u64 / 5;
+        Some(delay - Duration::from_micros(random % fifth.max(1)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for QuickBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
 }
 
 async fn client_config(cfg: &ApiConfig) -> Result<Config, ApiSourceError> {
@@ -207,60 +249,130 @@ async fn base_config(cfg: &ApiConfig) -> Result<Config, ApiSourceError> {
     }
 }
 
-/// Spawns a watcher + reflector for `api`, waking `notify` on every event and
-/// setting `synced` at the end of the first complete list.
-fn spawn_reflector<K>(
+/// Records one watched object in the store.
+fn record(store: &mut ObjectStore, kind: Kind, obj: &DynamicObject) {
+    let json = match serde_json::to_value(obj) {
+        Ok(json) => json,
+        Err(e) => {
+            log::warn!("{}: cannot re-encode a watched object: {e}", kind.name());
+            return;
+        }
+    };
+    let decoded = match kind {
+        Kind::Service => {
+            ServiceObject::from_json(json, store.names()).map(|o| store.apply_service(o))
+        }
+        Kind::EndpointSlice => {
+            SliceObject::from_json(json, store.names()).map(|o| store.apply_slice(o))
+        }
+        Kind::Node => NodeObject::from_json(json, store.names()).map(|o| store.apply_node(o)),
+    };
+    if let Err(e) = decoded {
+        let message = format!("{}: {}", e, e.source);
+        store.undecodable(kind, &e.namespace, &e.name, message);
+    }
+}
+
+fn forget(store: &mut ObjectStore, kind: Kind, obj: &DynamicObject) {
+    let namespace = obj.metadata.namespace.as_deref().unwrap_or("default");
+    let name = obj.metadata.name.as_deref().unwrap_or("");
+    match kind {
+        Kind::Service => store.delete_service(namespace, name),
+        Kind::EndpointSlice => store.delete_slice(namespace, name),
+        Kind::Node => store.apply_node(NodeObject::default()),
+    }
+}
+
+/// Spawns a watcher for `kind` that records into `store` and wakes
+/// `notify` on every event.
+fn spawn_watcher(
     runtime: &tokio::runtime::Runtime,
-    api: Api<K>,
+    api: Api<DynamicObject>,
     config: watcher::Config,
-    notify: Sender<()>,
-    synced: Arc<AtomicBool>,
-    stats: Arc<WatchStats>,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let kind = K::kind(&()).into_owned();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    kind: Kind,
+    sink: Sink,
+) {
+    let stream = watcher(api, config).backoff(QuickBackoff { next: BACKOFF_MIN });
     runtime.spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
-            match stream.try_next().await {
+            let event = stream.try_next().await;
+            match event {
                 Ok(Some(event)) => {
-                    stats.events.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("{kind}: watch event");
-                    if matches!(event, watcher::Event::InitDone)
-                        && !synced.swap(true, Ordering::SeqCst)
-                    {
-                        log::info!("{kind}: initial list complete");
+                    sink.stats.events.fetch_add(1, Ordering::Relaxed);
+                    match &event {
+                        watcher::Event::Init => lock(&sink.store).begin_list(kind),
+                        watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                            record(&mut lock(&sink.store), kind, obj)
+                        }
+                        watcher::Event::Delete(obj) => forget(&mut lock(&sink.store), kind, obj),
+                        watcher::Event::InitDone => {
+                            let first = !lock(&sink.store).synced();
+                            lock(&sink.store).end_list(kind);
+                            if sink
+                                .failing
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&kind)
+                                .is_some()
+                                || first
+                            {
+                                log::info!("{}: list complete", kind.name());
+                            }
+                        }
                     }
-                    if notify.send(()).is_err() {
+                    if sink.notify.send(()).is_err() {
                         return;
                     }
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    // default_backoff() retries; a 410 Gone re-lists.
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("{kind} watch: {e}");
+                    sink.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let status = match &e {
+                        watcher::Error::InitialListFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+                            Some(status.code)
+                        }
+                        _ => None,
+                    };
+                    if matches!(status, Some(403 | 404)) {
+                        let message = format!("listing {}s fails: {e}", kind.name());
+                        let mut failing = sink.failing.lock().unwrap_or_else(|e| e.into_inner());
+                        if failing.insert(kind, message.clone()).is_none() {
+                            log::error!("{message}");
+                        }
+                    } else {
+                        log::warn!("{} watch: {e}", kind.name());
+                    }
+                    let _ = sink.notify.send(());
                 }
             }
         }
     });
-    store
+}
+
+fn lock(store: &Mutex<ObjectStore>) -> std::sync::MutexGuard<'_, ObjectStore> {
+    // Updated one whole object at a time: a panic elsewhere leaves it whole.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a watcher's events go.
+#[derive(Clone)]
+struct Sink {
+    store: Arc<Mutex<ObjectStore>>,
+    notify: Sender<()>,
+    stats: Arc<WatchStats>,
+    failing: Arc<Mutex<BTreeMap<Kind, String>>>,
 }
 
 impl ApiSource {
-    /// Connects and starts the watchers on their own runtime threads.
-    /// `notify` is sent `()` on every watch event.
-    pub fn start(cfg: ApiConfig, notify: Sender<()>) -> Result<Self, ApiSourceError> {
+    /// Connects and starts the watchers on their own runtime thread,
+    /// recording into `store`; `notify` is sent `()` on every watch event.
+    pub fn start(
+        cfg: ApiConfig,
+        store: Arc<Mutex<ObjectStore>>,
+        notify: Sender<()>,
+    ) -> Result<Self, ApiSourceError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kube-watch")
@@ -270,73 +382,59 @@ impl ApiSource {
         let mut config = runtime.block_on(client_config(&cfg))?;
         // Each read on a watch must see bytes within this time.
         config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(5));
-        let watch_config =
-            watcher::Config::default().timeout(cfg.watch_timeout.as_secs().max(1) as u32);
+        // kube-proxy's informer selector: no foreign service-proxy-name (a
+        // proxy name of our own is filtered by the model), no headless
+        // slices (nor Services labelled so).
+        let labels = match &cfg.proxy_name {
+            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+            Some(_) => format!("!{HEADLESS_LABEL}"),
+        };
+        let watch_config = watcher::Config::default()
+            .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
+            .labels(&labels);
         log::info!("API server {}", config.cluster_url);
         let client = runtime.block_on(async {
             Client::try_from(config).map_err(|source| ApiSourceError::Client { source })
         })?;
         let stats = Arc::new(WatchStats::default());
-        let services_synced = Arc::new(AtomicBool::new(false));
-        let slices_synced = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(Mutex::new(BTreeMap::new()));
+        let sink = Sink {
+            store,
+            notify,
+            stats: Arc::clone(&stats),
+            failing: Arc::clone(&failing),
+        };
         let _guard = runtime.enter();
-        let services = spawn_reflector(
+        spawn_watcher(
             &runtime,
-            Api::<Service>::all(client.clone()),
+            Api::all_with(client.clone(), &ApiResource::erase::<Service>(&())),
             watch_config.clone(),
-            notify.clone(),
-            Arc::clone(&services_synced),
-            Arc::clone(&stats),
+            Kind::Service,
+            sink.clone(),
         );
-        let slices = spawn_reflector(
+        spawn_watcher(
             &runtime,
-            Api::<EndpointSlice>::all(client.clone()),
-            watch_config.clone(),
-            notify.clone(),
-            Arc::clone(&slices_synced),
-            Arc::clone(&stats),
+            Api::all_with(client.clone(), &ApiResource::erase::<EndpointSlice>(&())),
+            watch_config,
+            Kind::EndpointSlice,
+            sink.clone(),
         );
-        let nodes = cfg.node_name.as_ref().map(|name| {
-            spawn_reflector(
+        if let Some(name) = &cfg.node_name {
+            spawn_watcher(
                 &runtime,
-                Api::<Node>::all(client.clone()),
-                watch_config
-                    .clone()
+                Api::all_with(client.clone(), &ApiResource::erase::<Node>(&())),
+                watcher::Config::default()
+                    .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
                     .fields(&format!("metadata.name={name}")),
-                notify.clone(),
-                Arc::new(AtomicBool::new(false)),
-                Arc::clone(&stats),
-            )
-        });
+                Kind::Node,
+                sink,
+            );
+        }
         drop(_guard);
         Ok(Self {
-            services,
-            slices,
-            nodes,
-            services_synced,
-            slices_synced,
             stats,
+            failing,
             _runtime: runtime,
-        })
-    }
-
-    /// Whether Services and EndpointSlices have both completed a first list.
-    pub fn synced(&self) -> bool {
-        self.services_synced.load(Ordering::SeqCst) && self.slices_synced.load(Ordering::SeqCst)
-    }
-
-    /// The stores' contents, or `None` before both have synced.
-    pub fn snapshot(&self) -> Option<ApiSnapshot> {
-        if !self.synced() {
-            return None;
-        }
-        Some(ApiSnapshot {
-            services: self.services.state(),
-            endpoint_slices: self.slices.state(),
-            node: self
-                .nodes
-                .as_ref()
-                .and_then(|store| store.state().first().cloned()),
         })
     }
 }

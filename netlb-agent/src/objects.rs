@@ -1,0 +1,558 @@
+//! Lean forms of the API objects: only what the model needs, decoded one
+//! object at a time, with addresses as integers and names interned. A
+//! Service or EndpointSlice with managedFields, a last-applied annotation,
+//! targetRefs and conditions takes kilobytes as a k8s-openapi object; its
+//! lean form takes a few hundred bytes, so 100k Services and their slices
+//! fit in tens of megabytes.
+//!
+//! Decoding never fails as a whole: what cannot be used becomes an issue
+//! recorded on the object (and reported once per object state), and the
+//! rest of the object is still used, as kube-proxy does field by field. An
+//! object that is not a Service or EndpointSlice at all (its JSON does not
+//! deserialize) is an error for that object alone.
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    str::FromStr as _,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// An interned string (namespaces, names, port names, node names, zones).
+pub type Name = Arc<str>;
+
+/// Interns strings so that the many copies of a namespace, node or port
+/// name share one allocation.
+#[derive(Debug, Default)]
+pub struct Interner {
+    names: HashSet<Arc<str>>,
+}
+
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> Name {
+        if let Some(name) = self.names.get(s) {
+            return Arc::clone(name);
+        }
+        let name: Arc<str> = Arc::from(s);
+        self.names.insert(Arc::clone(&name));
+        name
+    }
+
+    /// Drops names nothing else refers to any more.
+    pub fn shrink(&mut self) {
+        self.names.retain(|n| Arc::strong_count(n) > 1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Label of EndpointSlices naming their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services (and slices) with this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Headless Services' slices carry this label; kube-proxy ignores them.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The EndpointSlice controller's trigger time annotation (programming
+/// latency).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Which proxy an object's labels give it to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyLabel {
+    /// Not labelled: every default proxy's.
+    None,
+    /// `service.kubernetes.io/service-proxy-name`.
+    Named(Name),
+    /// `service.kubernetes.io/headless` (slices of headless Services).
+    Headless,
+}
+
+/// `spec.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePortObject {
+    pub name: Name,
+    /// "TCP" or "UDP" (other protocols are issues).
+    pub protocol: Name,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A Service as the model sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceObject {
+    pub namespace: Name,
+    pub name: Name,
+    pub proxy: ProxyLabel,
+    pub type_: ServiceType,
+    /// `None` (headless) or the IPv4 cluster IPs (empty: none allocated, or
+    /// only IPv6 ones: see `issues`).
+    pub cluster_ips: Option<Vec<Ipv4Addr>>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress` IPs (ipMode Proxy excluded), for
+    /// LoadBalancer Services.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub internal_policy_local: bool,
+    /// `externalTrafficPolicy: Local` as written (the model decides whether
+    /// it applies).
+    pub external_policy_local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub session_affinity_timeout: Option<u32>,
+    pub ports: Vec<ServicePortObject>,
+    /// Problems found while decoding, reported once per object state.
+    pub issues: Vec<String>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SlicePort {
+    /// `None`: a port without a name (an issue).
+    pub name: Option<Name>,
+    pub protocol: Name,
+    /// `None`: missing or out of range (an issue).
+    pub port: Option<u16>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointObject {
+    pub address: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<Name>,
+    pub zone_hints: Vec<Name>,
+    pub node_hints: Vec<Name>,
+}
+
+/// An EndpointSlice as the model sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SliceObject {
+    pub namespace: Name,
+    pub name: Name,
+    pub proxy: ProxyLabel,
+    /// `kubernetes.io/service-name`.
+    pub service: Option<Name>,
+    /// addressType IPv4 (FQDN and IPv6 slices are ignored).
+    pub ipv4: bool,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointObject>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub trigger_time: Option<SystemTime>,
+    pub issues: Vec<String>,
+}
+
+/// What the agent uses of its Node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeObject {
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<Name>,
+    /// Being deleted, or tainted `ToBeDeletedByClusterAutoscaler`.
+    pub deleting: bool,
+}
+
+/// An object that is not what its kind says.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode {kind} {namespace}/{name}")]
+pub struct DecodeError {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+fn proxy_label(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    names: &mut Interner,
+) -> ProxyLabel {
+    let Some(labels) = labels else {
+        return ProxyLabel::None;
+    };
+    if labels.contains_key(HEADLESS_LABEL) {
+        return ProxyLabel::Headless;
+    }
+    match labels.get(SERVICE_PROXY_NAME_LABEL) {
+        Some(name) => ProxyLabel::Named(names.intern(name)),
+        None => ProxyLabel::None,
+    }
+}
+
+/// Parses IPv4 addresses, skipping IPv6 ones (the other family) and
+/// recording invalid ones as issues; duplicates are dropped.
+fn ipv4s<'a>(
+    values: impl Iterator<Item = &'a String>,
+    what: &str,
+    issues: &mut Vec<String>,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => {
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => issues.push(format!("ignoring invalid {what} {v:?}")),
+        }
+    }
+    out
+}
+
+fn port_number(p: i32) -> Option<u16> {
+    (1..=65535).contains(&p).then_some(p as u16)
+}
+
+fn meta_names(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    names: &mut Interner,
+) -> (Name, Name) {
+    (
+        names.intern(meta.namespace.as_deref().unwrap_or("default")),
+        names.intern(meta.name.as_deref().unwrap_or("")),
+    )
+}
+
+impl ServiceObject {
+    /// The lean form of a typed Service.
+    pub fn from_service(svc: &Service, names: &mut Interner) -> Self {
+        let (namespace, name) = meta_names(&svc.metadata, names);
+        let mut issues = Vec::new();
+        if svc.metadata.name.is_none() {
+            issues.push("no metadata.name".into());
+        }
+        let proxy = proxy_label(svc.metadata.labels.as_ref(), names);
+        let spec = svc.spec.clone().unwrap_or_default();
+        let type_ = match spec.type_.as_deref() {
+            Some("NodePort") => ServiceType::NodePort,
+            Some("LoadBalancer") => ServiceType::LoadBalancer,
+            Some("ExternalName") => ServiceType::ExternalName,
+            _ => ServiceType::ClusterIp,
+        };
+        let cluster_ip_strings: Vec<&String> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.iter().collect(),
+            _ => spec.cluster_ip.iter().collect(),
+        };
+        let cluster_ips = if cluster_ip_strings.iter().any(|ip| ip.as_str() == "None") {
+            None
+        } else {
+            if cluster_ip_strings.iter().all(|ip| ip.is_empty())
+                && type_ != ServiceType::ExternalName
+            {
+                issues.push(
+                    "no clusterIP allocated (a manifest-directory Service must set spec.clusterIP)"
+                        .into(),
+                );
+            }
+            Some(ipv4s(
+                cluster_ip_strings.into_iter().filter(|ip| !ip.is_empty()),
+                "clusterIP",
+                &mut issues,
+            ))
+        };
+        let external_ips = ipv4s(
+            spec.external_ips.iter().flatten(),
+            "externalIP",
+            &mut issues,
+        );
+        let load_balancer_ips = if type_ == ServiceType::LoadBalancer {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            // ipMode Proxy: the load balancer delivers to the node, not to
+            // the VIP; kube-proxy does not program the IP then.
+            let ips: Vec<&String> = ingress
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_ref())
+                .collect();
+            ipv4s(ips.into_iter(), "load balancer ingress IP", &mut issues)
+        } else {
+            Vec::new()
+        };
+        let session_affinity_timeout =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .map(|t| t.max(0) as u32)
+                    .unwrap_or(10_800)
+            });
+        let mut ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP");
+            let port_name = port.name.as_deref().unwrap_or("");
+            if protocol == "SCTP" {
+                issues.push(format!(
+                    "port {port_name:?} {}/SCTP: SCTP is not supported by netlb",
+                    port.port
+                ));
+                continue;
+            }
+            if protocol != "TCP" && protocol != "UDP" {
+                issues.push(format!("port {port_name:?}: unknown protocol {protocol:?}"));
+                continue;
+            }
+            let Some(number) = port_number(port.port) else {
+                issues.push(format!("port {port_name:?}: invalid port {}", port.port));
+                continue;
+            };
+            let node_port = match (type_, port.node_port) {
+                (ServiceType::NodePort | ServiceType::LoadBalancer, Some(p)) => {
+                    match port_number(p) {
+                        Some(p) => Some(p),
+                        None if p != 0 => {
+                            issues.push(format!("port {port_name:?}: invalid nodePort {p}"));
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            ports.push(ServicePortObject {
+                name: names.intern(port_name),
+                protocol: names.intern(protocol),
+                port: number,
+                node_port,
+            });
+        }
+        Self {
+            namespace,
+            name,
+            proxy,
+            type_,
+            cluster_ips,
+            external_ips,
+            load_balancer_ips,
+            internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            health_check_node_port: spec.health_check_node_port.and_then(port_number),
+            session_affinity_timeout,
+            ports,
+            issues,
+        }
+    }
+
+    /// Decodes one Service from its JSON (a watch event's object).
+    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
+        let (namespace, name) = json_names(&value);
+        let svc: Service = serde_json::from_value(value).map_err(|source| DecodeError {
+            kind: "Service",
+            namespace,
+            name,
+            source,
+        })?;
+        Ok(Self::from_service(&svc, names))
+    }
+}
+
+impl SliceObject {
+    /// The lean form of a typed EndpointSlice.
+    pub fn from_slice(slice: &EndpointSlice, names: &mut Interner) -> Self {
+        let (namespace, name) = meta_names(&slice.metadata, names);
+        let labels = slice.metadata.labels.as_ref();
+        let mut issues = Vec::new();
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| SlicePort {
+                name: p.name.as_deref().map(|n| names.intern(n)),
+                protocol: names.intern(p.protocol.as_deref().unwrap_or("TCP")),
+                port: p.port.and_then(port_number),
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        for ep in slice.endpoints.iter().flatten() {
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            let address = match first.parse::<Ipv4Addr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    if slice.address_type == "IPv4" {
+                        issues.push(format!(
+                            "ignoring endpoint with invalid IPv4 address {first:?}"
+                        ));
+                    }
+                    continue;
+                }
+            };
+            let conditions = ep.conditions.as_ref();
+            let hints = ep.hints.as_ref();
+            endpoints.push(EndpointObject {
+                address,
+                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: ep.node_name.as_deref().map(|n| names.intern(n)),
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| names.intern(&z.name)).collect())
+                    .unwrap_or_default(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| names.intern(&n.name)).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        let trigger_time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
+            .and_then(|t| {
+                let nanos = t.as_nanosecond();
+                (nanos > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64))
+            });
+        Self {
+            namespace,
+            name,
+            proxy: proxy_label(labels, names),
+            service: labels
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .map(|s| names.intern(s)),
+            ipv4: slice.address_type == "IPv4",
+            ports,
+            endpoints,
+            trigger_time,
+            issues,
+        }
+    }
+
+    /// Decodes one EndpointSlice from its JSON.
+    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
+        let (namespace, name) = json_names(&value);
+        let slice: EndpointSlice = serde_json::from_value(value).map_err(|source| DecodeError {
+            kind: "EndpointSlice",
+            namespace,
+            name,
+            source,
+        })?;
+        Ok(Self::from_slice(&slice, names))
+    }
+}
+
+impl NodeObject {
+    pub fn from_node(node: &k8s_openapi::api::core::v1::Node, names: &mut Interner) -> Self {
+        const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+        const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        Self {
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ZONE_LABEL))
+                .map(|z| names.intern(z)),
+            deleting: node.metadata.deletion_timestamp.is_some() || tainted,
+        }
+    }
+
+    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
+        let (namespace, name) = json_names(&value);
+        let node: k8s_openapi::api::core::v1::Node =
+            serde_json::from_value(value).map_err(|source| DecodeError {
+                kind: "Node",
+                namespace,
+                name,
+                source,
+            })?;
+        Ok(Self::from_node(&node, names))
+    }
+}
+
+/// Namespace and name of a JSON object, for messages about it.
+pub fn json_names(value: &serde_json::Value) -> (String, String) {
+    let meta = &value["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or("default").to_owned(),
+        meta["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_realistic_service_decodes_to_what_the_model_needs() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "name": "web", "namespace": "shop", "resourceVersion": "12",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}],
+            },
+            "spec": {
+                "type": "LoadBalancer", "clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7", "fd00::7"],
+                "externalIPs": ["198.51.100.1", "not-an-ip"],
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080},
+                    {"name": "sctp", "protocol": "SCTP", "port": 9},
+                ],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}, {"ip": "203.0.113.8", "ipMode": "Proxy"}]}},
+        });
+        let mut names = Interner::default();
+        let svc = ServiceObject::from_json(json, &mut names).unwrap();
+        assert_eq!(&*svc.namespace, "shop");
+        assert_eq!(svc.cluster_ips, Some(vec![Ipv4Addr::new(10, 96, 0, 7)]));
+        assert_eq!(svc.external_ips, vec![Ipv4Addr::new(198, 51, 100, 1)]);
+        assert_eq!(svc.load_balancer_ips, vec![Ipv4Addr::new(203, 0, 113, 9)]);
+        assert_eq!(svc.ports.len(), 1);
+        assert_eq!(svc.ports[0].node_port, Some(30080));
+        assert_eq!(svc.health_check_node_port, Some(32000));
+        assert_eq!(svc.issues.len(), 2, "{:?}", svc.issues);
+    }
+
+    #[test]
+    fn an_object_that_is_not_a_service_is_an_error_for_itself_only() {
+        let json = serde_json::json!({
+            "metadata": {"name": "bad", "namespace": "x"},
+            "spec": {"ports": "not a list"},
+        });
+        let err = ServiceObject::from_json(json, &mut Interner::default()).unwrap_err();
+        assert_eq!((err.namespace.as_str(), err.name.as_str()), ("x", "bad"));
+    }
+
+    #[test]
+    fn names_are_shared() {
+        let mut names = Interner::default();
+        let a = names.intern("default");
+        let b = names.intern("default");
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        names.shrink();
+        assert!(names.is_empty());
+    }
+}

@@ -1,15 +1,27 @@
 //! Control-plane figures with the real agent against the API-server test
-//! double (reports, asserts nothing; run with `cargo xtask bench`):
-//! - sync duration (model + desired state + diff + map writes) and agent RSS
-//!   with 1,000 and 10,000 Services of 4 endpoints each, and the duration of
-//!   one incremental endpoint change at that scale;
-//! - programming latency: API write of an EndpointSlice -> first request
-//!   served by the new backend, over 100 changes 50 ms apart (p50, p99).
+//! double, at 1k, 10k, 30k and 100k Services of 4 endpoints each, shaped
+//! like a real API server's objects (`netlb_testbed::realistic`). Reports,
+//! asserts nothing; run with `cargo xtask bench control-plane`.
+//!
+//! Per size:
+//! - time from starting the agent to every Service programmed ("initial
+//!   sync complete");
+//! - programming latency: an EndpointSlice write to the double -> the first
+//!   new connection served by the new backend, over 100 changes 100 ms
+//!   apart (twice the default minimum sync interval, which the agent keeps
+//!   at its default), p50 / p99 / max;
+//! - agent RSS once programmed and its peak (VmHWM), CPU seconds to get
+//!   programmed and for the 100 changes;
+//! - map writes (and deletes) per change, from the agent's counters.
+//!
+//! `NETLB_BENCH_SIZES=1000,10000` picks sizes; `NETLB_BENCH_AGENT=path`
+//! measures another agent binary (an older build, for a before/after).
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -18,59 +30,46 @@ use netlb_testbed::{
     apiserver::FakeApiServer,
     find_binary,
     process::ChildGuard,
+    realistic,
     topology::{Testbed, TestbedSpec, bind_in_netns},
 };
-use serde_json::{Value, json};
 
-fn service(i: usize) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {
-            "clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1),
-            "ports": [{"protocol": "TCP", "port": 80, "targetPort": 8080}],
-        },
-    })
-}
+const CHANGES: usize = 100;
 
-fn slice(name: &str, service: &str, ips: &[String], port: u16) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {
-            "name": name, "namespace": "bench",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "", "protocol": "TCP", "port": port}],
-        "endpoints": ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>(),
-    })
-}
-
-fn endpoints(i: usize) -> Vec<String> {
-    (0..4)
-        .map(|k| {
-            let n = i * 4 + k;
-            format!("10.{}.{}.{}", 100 + n / 65536, n / 256 % 256, n % 256)
-        })
-        .collect()
-}
-
-fn rss_kib(pid: u32) -> u64 {
+fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/pid/stat (1-based),
+    // 12 and 13 after the state field here.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
 }
 
 fn metric(tb: &Testbed, name: &str) -> Option<f64> {
     let out = tb
         .exec(
             &tb.nodes[0].netns,
-            &["curl", "-sS", "-m", "2", "http://127.0.0.1:10249/metrics"],
+            &["curl", "-sS", "-m", "5", "http://127.0.0.1:10249/metrics"],
         )
         .ok()?;
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
@@ -79,79 +78,7 @@ fn metric(tb: &Testbed, name: &str) -> Option<f64> {
     })
 }
 
-fn agent(tb: &Testbed, api: &FakeApiServer, log: &str) -> AgentProcess {
-    let kubeconfig = tb.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    AgentProcess::start(
-        &tb.nodes[0],
-        &AgentOptions {
-            binary: find_binary("netlb-agent"),
-            source: AgentSource::Kubeconfig(kubeconfig),
-            extra_args: vec![],
-            cleanup_on_exit: true,
-            capabilities: None,
-        },
-        &tb.dir.join(log),
-    )
-    .expect("agent")
-}
-
-fn scale(services: usize) {
-    let tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
-    let api =
-        FakeApiServer::start(bind_in_netns(&tb.nodes[0].netns, "127.0.0.1:0").unwrap()).unwrap();
-    for i in 0..services {
-        api.apply(service(i)).unwrap();
-        api.apply(slice(
-            &format!("svc-{i}-1"),
-            &format!("svc-{i}"),
-            &endpoints(i),
-            8080,
-        ))
-        .unwrap();
-    }
-    let started = Instant::now();
-    let mut agent = agent(&tb, &api, "agent.log");
-    assert!(
-        agent.wait_for_log("initial sync complete", 1, Duration::from_secs(120)),
-        "{}",
-        agent.log()
-    );
-    let ready = started.elapsed();
-    let first_sync =
-        metric(&tb, "kubeproxy_sync_proxy_rules_duration_seconds_sum").unwrap_or(f64::NAN);
-    let rss = rss_kib(agent.pid());
-    // One endpoint change at this scale.
-    let mut ips = endpoints(0);
-    ips[3] = "10.99.99.99".into();
-    let count_before =
-        metric(&tb, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(0.0);
-    let sum_before = metric(&tb, "kubeproxy_sync_proxy_rules_duration_seconds_sum").unwrap_or(0.0);
-    api.apply(slice("svc-0-1", "svc-0", &ips, 8080)).unwrap();
-    let _ = agent.wait_for_log("synced", 2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(200));
-    let count_after =
-        metric(&tb, "kubeproxy_sync_proxy_rules_duration_seconds_count").unwrap_or(0.0);
-    let sum_after = metric(&tb, "kubeproxy_sync_proxy_rules_duration_seconds_sum").unwrap_or(0.0);
-    let incremental = (sum_after - sum_before) / (count_after - count_before).max(1.0);
-    let synced_line = agent
-        .log()
-        .lines()
-        .find(|l| l.contains("synced "))
-        .map(|l| l.split("] ").nth(1).unwrap_or(l).to_owned())
-        .unwrap_or_default();
-    println!(
-        "services={services:>6} x 4 endpoints: first sync {:.1} ms ({synced_line}); agent ready {:.2} s after start; one endpoint change: {:.2} ms per sync; agent RSS {} MiB",
-        first_sync * 1000.0,
-        ready.as_secs_f64(),
-        incremental * 1000.0,
-        rss / 1024
-    );
-    agent.stop();
-}
-
-/// A client thread inside the client pod's namespace: new TCP connection,
-/// one HTTP request, the answering backend's name.
+/// A new TCP connection, one HTTP request: the answering backend's name.
 fn ask(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
@@ -166,7 +93,24 @@ fn ask(addr: SocketAddr) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn latency(changes: usize) {
+struct Row {
+    services: usize,
+    programmed: Option<Duration>,
+    latency: Option<(Duration, Duration, Duration)>,
+    rss_mib: u64,
+    hwm_mib: u64,
+    cpu_programmed: f64,
+    cpu_changes: f64,
+    writes_per_change: Option<f64>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(sorted.len() - 1)]
+}
+
+fn measure(services: usize, agent_binary: &std::path::Path) -> Row {
     let mut tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
     let pods = [tb.add_pod(0, "a").unwrap(), tb.add_pod(0, "b").unwrap()];
     let client = tb.add_pod(0, "client").unwrap();
@@ -191,17 +135,68 @@ fn latency(changes: usize) {
         .collect();
     let api =
         FakeApiServer::start(bind_in_netns(&tb.nodes[0].netns, "127.0.0.1:0").unwrap()).unwrap();
-    api.apply(service(0)).unwrap();
-    api.apply(slice("svc-0-1", "svc-0", &[pods[0].ip.to_string()], 8080))
-        .unwrap();
-    let agent = agent(&tb, &api, "agent.log");
-    assert!(
-        agent.wait_for_log("initial sync complete", 1, Duration::from_secs(30)),
-        "{}",
-        agent.log()
+    let loaded = Instant::now();
+    // Service 0 is the one that changes: its endpoint is pod a or pod b.
+    let (svc0, slice0) = realistic::service_and_slice(0, &[pods[0].ip]);
+    api.apply(svc0).unwrap();
+    api.apply(slice0).unwrap();
+    for i in 1..services {
+        let (svc, slice) = realistic::service_and_slice(i, &realistic::endpoint_ips(i, 4));
+        api.apply(svc).unwrap();
+        api.apply(slice).unwrap();
+    }
+    eprintln!(
+        "  {services} Services and slices written to the double in {:.1?}",
+        loaded.elapsed()
     );
-
-    let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
+    let kubeconfig = tb.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let started = Instant::now();
+    let mut agent = AgentProcess::start(
+        &tb.nodes[0],
+        &AgentOptions {
+            binary: agent_binary.to_path_buf(),
+            source: AgentSource::Kubeconfig(kubeconfig),
+            extra_args: vec![],
+            cleanup_on_exit: true,
+            capabilities: None,
+        },
+        &tb.dir.join("agent.log"),
+    )
+    .expect("agent");
+    let pid = agent.pid();
+    let mut row = Row {
+        services,
+        programmed: None,
+        latency: None,
+        rss_mib: 0,
+        hwm_mib: 0,
+        cpu_programmed: 0.0,
+        cpu_changes: 0.0,
+        writes_per_change: None,
+    };
+    if !agent.wait_for_log("initial sync complete", 1, Duration::from_secs(300)) {
+        row.hwm_mib = proc_status(pid, "VmHWM:") / 1024;
+        let log = agent.log();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        eprintln!(
+            "  not programmed within 300 s; agent log ends:\n    {}",
+            tail.join("\n    ")
+        );
+        agent.stop();
+        return row;
+    }
+    row.programmed = Some(started.elapsed());
+    row.cpu_programmed = cpu_seconds(pid);
+    let vip = SocketAddr::new(realistic::cluster_ip(0).into(), 80);
+    let writes = |tb: &Testbed| {
+        Some(
+            metric(tb, "netlb_sync_map_writes_total")?
+                + metric(tb, "netlb_sync_map_deletes_total")?,
+        )
+    };
+    let writes_before = writes(&tb);
+    let cpu_before = cpu_seconds(pid);
     let netns = std::fs::File::open(format!("/run/netns/{}", client.netns)).unwrap();
     let samples = std::thread::scope(|s| {
         s.spawn(|| {
@@ -210,79 +205,105 @@ fn latency(changes: usize) {
                 unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
                 0
             );
-            let mut samples = Vec::with_capacity(changes);
-            let mut current = 0;
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(10);
             while ask(vip).as_deref() != Some("a") {
-                assert!(Instant::now() < deadline, "service never served");
-            }
-            for _ in 0..changes {
-                let next = 1 - current;
-                let written = Instant::now();
-                if std::env::var_os("NETLB_BENCH_DEBUG").is_some() {
-                    eprintln!("apply at {:?}", std::time::SystemTime::now());
+                if Instant::now() > deadline {
+                    eprintln!("  service 0 never served");
+                    return Vec::new();
                 }
-                api.apply(slice(
-                    "svc-0-1",
-                    "svc-0",
-                    &[pods[next].ip.to_string()],
-                    8080,
-                ))
-                .unwrap();
+            }
+            let mut samples = Vec::with_capacity(CHANGES);
+            let mut current = 0;
+            for _ in 0..CHANGES {
+                let next = 1 - current;
+                let (_, slice) = realistic::service_and_slice(0, &[pods[next].ip]);
+                let written = Instant::now();
+                api.apply(slice).unwrap();
                 loop {
                     if ask(vip).as_deref() == Some(pods[next].name.as_str()) {
                         samples.push(written.elapsed());
                         break;
                     }
-                    assert!(
-                        written.elapsed() < Duration::from_secs(10),
-                        "change never served"
-                    );
+                    if written.elapsed() > Duration::from_secs(10) {
+                        eprintln!("  a change was not served within 10 s");
+                        return samples;
+                    }
                 }
                 current = next;
-                // Let the agent's minimum sync interval (10 ms here) pass, so
-                // the figure is the pipeline's latency, not the rate limit.
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(100));
             }
             samples
         })
         .join()
         .unwrap()
     });
-    let mut sorted = samples.clone();
-    sorted.sort();
-    let pct = |p: f64| {
-        sorted[((sorted.len() as f64 * p).ceil() as usize)
-            .saturating_sub(1)
-            .min(sorted.len() - 1)]
-    };
-    println!(
-        "programming latency over {changes} changes (API write -> first request served by the new backend): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        pct(0.50).as_secs_f64() * 1000.0,
-        pct(0.99).as_secs_f64() * 1000.0,
-        sorted[sorted.len() - 1].as_secs_f64() * 1000.0
-    );
-    if std::env::var_os("NETLB_BENCH_DEBUG").is_some() {
-        let log = agent.log();
-        let lines: Vec<&str> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(8)..] {
-            eprintln!("{l}");
-        }
+    row.cpu_changes = cpu_seconds(pid) - cpu_before;
+    if let (Some(before), Some(after)) = (writes_before, writes(&tb)) {
+        row.writes_per_change = Some((after - before) / samples.len().max(1) as f64);
     }
-    drop(agent);
+    if !samples.is_empty() {
+        let mut sorted = samples;
+        sorted.sort();
+        row.latency = Some((
+            percentile(&sorted, 0.50),
+            percentile(&sorted, 0.99),
+            sorted[sorted.len() - 1],
+        ));
+    }
+    row.rss_mib = proc_status(pid, "VmRSS:") / 1024;
+    row.hwm_mib = proc_status(pid, "VmHWM:") / 1024;
+    agent.stop();
+    drop(api);
+    row
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
     netlb_testbed::topology::cleanup_stale(None);
-    latency(if std::env::var_os("NETLB_BENCH_DEBUG").is_some() {
-        4
-    } else {
-        100
-    });
-    if std::env::var_os("NETLB_BENCH_DEBUG").is_some() {
-        return;
+    let sizes: Vec<usize> = std::env::var("NETLB_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000, 30_000, 100_000]);
+    let agent = std::env::var_os("NETLB_BENCH_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| find_binary("netlb-agent"));
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "control plane: agent {}, {cpus} CPUs, {CHANGES} changes per size, 4 endpoints per Service, realistic objects",
+        agent.display()
+    );
+    let mut rows = Vec::new();
+    for services in sizes {
+        eprintln!("{services} Services:");
+        let row = measure(services, &agent);
+        rows.push(row);
     }
-    for services in [1_000, 10_000] {
-        scale(services);
+    println!(
+        "| Services | start to programmed | latency p50 / p99 / max (ms) | RSS programmed / peak (MiB) | CPU s to programmed | CPU s for {CHANGES} changes | map writes per change |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} / {} | {:.2} | {:.2} | {} |",
+            r.services,
+            r.programmed
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "not within 300 s".into()),
+            r.latency
+                .map(|(a, b, c)| format!("{} / {} / {}", ms(a), ms(b), ms(c)))
+                .unwrap_or_else(|| "-".into()),
+            r.rss_mib,
+            r.hwm_mib,
+            r.cpu_programmed,
+            r.cpu_changes,
+            r.writes_per_change
+                .map(|w| format!("{w:.1}"))
+                .unwrap_or_else(|| "n/a".into()),
+        );
     }
 }

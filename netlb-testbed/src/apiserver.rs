@@ -8,8 +8,11 @@
 //! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
 //!   `/api/v1/nodes` (cluster-wide) and their `/namespaces/{ns}/` forms.
 //! - Lists with `resourceVersion` in the list metadata, pagination with
-//!   `limit` and `continue` (a consistent snapshot across pages), and
-//!   `fieldSelector=metadata.name=...`.
+//!   `limit` and `continue` (a consistent snapshot across pages),
+//!   `fieldSelector=metadata.name=...` and `labelSelector` (`key`, `!key`,
+//!   `key=value`, `key!=value`, `key in (...)`, `key notin (...)`). A watch
+//!   with a label selector sees an object that stops matching as `DELETED`
+//!   and one that starts matching as `ADDED`, as the real watch cache does.
 //! - Watches (`watch=1`) from a `resourceVersion`, streamed as chunked JSON
 //!   lines of `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK` events
 //!   (`allowWatchBookmarks`), ended after `timeoutSeconds`; a watch or list
@@ -22,7 +25,15 @@
 //! watch connection (as a server restart would), [`FakeApiServer::compact`]
 //! expires all older resourceVersions (the next resume gets 410 Gone),
 //! [`FakeApiServer::set_delay`] slows every response down, and
-//! [`FakeApiServer::set_unavailable`] answers 503 like a server that is down.
+//! [`FakeApiServer::set_unavailable`] answers 503 like a server that is down,
+//! [`FakeApiServer::set_resource_forbidden`] answers 403 as RBAC would, and
+//! [`FakeApiServer::stop_serving`] / [`FakeApiServer::serve_again`] close the
+//! listening socket (connections refused) and reopen it with the same state,
+//! as a restarted API server.
+//!
+//! Objects are stored as their JSON text (served as is) with the few fields
+//! selectors need, so that the double holds 100k realistic Services and
+//! their slices in about their wire size.
 
 use std::{
     collections::BTreeMap,
@@ -91,12 +102,70 @@ impl Resource {
 
 type Key = (Resource, String, String);
 
+/// An object as stored: its JSON text and what selectors look at.
+#[derive(Debug)]
+struct Stored {
+    text: Box<str>,
+    namespace: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    /// Node ports a Service holds (allocation).
+    node_ports: Vec<u64>,
+}
+
+impl Stored {
+    fn new(value: &Value) -> Arc<Self> {
+        let text = |p: &str| {
+            value
+                .pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let labels = value
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut node_ports: Vec<u64> = value["spec"]["ports"]
+            .as_array()
+            .map(|ports| {
+                ports
+                    .iter()
+                    .filter_map(|p| p["nodePort"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        node_ports.extend(value["spec"]["healthCheckNodePort"].as_u64());
+        Arc::new(Self {
+            text: value.to_string().into_boxed_str(),
+            namespace: text("/metadata/namespace"),
+            name: text("/metadata/name"),
+            labels,
+            node_ports,
+        })
+    }
+
+    fn value(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or(Value::Null)
+    }
+}
+
+/// The items of a paginated list, as of its resourceVersion.
+type Snapshot = Arc<Vec<Arc<Stored>>>;
+
 #[derive(Clone)]
 struct Event {
     rv: u64,
     resource: Resource,
     kind: &'static str,
-    object: Value,
+    object: Arc<Stored>,
+    /// The version it replaced (label-selector transitions).
+    previous: Option<Arc<Stored>>,
 }
 
 #[derive(Default)]
@@ -104,10 +173,11 @@ struct State {
     rv: u64,
     /// Oldest resourceVersion a watch may resume from.
     compacted: u64,
-    objects: BTreeMap<Key, Value>,
+    objects: BTreeMap<Key, Arc<Stored>>,
+    /// In resourceVersion order.
     events: Vec<Event>,
     /// Paginated list snapshots by continue token.
-    snapshots: BTreeMap<String, (u64, Arc<Vec<Value>>)>,
+    snapshots: BTreeMap<String, (u64, Snapshot)>,
     next_uid: u64,
     /// Service allocations so far (cluster IPs from 10.96.1.0, node ports
     /// from 30000).
@@ -118,10 +188,7 @@ struct State {
 impl State {
     fn node_port_in_use(&self, port: u64) -> bool {
         self.objects.iter().any(|((resource, _, _), obj)| {
-            *resource == Resource::Services
-                && (obj["spec"]["ports"].as_array().is_some_and(|ports| {
-                    ports.iter().any(|p| p["nodePort"].as_u64() == Some(port))
-                }) || obj["spec"]["healthCheckNodePort"].as_u64() == Some(port))
+            *resource == Resource::Services && obj.node_ports.contains(&port)
         })
     }
 
@@ -224,6 +291,10 @@ struct Shared {
     unavailable: AtomicBool,
     /// Resources answered with 503 (while the others work).
     unavailable_resources: Mutex<Vec<Resource>>,
+    /// Resources answered with 403 Forbidden.
+    forbidden_resources: Mutex<Vec<Resource>>,
+    /// The listening socket; `None` while stopped.
+    listener: Mutex<Option<TcpListener>>,
     /// Watches opened before the latest [`FakeApiServer::stall_watches`]
     /// (epoch below this) stay connected but send nothing.
     stall_epoch: AtomicU64,
@@ -275,6 +346,8 @@ impl FakeApiServer {
             delay_ms: AtomicU64::new(0),
             unavailable: AtomicBool::new(false),
             unavailable_resources: Mutex::new(Vec::new()),
+            forbidden_resources: Mutex::new(Vec::new()),
+            listener: Mutex::new(Some(listener)),
             stall_epoch: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             lists: AtomicU64::new(0),
@@ -282,27 +355,66 @@ impl FakeApiServer {
             gone: AtomicU64::new(0),
         });
         let accept_shared = Arc::clone(&shared);
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| FakeApiError::Listener { source })?;
         std::thread::Builder::new()
             .name("fake-apiserver".into())
             .spawn(move || {
                 while !accept_shared.stopped.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
+                    let accepted = accept_shared
+                        .listener
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(TcpListener::accept);
+                    match accepted {
+                        Some(Ok((stream, _))) => {
                             let _ = stream.set_nonblocking(false);
                             let conn_shared = Arc::clone(&accept_shared);
                             let _ = std::thread::Builder::new()
                                 .name("fake-apiserver-conn".into())
                                 .spawn(move || serve_connection(stream, &conn_shared));
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        _ => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
             })
             .map_err(|source| FakeApiError::Listener { source })?;
-        Ok(Self { shared, addr })
+        let server = Self { shared, addr };
+        server.set_listener(None)?;
+        Ok(server)
+    }
+
+    fn set_listener(&self, listener: Option<TcpListener>) -> Result<(), FakeApiError> {
+        let mut slot = self
+            .shared
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = listener {
+            *slot = Some(l);
+        }
+        if let Some(l) = slot.as_ref() {
+            l.set_nonblocking(true)
+                .map_err(|source| FakeApiError::Listener { source })?;
+        }
+        Ok(())
+    }
+
+    /// Stops like a server going down: the listening socket is closed (new
+    /// connections are refused) and open watches are cut. The objects and
+    /// resourceVersions stay, as in etcd.
+    pub fn stop_serving(&self) {
+        self.shared
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.drop_watches();
+    }
+
+    /// Serves again on `listener` (bound to the same address, in the same
+    /// network namespace) after [`stop_serving`](Self::stop_serving).
+    pub fn serve_again(&self, listener: TcpListener) -> Result<(), FakeApiError> {
+        self.set_listener(Some(listener))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -342,7 +454,8 @@ impl FakeApiServer {
         state.rv += 1;
         let rv = state.rv;
         let key = (resource, namespace.clone(), name);
-        let previous = state.objects.get(&key).cloned();
+        let previous_stored = state.objects.get(&key).cloned();
+        let previous = previous_stored.as_ref().map(|p| p.value());
         if resource == Resource::Services {
             state.default_and_allocate_service(&mut object, previous.as_ref());
         }
@@ -375,12 +488,14 @@ impl FakeApiServer {
         } else {
             "ADDED"
         };
-        state.objects.insert(key, object.clone());
+        let stored = Stored::new(&object);
+        state.objects.insert(key, Arc::clone(&stored));
         state.events.push(Event {
             rv,
             resource,
             kind,
-            object,
+            object: stored,
+            previous: previous_stored,
         });
         drop(state);
         self.shared.changed.notify_all();
@@ -396,17 +511,19 @@ impl FakeApiServer {
         };
         let mut state = lock(&self.shared);
         let key = (resource, namespace.to_owned(), name.to_owned());
-        let Some(mut object) = state.objects.remove(&key) else {
+        let Some(stored) = state.objects.remove(&key) else {
             return false;
         };
         state.rv += 1;
         let rv = state.rv;
+        let mut object = stored.value();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         state.events.push(Event {
             rv,
             resource,
             kind: "DELETED",
-            object,
+            object: Stored::new(&object),
+            previous: None,
         });
         drop(state);
         self.shared.changed.notify_all();
@@ -460,6 +577,24 @@ impl FakeApiServer {
         }
     }
 
+    /// Answers requests for one resource with 403 Forbidden while set, as
+    /// the real server does when RBAC does not grant list and watch.
+    pub fn set_resource_forbidden(&self, resource: Resource, forbidden: bool) {
+        let mut list = self
+            .shared
+            .forbidden_resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        list.retain(|r| *r != resource);
+        if forbidden {
+            list.push(resource);
+        }
+        drop(list);
+        if forbidden {
+            self.drop_watches();
+        }
+    }
+
     /// Every open watch stops sending anything, events and bookmarks alike,
     /// and ignores its timeout, but stays connected: a half-open connection
     /// from the client's side. Watches opened later are served normally.
@@ -482,7 +617,7 @@ impl FakeApiServer {
             .objects
             .iter()
             .filter(|((r, _, _), _)| *r == resource)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.value())
             .collect()
     }
 }
@@ -564,8 +699,11 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
     })
 }
 
-fn respond(mut stream: &TcpStream, status: &str, body: &Value) {
-    let body = body.to_string();
+fn respond(stream: &TcpStream, status: &str, body: &Value) {
+    respond_text(stream, status, &body.to_string());
+}
+
+fn respond_text(mut stream: &TcpStream, status: &str, body: &str) {
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -602,12 +740,14 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
     }
 }
 
-fn matches(object: &Value, namespace: &Option<String>, query: &BTreeMap<String, String>) -> bool {
+fn matches(object: &Stored, namespace: &Option<String>, query: &BTreeMap<String, String>) -> bool {
     if let Some(ns) = namespace
-        && object
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            != Some(ns)
+        && object.namespace != *ns
+    {
+        return false;
+    }
+    if let Some(selector) = query.get("labelSelector")
+        && !label_selector_matches(selector, &object.labels)
     {
         return false;
     }
@@ -619,16 +759,71 @@ fn matches(object: &Value, namespace: &Option<String>, query: &BTreeMap<String, 
             let field = field.trim_end_matches('=');
             let value = value.trim_start_matches('=');
             let actual = match field {
-                "metadata.name" => object.pointer("/metadata/name"),
-                "metadata.namespace" => object.pointer("/metadata/namespace"),
+                "metadata.name" => Some(&object.name),
+                "metadata.namespace" => Some(&object.namespace),
                 _ => None,
             };
-            if actual.and_then(Value::as_str) != Some(value) {
+            if actual.map(String::as_str) != Some(value) {
                 return false;
             }
         }
     }
     true
+}
+
+/// Splits a selector at the commas that are not inside `(...)`.
+fn selector_terms(selector: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(selector[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(selector[start..].trim());
+    terms.into_iter().filter(|t| !t.is_empty()).collect()
+}
+
+/// The label selector grammar of `labels.Parse`: `key`, `!key`,
+/// `key=value`, `key==value`, `key!=value`, `key in (a,b)`,
+/// `key notin (a,b)`; terms are ANDed.
+fn label_selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
+    let set = |list: &str| -> Vec<String> {
+        list.trim()
+            .trim_start_matches('(')
+            .trim_end_matches(')')
+            .split(',')
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    selector_terms(selector).into_iter().all(|term| {
+        if let Some(key) = term.strip_prefix('!') {
+            return !labels.contains_key(key.trim());
+        }
+        if let Some((key, value)) = term.split_once("!=") {
+            return labels.get(key.trim()).map(String::as_str) != Some(value.trim());
+        }
+        if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            return labels.get(key.trim()).map(String::as_str) == Some(value.trim());
+        }
+        if let Some((key, list)) = term.split_once(" notin ") {
+            return labels
+                .get(key.trim())
+                .is_none_or(|v| !set(list).contains(v));
+        }
+        if let Some((key, list)) = term.split_once(" in ") {
+            return labels
+                .get(key.trim())
+                .is_some_and(|v| set(list).contains(v));
+        }
+        labels.contains_key(term)
+    })
 }
 
 fn serve_connection(stream: TcpStream, shared: &Shared) {
@@ -673,6 +868,33 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         );
         return;
     };
+    if shared
+        .forbidden_resources
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&resource)
+    {
+        let plural = request.path.rsplit('/').next().unwrap_or("");
+        let group = match resource.api_version().split_once('/') {
+            Some((group, _)) => group,
+            None => "",
+        };
+        let mut status = status_object(
+            403,
+            "Forbidden",
+            &format!(
+                "{plural}{} is forbidden: User \"system:serviceaccount:kube-system:netlb\" cannot list resource \"{plural}\" in API group \"{group}\" at the cluster scope",
+                if group.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{group}")
+                }
+            ),
+        );
+        status["details"] = json!({"group": group, "kind": plural});
+        respond(&stream, "403 Forbidden", &status);
+        return;
+    }
     if shared
         .unavailable_resources
         .lock()
@@ -746,17 +968,18 @@ fn serve_list(
             }
         }
         None => {
-            let items: Vec<Value> = state
+            let items: Vec<Arc<Stored>> = state
                 .objects
-                .iter()
-                .filter(|((r, _, _), o)| *r == resource && matches(o, &namespace, query))
-                .map(|(_, o)| o.clone())
+                .range((resource, String::new(), String::new())..)
+                .take_while(|((r, _, _), _)| *r == resource)
+                .filter(|(_, o)| matches(o, &namespace, query))
+                .map(|(_, o)| Arc::clone(o))
                 .collect();
             (state.rv, Arc::new(items), 0)
         }
     };
     let end = offset.saturating_add(limit).min(items.len());
-    let page: Vec<Value> = items[offset.min(items.len())..end].to_vec();
+    let page: Vec<Arc<Stored>> = items[offset.min(items.len())..end].to_vec();
     let continue_token = if end < items.len() {
         let id = format!("{resource:?}-{rv}-{}", state.snapshots.len());
         state.snapshots.insert(id.clone(), (rv, items));
@@ -769,20 +992,31 @@ fn serve_list(
     if !continue_token.is_empty() {
         metadata["continue"] = json!(continue_token);
     }
-    respond(
-        stream,
-        "200 OK",
-        &json!({
-            "kind": resource.list_kind(),
-            "apiVersion": resource.api_version(),
-            "metadata": metadata,
-            "items": page,
-        }),
-    );
+    // The stored texts go out as they are, between the list's own fields.
+    let mut body = json!({
+        "kind": resource.list_kind(),
+        "apiVersion": resource.api_version(),
+        "metadata": metadata,
+    })
+    .to_string();
+    body.pop(); // the closing brace
+    body.push_str(",\"items\":[");
+    for (i, item) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&item.text);
+    }
+    body.push_str("]}");
+    respond_text(stream, "200 OK", &body);
 }
 
-fn write_chunk(mut stream: &TcpStream, value: &Value) -> bool {
-    let line = format!("{value}\n");
+fn write_chunk(stream: &TcpStream, value: &Value) -> bool {
+    write_chunk_text(stream, &value.to_string())
+}
+
+fn write_chunk_text(mut stream: &TcpStream, text: &str) -> bool {
+    let line = format!("{text}\n");
     // One write per chunk: with several small writes, Nagle's algorithm and
     // the client's delayed ACK would hold events back for tens of ms.
     let chunk = format!("{:x}\r\n{line}\r\n", line.len());
@@ -858,10 +1092,11 @@ fn serve_watch(
             return;
         }
         let mut state = lock(shared);
-        let pending: Vec<Event> = state
-            .events
+        // Events are in resourceVersion order: find the first new one.
+        let first = state.events.partition_point(|e| e.rv <= from);
+        let pending: Vec<Event> = state.events[first..]
             .iter()
-            .filter(|e| e.rv > from && e.resource == resource)
+            .filter(|e| e.resource == resource)
             .cloned()
             .collect();
         if pending.is_empty() {
@@ -892,13 +1127,35 @@ fn serve_watch(
         drop(state);
         for event in pending {
             from = event.rv;
-            if !matches(&event.object, &namespace, query) {
-                continue;
-            }
-            if !write_chunk(
-                &stream,
-                &json!({"type": event.kind, "object": event.object}),
-            ) {
+            let now = matches(&event.object, &namespace, query);
+            let before = event
+                .previous
+                .as_ref()
+                .is_some_and(|p| matches(p, &namespace, query));
+            // The watch cache's view through a selector: an object that
+            // stops matching is deleted, one that starts matching is added.
+            let line = match (event.kind, before, now) {
+                (_, _, true) if event.kind == "DELETED" => {
+                    format!("{{\"type\":\"DELETED\",\"object\":{}}}", event.object.text)
+                }
+                ("MODIFIED", true, true) => {
+                    format!("{{\"type\":\"MODIFIED\",\"object\":{}}}", event.object.text)
+                }
+                ("ADDED" | "MODIFIED", _, true) => {
+                    format!("{{\"type\":\"ADDED\",\"object\":{}}}", event.object.text)
+                }
+                ("MODIFIED", true, false) => {
+                    let mut last = event
+                        .previous
+                        .as_ref()
+                        .map(|p| p.value())
+                        .unwrap_or_default();
+                    last["metadata"]["resourceVersion"] = json!(event.rv.to_string());
+                    json!({"type": "DELETED", "object": last}).to_string()
+                }
+                _ => continue,
+            };
+            if !write_chunk_text(&stream, &line) {
                 return;
             }
         }
@@ -921,5 +1178,39 @@ mod tests {
             percent_decode("metadata.name%3Dnode-1"),
             "metadata.name=node-1"
         );
+    }
+
+    #[test]
+    fn label_selectors() {
+        let labels: BTreeMap<String, String> =
+            [("kubernetes.io/service-name", "web"), ("tier", "front")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        let cases = [
+            ("", true),
+            ("tier", true),
+            ("!tier", false),
+            (
+                "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless",
+                true,
+            ),
+            ("tier=front", true),
+            ("tier==front", true),
+            ("tier!=front", false),
+            ("tier!=back", true),
+            ("missing!=x", true),
+            ("tier in (back, front)", true),
+            ("tier notin (back,front)", false),
+            ("missing notin (a)", true),
+            ("tier=front,kubernetes.io/service-name=api", false),
+        ];
+        for (selector, want) in cases {
+            assert_eq!(
+                label_selector_matches(selector, &labels),
+                want,
+                "{selector:?}"
+            );
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod manifests;
 pub mod process;
+pub mod realistic;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -31,10 +31,24 @@ enum Task {
     /// The whole test suite: unit tests, BPF_PROG_TEST_RUN datapath tests,
     /// network-namespace end-to-end tests.
     Test,
-    /// Benchmarks (figures, no assertions).
-    Bench,
+    /// Benchmarks (figures, no assertions): all, or the one named.
+    Bench {
+        #[arg(value_enum)]
+        which: Option<BenchKind>,
+    },
     /// The agent's container image (FROM scratch, buildah, an OCI archive).
     Image(image::ImageArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchKind {
+    /// Per-packet cost of the programs (BPF_PROG_TEST_RUN), before/after.
+    Datapath,
+    /// Connection rates and throughput through a node, against kube-proxy.
+    NorthSouth,
+    /// Time to programmed, programming latency, RSS and CPU at 1k-100k
+    /// Services against the API-server double.
+    ControlPlane,
 }
 
 /// The workspace root.
@@ -123,35 +137,46 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench() -> anyhow::Result<()> {
+fn bench(which: Option<BenchKind>) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("bench")?;
-    cmd(
-        "cargo",
-        &[
-            "bench",
-            "-p",
-            "netlb-agent",
-            "--features",
-            "privileged-tests",
-            "--bench",
-            "datapath",
-        ],
-    )?;
+    let wanted = |kind: BenchKind| which.is_none_or(|w| w == kind);
+    if wanted(BenchKind::Datapath) {
+        cmd(
+            "cargo",
+            &[
+                "bench",
+                "-p",
+                "netlb-agent",
+                "--features",
+                "privileged-tests",
+                "--bench",
+                "datapath",
+            ],
+        )?;
+    }
     // The topology benches find the agent and echo binaries next to them.
-    build_release_bins()?;
-    cmd(
-        "cargo",
-        &[
-            "bench",
-            "-p",
-            "netlb-testbed",
-            "--features",
-            "privileged-tests",
-            "--bench",
-            "north_south",
-        ],
-    )?;
+    for (kind, name) in [
+        (BenchKind::NorthSouth, "north_south"),
+        (BenchKind::ControlPlane, "control_plane"),
+    ] {
+        if !wanted(kind) {
+            continue;
+        }
+        build_release_bins()?;
+        cmd(
+            "cargo",
+            &[
+                "bench",
+                "-p",
+                "netlb-testbed",
+                "--features",
+                "privileged-tests",
+                "--bench",
+                name,
+            ],
+        )?;
+    }
     Ok(())
 }
 
@@ -164,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             run::run(args)
         }
         Task::Test => test(),
-        Task::Bench => bench(),
+        Task::Bench { which } => bench(which),
         Task::Image(args) => {
             setup::setup()?;
             require_root("image")?;

@@ -192,6 +192,11 @@ impl Metrics {
         }
     }
 
+    /// A wake-up found nothing to program: no change is waiting.
+    pub fn nothing_pending(&self) {
+        self.lock().oldest_pending = None;
+    }
+
     /// A sync succeeded (kube-proxy's Updated).
     pub fn synced(&self, duration: Duration, counts: SyncCounts) {
         let mut s = self.lock();

@@ -179,17 +179,189 @@ pub struct DecodeError {
     pub source: serde_json::Error,
 }
 
-fn proxy_label(
-    labels: Option<&std::collections::BTreeMap<String, String>>,
-    names: &mut Interner,
-) -> ProxyLabel {
+/// The wire forms: exactly the fields the model reads, deserialized
+/// straight from the API server's JSON (or a manifest's YAML). Everything
+/// else (managedFields, the last-applied annotation, targetRefs, zones of
+/// endpoints...) is skipped by the parser without being allocated, which is
+/// what makes decoding 100k realistic Services cheap. A field the model
+/// reads with the wrong JSON type fails the object (alone).
+pub mod wire {
+    use serde::Deserialize;
+
+    /// The labels the agent looks at.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct Labels {
+        #[serde(rename = "service.kubernetes.io/service-proxy-name")]
+        pub proxy_name: Option<String>,
+        #[serde(rename = "service.kubernetes.io/headless")]
+        pub headless: Option<String>,
+        #[serde(rename = "kubernetes.io/service-name")]
+        pub service_name: Option<String>,
+        #[serde(rename = "topology.kubernetes.io/zone")]
+        pub zone: Option<String>,
+    }
+
+    /// The annotations the agent looks at.
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct Annotations {
+        #[serde(rename = "endpoints.kubernetes.io/last-change-trigger-time")]
+        pub trigger_time: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct Meta {
+        pub name: Option<String>,
+        pub namespace: Option<String>,
+        pub resource_version: Option<String>,
+        pub labels: Option<Labels>,
+        pub annotations: Option<Annotations>,
+        pub deletion_timestamp: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct Service {
+        pub metadata: Meta,
+        pub spec: Option<ServiceSpec>,
+        pub status: Option<ServiceStatus>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct ServiceSpec {
+        #[serde(rename = "type")]
+        pub type_: Option<String>,
+        #[serde(rename = "clusterIP")]
+        pub cluster_ip: Option<String>,
+        #[serde(rename = "clusterIPs")]
+        pub cluster_ips: Option<Vec<String>>,
+        #[serde(rename = "externalIPs")]
+        pub external_ips: Option<Vec<String>>,
+        pub ports: Option<Vec<ServicePort>>,
+        pub internal_traffic_policy: Option<String>,
+        pub external_traffic_policy: Option<String>,
+        pub health_check_node_port: Option<i32>,
+        pub session_affinity: Option<String>,
+        pub session_affinity_config: Option<SessionAffinityConfig>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct ServicePort {
+        pub name: Option<String>,
+        pub protocol: Option<String>,
+        pub port: i32,
+        pub node_port: Option<i32>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct SessionAffinityConfig {
+        #[serde(rename = "clientIP")]
+        pub client_ip: Option<ClientIpConfig>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct ClientIpConfig {
+        pub timeout_seconds: Option<i32>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct ServiceStatus {
+        pub load_balancer: Option<LoadBalancerStatus>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct LoadBalancerStatus {
+        pub ingress: Option<Vec<LoadBalancerIngress>>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct LoadBalancerIngress {
+        pub ip: Option<String>,
+        pub ip_mode: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct EndpointSlice {
+        pub metadata: Meta,
+        pub address_type: String,
+        pub endpoints: Option<Vec<Endpoint>>,
+        pub ports: Option<Vec<SlicePort>>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct Endpoint {
+        pub addresses: Vec<String>,
+        pub conditions: Option<Conditions>,
+        pub node_name: Option<String>,
+        pub hints: Option<Hints>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Conditions {
+        pub ready: Option<bool>,
+        pub serving: Option<bool>,
+        pub terminating: Option<bool>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct Hints {
+        pub for_zones: Option<Vec<Named>>,
+        pub for_nodes: Option<Vec<Named>>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Named {
+        pub name: String,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct SlicePort {
+        pub name: Option<String>,
+        pub protocol: Option<String>,
+        pub port: Option<i32>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Node {
+        pub metadata: Meta,
+        pub spec: Option<NodeSpec>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct NodeSpec {
+        pub taints: Option<Vec<Taint>>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Taint {
+        pub key: String,
+    }
+}
+
+fn proxy_label(labels: Option<&wire::Labels>, names: &mut Interner) -> ProxyLabel {
     let Some(labels) = labels else {
         return ProxyLabel::None;
     };
-    if labels.contains_key(HEADLESS_LABEL) {
+    if labels.headless.is_some() {
         return ProxyLabel::Headless;
     }
-    match labels.get(SERVICE_PROXY_NAME_LABEL) {
+    match &labels.proxy_name {
         Some(name) => ProxyLabel::Named(names.intern(name)),
         None => ProxyLabel::None,
     }
@@ -221,26 +393,51 @@ fn port_number(p: i32) -> Option<u16> {
     (1..=65535).contains(&p).then_some(p as u16)
 }
 
-fn meta_names(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    names: &mut Interner,
-) -> (Name, Name) {
+fn meta_names(meta: &wire::Meta, names: &mut Interner) -> (Name, Name) {
     (
         names.intern(meta.namespace.as_deref().unwrap_or("default")),
         names.intern(meta.name.as_deref().unwrap_or("")),
     )
 }
 
+/// A typed object in its wire form (manifests and tests hold typed
+/// objects): through JSON, as the API server would send it.
+fn typed_to_wire<T: serde::Serialize, W: serde::de::DeserializeOwned + Default>(typed: &T) -> W {
+    serde_json::to_value(typed)
+        .and_then(serde_json::from_value)
+        .unwrap_or_default()
+}
+
+fn decode<W: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    json: &str,
+) -> Result<W, DecodeError> {
+    serde_json::from_str(json).map_err(|source| {
+        let (namespace, name) = json_names(json);
+        DecodeError {
+            kind,
+            namespace,
+            name,
+            source,
+        }
+    })
+}
+
 impl ServiceObject {
     /// The lean form of a typed Service.
     pub fn from_service(svc: &Service, names: &mut Interner) -> Self {
+        Self::from_wire(typed_to_wire(svc), names)
+    }
+
+    /// The lean form of a Service as the API sends it.
+    pub fn from_wire(svc: wire::Service, names: &mut Interner) -> Self {
         let (namespace, name) = meta_names(&svc.metadata, names);
         let mut issues = Vec::new();
         if svc.metadata.name.is_none() {
             issues.push("no metadata.name".into());
         }
         let proxy = proxy_label(svc.metadata.labels.as_ref(), names);
-        let spec = svc.spec.clone().unwrap_or_default();
+        let spec = svc.spec.unwrap_or_default();
         let type_ = match spec.type_.as_deref() {
             Some("NodePort") => ServiceType::NodePort,
             Some("LoadBalancer") => ServiceType::LoadBalancer,
@@ -356,22 +553,20 @@ impl ServiceObject {
         }
     }
 
-    /// Decodes one Service from its JSON (a watch event's object).
-    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
-        let (namespace, name) = json_names(&value);
-        let svc: Service = serde_json::from_value(value).map_err(|source| DecodeError {
-            kind: "Service",
-            namespace,
-            name,
-            source,
-        })?;
-        Ok(Self::from_service(&svc, names))
+    /// Decodes one Service from its JSON text.
+    pub fn from_json(json: &str, names: &mut Interner) -> Result<Self, DecodeError> {
+        Ok(Self::from_wire(decode("Service", json)?, names))
     }
 }
 
 impl SliceObject {
     /// The lean form of a typed EndpointSlice.
     pub fn from_slice(slice: &EndpointSlice, names: &mut Interner) -> Self {
+        Self::from_wire(typed_to_wire(slice), names)
+    }
+
+    /// The lean form of an EndpointSlice as the API sends it.
+    pub fn from_wire(slice: wire::EndpointSlice, names: &mut Interner) -> Self {
         let (namespace, name) = meta_names(&slice.metadata, names);
         let labels = slice.metadata.labels.as_ref();
         let mut issues = Vec::new();
@@ -423,7 +618,7 @@ impl SliceObject {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|a| a.trigger_time.as_deref())
             .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
             .and_then(|t| {
                 let nanos = t.as_nanosecond();
@@ -434,7 +629,7 @@ impl SliceObject {
             name,
             proxy: proxy_label(labels, names),
             service: labels
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .and_then(|l| l.service_name.as_deref())
                 .map(|s| names.intern(s)),
             ipv4: slice.address_type == "IPv4",
             ports,
@@ -444,22 +639,18 @@ impl SliceObject {
         }
     }
 
-    /// Decodes one EndpointSlice from its JSON.
-    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
-        let (namespace, name) = json_names(&value);
-        let slice: EndpointSlice = serde_json::from_value(value).map_err(|source| DecodeError {
-            kind: "EndpointSlice",
-            namespace,
-            name,
-            source,
-        })?;
-        Ok(Self::from_slice(&slice, names))
+    /// Decodes one EndpointSlice from its JSON text.
+    pub fn from_json(json: &str, names: &mut Interner) -> Result<Self, DecodeError> {
+        Ok(Self::from_wire(decode("EndpointSlice", json)?, names))
     }
 }
 
 impl NodeObject {
     pub fn from_node(node: &k8s_openapi::api::core::v1::Node, names: &mut Interner) -> Self {
-        const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+        Self::from_wire(typed_to_wire(node), names)
+    }
+
+    pub fn from_wire(node: wire::Node, names: &mut Interner) -> Self {
         const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
         let tainted = node
             .spec
@@ -471,32 +662,108 @@ impl NodeObject {
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get(ZONE_LABEL))
+                .and_then(|l| l.zone.as_deref())
                 .map(|z| names.intern(z)),
             deleting: node.metadata.deletion_timestamp.is_some() || tainted,
         }
     }
 
-    pub fn from_json(value: serde_json::Value, names: &mut Interner) -> Result<Self, DecodeError> {
-        let (namespace, name) = json_names(&value);
-        let node: k8s_openapi::api::core::v1::Node =
-            serde_json::from_value(value).map_err(|source| DecodeError {
-                kind: "Node",
-                namespace,
-                name,
-                source,
-            })?;
-        Ok(Self::from_node(&node, names))
+    pub fn from_json(json: &str, names: &mut Interner) -> Result<Self, DecodeError> {
+        Ok(Self::from_wire(decode("Node", json)?, names))
     }
 }
 
-/// Namespace and name of a JSON object, for messages about it.
-pub fn json_names(value: &serde_json::Value) -> (String, String) {
-    let meta = &value["metadata"];
+/// Namespace and name of an object's JSON, for messages about it (only
+/// the metadata is read).
+pub fn json_names(json: &str) -> (String, String) {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct OnlyMeta {
+        metadata: wire::Meta,
+    }
+    let meta = serde_json::from_str::<OnlyMeta>(json)
+        .unwrap_or_default()
+        .metadata;
     (
-        meta["namespace"].as_str().unwrap_or("default").to_owned(),
-        meta["name"].as_str().unwrap_or("").to_owned(),
+        meta.namespace.unwrap_or_else(|| "default".into()),
+        meta.name.unwrap_or_default(),
     )
+}
+
+/// Lean objects for tests and benchmarks: a ClusterIP Service with one TCP
+/// port, and a slice of ready endpoints for it.
+pub mod fixtures {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    pub fn cluster_ip_service(
+        names: &mut Interner,
+        namespace: &str,
+        name: &str,
+        vip: Ipv4Addr,
+        port_name: &str,
+        port: u16,
+    ) -> ServiceObject {
+        ServiceObject {
+            namespace: names.intern(namespace),
+            name: names.intern(name),
+            proxy: ProxyLabel::None,
+            type_: ServiceType::ClusterIp,
+            cluster_ips: Some(vec![vip]),
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            internal_policy_local: false,
+            external_policy_local: false,
+            health_check_node_port: None,
+            session_affinity_timeout: None,
+            ports: vec![ServicePortObject {
+                name: names.intern(port_name),
+                protocol: names.intern("TCP"),
+                port,
+                node_port: None,
+            }],
+            issues: vec![],
+        }
+    }
+
+    /// A slice of Service `service` with TCP port `port_name` `port` and a
+    /// ready endpoint per address (no node).
+    pub fn ready_slice(
+        names: &mut Interner,
+        namespace: &str,
+        name: &str,
+        service: &str,
+        (port_name, port): (&str, u16),
+        addresses: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> SliceObject {
+        SliceObject {
+            namespace: names.intern(namespace),
+            name: names.intern(name),
+            proxy: ProxyLabel::None,
+            service: Some(names.intern(service)),
+            ipv4: true,
+            ports: vec![SlicePort {
+                name: Some(names.intern(port_name)),
+                protocol: names.intern("TCP"),
+                port: Some(port),
+            }],
+            endpoints: addresses
+                .into_iter()
+                .map(|address| EndpointObject {
+                    address,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: None,
+                    zone_hints: vec![],
+                    node_hints: vec![],
+                })
+                .collect(),
+            trigger_time: None,
+            issues: vec![],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -524,7 +791,7 @@ mod tests {
             "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}, {"ip": "203.0.113.8", "ipMode": "Proxy"}]}},
         });
         let mut names = Interner::default();
-        let svc = ServiceObject::from_json(json, &mut names).unwrap();
+        let svc = ServiceObject::from_json(&json.to_string(), &mut names).unwrap();
         assert_eq!(&*svc.namespace, "shop");
         assert_eq!(svc.cluster_ips, Some(vec![Ipv4Addr::new(10, 96, 0, 7)]));
         assert_eq!(svc.external_ips, vec![Ipv4Addr::new(198, 51, 100, 1)]);
@@ -541,7 +808,8 @@ mod tests {
             "metadata": {"name": "bad", "namespace": "x"},
             "spec": {"ports": "not a list"},
         });
-        let err = ServiceObject::from_json(json, &mut Interner::default()).unwrap_err();
+        let err =
+            ServiceObject::from_json(&json.to_string(), &mut Interner::default()).unwrap_err();
         assert_eq!((err.namespace.as_str(), err.name.as_str()), ("x", "bad"));
     }
 

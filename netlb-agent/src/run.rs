@@ -8,7 +8,7 @@
 //! Interfaces are attached as they appear.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     hash::{Hash as _, Hasher as _},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -242,7 +242,7 @@ fn backoff_delay(failures: u32) -> Duration {
 /// Services recomputed (and frontends compared with the kernel) per loop
 /// turn by the verification resync: a few milliseconds of work, the longest
 /// a change can wait behind it.
-const VERIFY_CHUNK: usize = 500;
+const VERIFY_CHUNK: usize = 250;
 
 /// The state the sync step carries from one step to the next.
 struct Pipeline {
@@ -253,7 +253,7 @@ struct Pipeline {
     /// logged and counted once per state of its objects.
     reported_issues: HashMap<ObjectKey, u64>,
     /// Decoding failures already reported.
-    reported_undecodable: usize,
+    reported_undecodable: HashSet<crate::tracker::Undecodable>,
     /// Health-check node ports and local endpoint counts per Service.
     hc_ports: BTreeMap<model::ServiceName, u16>,
     hc_counts: BTreeMap<model::ServiceName, usize>,
@@ -361,7 +361,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         syncer,
         node: opts.node.clone(),
         reported_issues: HashMap::new(),
-        reported_undecodable: 0,
+        reported_undecodable: HashSet::new(),
         hc_ports: BTreeMap::new(),
         hc_counts: BTreeMap::new(),
         hc_dirty: false,
@@ -375,6 +375,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut waiting_logged = false;
     let mut last_sync: Option<Instant> = None;
     let mut failures = 0u32;
+    // Frontends whose writes failed are retried on their own schedule
+    // (backing off), so that they never hold other changes back.
+    let mut retries = 0u32;
+    let mut retry_at: Option<Instant> = None;
     let mut last_attempt: Option<Instant> = None;
     let mut last_counters = Instant::now();
     metrics.queued_update();
@@ -422,7 +426,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             pipeline.verify_services.reverse();
             pipeline.verify_after = None;
         }
-        if pipeline.verifying {
+        if pipeline.verifying || retry_at.is_some_and(|t| Instant::now() >= t) {
             dirty = true;
         }
         let rate_ok = last_sync.is_none_or(|t| t.elapsed() >= opts.min_sync_interval)
@@ -462,9 +466,23 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                 &mut health,
                 &collector,
             ) {
-                Ok(true) => {
+                Ok(Step::Idle) => {
+                    // Nothing to program: neither a sync for the metrics
+                    // nor a reason to hold the next change back.
                     dirty = pipeline.verifying;
                     failures = 0;
+                    metrics.nothing_pending();
+                }
+                Ok(Step::Synced) => {
+                    dirty = pipeline.verifying;
+                    failures = 0;
+                    if pipeline.syncer.has_pending() {
+                        retries += 1;
+                        retry_at = Some(Instant::now() + backoff_delay(retries));
+                    } else {
+                        retries = 0;
+                        retry_at = None;
+                    }
                     if !pipeline.verifying {
                         last_sync = Some(Instant::now());
                     }
@@ -474,7 +492,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                         log::info!("initial sync complete");
                     }
                 }
-                Ok(false) => {
+                Ok(Step::NotSynced) => {
                     // The watch event that completes the initial lists sets
                     // `dirty` again; no need to poll until then.
                     dirty = false;
@@ -554,7 +572,17 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
-/// One sync step: `Ok(false)` when the sources have not synced yet.
+/// What a sync step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The sources have not both listed yet: nothing may be programmed.
+    NotSynced,
+    /// Nothing changed (an event about nothing the model uses): no sync.
+    Idle,
+    Synced,
+}
+
+/// One sync step.
 fn sync_step(
     opts: &RunOptions,
     p: &mut Pipeline,
@@ -563,13 +591,13 @@ fn sync_step(
     addresses: &NodeAddresses,
     health: &mut ServiceHealthServer,
     collector: &Collector,
-) -> Result<bool, SyncStepError> {
+) -> Result<Step, SyncStepError> {
     let started = Instant::now();
     let mut verify_turn = false;
     let (changes, undecodable) = {
         let mut store = lock(&p.store);
         if !store.synced() {
-            return Ok(false);
+            return Ok(Step::NotSynced);
         }
         let mut changes = store.take_changes();
         // The verification resync: a chunk of Services recomputed (and so
@@ -603,22 +631,26 @@ fn sync_step(
         let undecodable = store.undecodable_objects();
         (changes, undecodable)
     };
-    if undecodable.len() != p.reported_undecodable {
-        for u in &undecodable {
-            log::warn!(
-                "{} {}/{}: {}",
-                u.kind.name(),
-                u.namespace,
-                u.name,
-                u.message
-            );
-        }
-        if undecodable.len() > p.reported_undecodable {
-            for _ in p.reported_undecodable..undecodable.len() {
-                metrics.invalid_object("undecodable");
-            }
-        }
-        p.reported_undecodable = undecodable.len();
+    // Each undecodable object state once.
+    let now_undecodable: HashSet<crate::tracker::Undecodable> = undecodable.into_iter().collect();
+    for u in now_undecodable.difference(&p.reported_undecodable) {
+        log::warn!(
+            "{} {}/{}: {}",
+            u.kind.name(),
+            u.namespace,
+            u.name,
+            u.message
+        );
+        metrics.invalid_object("undecodable");
+    }
+    p.reported_undecodable = now_undecodable;
+    if p.synced_once
+        && changes.services.is_empty()
+        && changes.node.is_none()
+        && !verify_turn
+        && !p.syncer.has_pending()
+    {
+        return Ok(Step::Idle);
     }
     let recomputed = changes.services.len();
     for change in changes.services {
@@ -660,9 +692,15 @@ fn sync_step(
         verify_kernel(p, dataplane);
         if p.verify_services.is_empty() && p.verify_after.is_none() {
             p.verifying = false;
+            // Once per resync interval: forget names nothing uses any more
+            // (deleted Services and slices).
+            lock(&p.store).shrink();
         }
     }
     let report = p.syncer.apply(dataplane).map_err(SyncStepError::Sync)?;
+    if recomputed >= 1_000 && !verify_turn {
+        release_free_memory();
+    }
     collector.publish(p.syncer.generation());
     if report.failed > 0 {
         metrics.sync_failed("frontend");
@@ -707,7 +745,19 @@ fn sync_step(
             started.elapsed()
         );
     }
-    Ok(true)
+    Ok(Step::Synced)
+}
+
+/// Hands the heap's free pages back to the kernel after a large step (the
+/// initial sync, a relist): decoding a list leaves tens of megabytes free
+/// but resident in glibc's arenas, which would otherwise count as the
+/// agent's RSS for good.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only returns free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Logs and counts a Service's model issues when they differ from those
@@ -758,23 +808,30 @@ fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane) {
 /// further 1 %).
 fn warn_about_fill(opts: &RunOptions, syncer: &Syncer, metrics: &Metrics) {
     let fills = [
-        ("backends", syncer.backend_count(), opts.sizes.backends),
         (
-            "service entries (frontends)",
-            syncer.frontend_count(),
+            "backends",
+            "max-backends",
+            syncer.backend_count(),
+            opts.sizes.backends,
+        ),
+        (
+            "service entries",
+            "max-service-entries",
+            syncer.service_entry_count(),
             opts.sizes.service_entries,
         ),
+        (
+            "rev-NAT entries",
+            "max-rev-nat",
+            syncer.rev_nat_count(),
+            opts.sizes.rev_nat,
+        ),
     ];
-    for (what, used, size) in fills {
+    for (what, flag, used, size) in fills {
         let percent = (used as u64 * 100 / u64::from(size.max(1))) as u8;
         if metrics.fill_crossed(what, percent) {
             log::warn!(
-                "{what}: {used} of {size} in use ({percent} %); raise --max-{} before it fills",
-                if what == "backends" {
-                    "backends"
-                } else {
-                    "service-entries"
-                }
+                "{what}: {used} of {size} in use ({percent} %); raise --{flag} before it fills"
             );
         }
     }

@@ -234,6 +234,17 @@ fn next_slots(old: &[BackendId], wanted: &[BackendId]) -> Vec<BackendId> {
 }
 
 /// The Service a desired frontend belongs to.
+/// A frontend's desire in a Service's sorted list.
+fn find<'a>(
+    wanted: &'a [(FrontendKey, DesiredFrontend)],
+    key: &FrontendKey,
+) -> Option<&'a DesiredFrontend> {
+    wanted
+        .binary_search_by(|(k, _)| k.cmp(key))
+        .ok()
+        .map(|i| &wanted[i].1)
+}
+
 fn owner_of(fe: &DesiredFrontend) -> ObjectKey {
     (fe.service.namespace.clone(), fe.service.name.clone())
 }
@@ -284,9 +295,11 @@ fn write_batch<T: Clone>(
 #[derive(Clone, Debug)]
 pub struct Syncer {
     /// What each Service wants, as last given.
-    wanted: HashMap<ObjectKey, BTreeMap<FrontendKey, DesiredFrontend>>,
+    /// (Sorted slices and vectors rather than B-trees: a Service has one or
+    /// a few frontends, and a B-tree node takes room for eleven.)
+    wanted: HashMap<ObjectKey, Box<[(FrontendKey, DesiredFrontend)]>>,
     /// The Services that want each frontend; the first owns it.
-    claims: HashMap<FrontendKey, BTreeSet<ObjectKey>>,
+    claims: HashMap<FrontendKey, Vec<ObjectKey>>,
     /// What is programmed (ordered: the verification resync walks it in
     /// chunks by key).
     frontends: BTreeMap<FrontendKey, Frontend>,
@@ -307,6 +320,9 @@ pub struct Syncer {
     unreferenced_rev_nat: BTreeSet<(Ipv4Addr, u16)>,
     /// Sync steps run so far (ids released by one carry its number).
     generation: u64,
+    /// Entries the programmed frontends take in the service map (slot 0
+    /// and backend slots), kept as they change.
+    service_entries: usize,
 }
 
 impl Default for Syncer {
@@ -338,6 +354,7 @@ impl Syncer {
             unreferenced_backends: BTreeSet::new(),
             unreferenced_rev_nat: BTreeSet::new(),
             generation: 0,
+            service_entries: 0,
         }
     }
 
@@ -421,6 +438,7 @@ impl Syncer {
                 scope: key.scope,
             };
             if key.backend_slot == 0 {
+                syncer.service_entries += 1 + value.count as usize;
                 syncer.frontends.insert(
                     fe,
                     Frontend::new(
@@ -493,6 +511,57 @@ impl Syncer {
         }
     }
 
+    /// Moves a frontend's references from its `old` layout to `new`. Slots
+    /// keep their positions across a change (see [`next_slots`]), so the
+    /// backends that come and go are those of the positions that differ:
+    /// one endpoint changed in a Service of 10,000 costs a comparison of
+    /// the two lists, not 20,000 reference updates.
+    fn move_refs(&mut self, key: &FrontendKey, old: Option<&Frontend>, new: &Frontend) {
+        let Some(old) = old else {
+            self.add_refs(key, new, 1);
+            return;
+        };
+        if old.held != old.slots || new.held != new.slots {
+            // After a failure a frontend holds two layouts: count plainly.
+            self.add_refs(key, old, -1);
+            self.add_refs(key, new, 1);
+            return;
+        }
+        let mut gone: Vec<BackendId> = Vec::new();
+        let mut came: Vec<BackendId> = Vec::new();
+        for i in 0..old.slots.len().max(new.slots.len()) {
+            let (a, b) = (old.slots.get(i), new.slots.get(i));
+            if a != b {
+                gone.extend(a);
+                came.extend(b);
+            }
+        }
+        // Slots are unique within a frontend: a backend at a position
+        // that did not change is in both layouts, so only the differing
+        // positions matter; one that only moved is in both lists.
+        let gone_set: HashSet<BackendId> = gone.iter().copied().collect();
+        let came_set: HashSet<BackendId> = came.iter().copied().collect();
+        for id in came.iter().filter(|id| !gone_set.contains(id)) {
+            self.add_backend_ref(*id, 1);
+        }
+        for id in gone.iter().filter(|id| !came_set.contains(id)) {
+            self.add_backend_ref(*id, -1);
+        }
+        // The rev-NAT entry is the frontend's own (address, port): held by
+        // both layouts.
+    }
+
+    fn add_backend_ref(&mut self, id: BackendId, delta: i64) {
+        if let Some(addr) = self.backend_addrs.get(&id)
+            && let Some(b) = self.backends.get_mut(addr)
+        {
+            b.refs = (b.refs as i64 + delta).max(0) as u32;
+            if b.refs == 0 {
+                self.unreferenced_backends.insert(*addr);
+            }
+        }
+    }
+
     /// Records what a Service wants now (empty: nothing, it is gone). Only
     /// the frontends whose desire or claimants changed are reconciled by
     /// the next [`apply`](Self::apply).
@@ -502,10 +571,12 @@ impl Syncer {
         want: BTreeMap<FrontendKey, DesiredFrontend>,
     ) {
         let old = self.wanted.remove(key).unwrap_or_default();
-        for fk in old.keys() {
+        for (fk, _) in old.iter() {
             if !want.contains_key(fk) {
                 if let Some(c) = self.claims.get_mut(fk) {
-                    c.remove(key);
+                    if let Ok(i) = c.binary_search(key) {
+                        c.remove(i);
+                    }
                     if c.is_empty() {
                         self.claims.remove(fk);
                     }
@@ -514,13 +585,17 @@ impl Syncer {
             }
         }
         for (fk, fe) in &want {
-            if old.get(fk) != Some(fe) {
+            if find(&old, fk) != Some(fe) {
                 self.dirty.insert(*fk);
             }
-            self.claims.entry(*fk).or_default().insert(key.clone());
+            let c = self.claims.entry(*fk).or_default();
+            if let Err(i) = c.binary_search(key) {
+                c.insert(i, key.clone());
+            }
         }
         if !want.is_empty() {
-            self.wanted.insert(key.clone(), want);
+            // BTreeMap iteration is sorted: `find` can binary-search.
+            self.wanted.insert(key.clone(), want.into_iter().collect());
         }
     }
 
@@ -578,12 +653,16 @@ impl Syncer {
         let Some(wanted) = self.wanted.get(service) else {
             return Vec::new();
         };
-        self.describe_conflicts(wanted.keys().filter_map(|k| self.claims.get_key_value(k)))
+        self.describe_conflicts(
+            wanted
+                .iter()
+                .filter_map(|(k, _)| self.claims.get_key_value(k)),
+        )
     }
 
     fn describe_conflicts<'a>(
         &self,
-        claims: impl Iterator<Item = (&'a FrontendKey, &'a BTreeSet<ObjectKey>)>,
+        claims: impl Iterator<Item = (&'a FrontendKey, &'a Vec<ObjectKey>)>,
     ) -> Vec<String> {
         let mut out: Vec<String> = claims
             .filter(|(_, c)| c.len() > 1)
@@ -611,7 +690,7 @@ impl Syncer {
     /// The frontend `key` should have: its first claimant's desire.
     fn target(&self, key: &FrontendKey) -> Option<&DesiredFrontend> {
         let owner = self.claims.get(key)?.first()?;
-        self.wanted.get(owner)?.get(key)
+        find(self.wanted.get(owner)?, key)
     }
 
     /// Whether `key` is programmed exactly as `want` says.
@@ -631,6 +710,33 @@ impl Syncer {
                 .get(&b.addr)
                 .is_some_and(|st| st.flags == b.flags && programmed.contains(&st.id))
         })
+    }
+
+    fn set_frontend(&mut self, key: FrontendKey, f: Frontend) {
+        self.service_entries += 1 + f.slots.len();
+        if let Some(old) = self.frontends.insert(key, f) {
+            self.service_entries -= 1 + old.slots.len();
+        }
+    }
+
+    /// Entries of the service map in use: every frontend's slot 0 and
+    /// backend slots, and slots still to be deleted.
+    pub fn service_entry_count(&self) -> usize {
+        self.service_entries + self.stray_slots.len()
+    }
+
+    /// Whether frontends or strays wait for the next [`apply`](Self::apply)
+    /// (changes, or retries of failed writes).
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+            || !self.stray_slots.is_empty()
+            || !self.unreferenced_backends.is_empty()
+            || !self.unreferenced_rev_nat.is_empty()
+    }
+
+    /// Number of rev-NAT entries programmed.
+    pub fn rev_nat_count(&self) -> usize {
+        self.rev_nat.len()
     }
 
     /// Number of frontends programmed.
@@ -1051,7 +1157,7 @@ impl Syncer {
                     held,
                 };
                 self.add_refs(&key, &unknown, 1);
-                self.frontends.insert(key, unknown);
+                self.set_frontend(key, unknown);
                 continue;
             }
             if tail_failed.contains(&key) {
@@ -1060,11 +1166,8 @@ impl Syncer {
                     (plan.new.slots.len()..old_len).map(|slot| service_key(&key, slot as u16 + 1)),
                 );
             }
-            if let Some(old) = &plan.old {
-                self.add_refs(&key, old, -1);
-            }
-            self.add_refs(&key, &plan.new, 1);
-            self.frontends.insert(key, plan.new);
+            self.move_refs(&key, plan.old.as_ref(), &plan.new);
+            self.set_frontend(key, plan.new);
         }
 
         // 4. Removed frontends: slot 0 first, then their slots.
@@ -1092,6 +1195,7 @@ impl Syncer {
                 continue;
             }
             if let Some(f) = self.frontends.remove(key) {
+                self.service_entries -= 1 + f.slots.len();
                 self.add_refs(key, &f, -1);
                 // Its slots are unreachable now; delete them below (and on
                 // the next sync if a deletion fails).

@@ -12,7 +12,7 @@
 //! cluster.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::SystemTime,
 };
@@ -61,7 +61,7 @@ pub struct Changes {
 }
 
 /// An object that could not be decoded, for reporting.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Undecodable {
     pub kind: Kind,
     pub namespace: String,
@@ -75,7 +75,8 @@ pub struct ObjectStore {
     services: HashMap<ObjectKey, Arc<ServiceObject>>,
     slices: HashMap<ObjectKey, Arc<SliceObject>>,
     /// (namespace, service name) -> the names of its slices.
-    slices_of: HashMap<ObjectKey, BTreeSet<Name>>,
+    /// (A sorted vector: most Services have one slice.)
+    slices_of: HashMap<ObjectKey, Vec<Name>>,
     node: Option<NodeObject>,
     node_changed: bool,
     dirty: HashSet<ObjectKey>,
@@ -147,10 +148,10 @@ impl ObjectStore {
         }
         if let Some(service) = &slice.service {
             let owner = (slice.namespace.clone(), service.clone());
-            self.slices_of
-                .entry(owner.clone())
-                .or_default()
-                .insert(slice.name.clone());
+            let names = self.slices_of.entry(owner.clone()).or_default();
+            if let Err(i) = names.binary_search(&slice.name) {
+                names.insert(i, slice.name.clone());
+            }
             self.mark(owner);
         }
         self.slices.insert(key, Arc::new(slice));
@@ -168,7 +169,9 @@ impl ObjectStore {
         if let Some(service) = &old.service {
             let owner = (old.namespace.clone(), service.clone());
             if let Some(set) = self.slices_of.get_mut(&owner) {
-                set.remove(&old.name);
+                if let Ok(i) = set.binary_search(&old.name) {
+                    set.remove(i);
+                }
                 if set.is_empty() {
                     self.slices_of.remove(&owner);
                 }
@@ -356,60 +359,23 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::objects::{EndpointObject, ProxyLabel, ServicePortObject, ServiceType, SlicePort};
+    use crate::objects::fixtures;
 
     fn svc(store: &mut ObjectStore, name: &str, port: u16) -> ServiceObject {
-        let names = store.names();
-        ServiceObject {
-            namespace: names.intern("default"),
-            name: names.intern(name),
-            proxy: ProxyLabel::None,
-            type_: ServiceType::ClusterIp,
-            cluster_ips: Some(vec![Ipv4Addr::new(10, 96, 0, 1)]),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            session_affinity_timeout: None,
-            ports: vec![ServicePortObject {
-                name: names.intern(""),
-                protocol: names.intern("TCP"),
-                port,
-                node_port: None,
-            }],
-            issues: vec![],
-        }
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        fixtures::cluster_ip_service(store.names(), "default", name, vip, "", port)
     }
 
     fn slice(store: &mut ObjectStore, name: &str, service: &str, ips: &[u8]) -> SliceObject {
-        let names = store.names();
-        SliceObject {
-            namespace: names.intern("default"),
-            name: names.intern(name),
-            proxy: ProxyLabel::None,
-            service: Some(names.intern(service)),
-            ipv4: true,
-            ports: vec![SlicePort {
-                name: Some(names.intern("")),
-                protocol: names.intern("TCP"),
-                port: Some(9376),
-            }],
-            endpoints: ips
-                .iter()
-                .map(|i| EndpointObject {
-                    address: Ipv4Addr::new(10, 244, 0, *i),
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                    node_name: None,
-                    zone_hints: vec![],
-                    node_hints: vec![],
-                })
-                .collect(),
-            trigger_time: None,
-            issues: vec![],
-        }
+        let addresses = ips.iter().map(|i| Ipv4Addr::new(10, 244, 0, *i));
+        fixtures::ready_slice(
+            store.names(),
+            "default",
+            name,
+            service,
+            ("", 9376),
+            addresses,
+        )
     }
 
     fn dirty(store: &mut ObjectStore) -> Vec<String> {

@@ -13,7 +13,7 @@ use netlb_agent::{
     model::{self, NodeContext},
     objects::{
         EndpointObject, NodeObject, ProxyLabel, ServiceObject, ServicePortObject, ServiceType,
-        SliceObject, SlicePort,
+        SliceObject, SlicePort, fixtures,
     },
     sync::{SyncReport, Syncer},
     tracker::{Kind, ObjectStore},
@@ -373,63 +373,31 @@ fn random_change_sequences_program_what_a_fresh_agent_would() {
 /// Services `svc-0..n` with one port and `per` endpoints each.
 fn cluster(store: &mut ObjectStore, n: u16, per: u8) {
     for i in 0..n {
-        let names = store.names();
-        let name = names.intern(&format!("svc-{i}"));
-        let ns = names.intern("default");
-        let http = names.intern("http");
-        let tcp = names.intern("TCP");
-        store.apply_service(ServiceObject {
-            namespace: ns.clone(),
-            name: name.clone(),
-            proxy: ProxyLabel::None,
-            type_: ServiceType::ClusterIp,
-            cluster_ips: Some(vec![Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8)]),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            session_affinity_timeout: None,
-            ports: vec![ServicePortObject {
-                name: http.clone(),
-                protocol: tcp.clone(),
-                port: 80,
-                node_port: None,
-            }],
-            issues: vec![],
-        });
+        let vip = Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8);
+        let svc = fixtures::cluster_ip_service(
+            store.names(),
+            "default",
+            &format!("svc-{i}"),
+            vip,
+            "http",
+            80,
+        );
+        store.apply_service(svc);
         let slice = endpoint_slice(store, i, per);
         store.apply_slice(slice);
     }
 }
 
 fn endpoint_slice(store: &mut ObjectStore, i: u16, per: u8) -> SliceObject {
-    let names = store.names();
-    SliceObject {
-        namespace: names.intern("default"),
-        name: names.intern(&format!("svc-{i}-abcde")),
-        proxy: ProxyLabel::None,
-        service: Some(names.intern(&format!("svc-{i}"))),
-        ipv4: true,
-        ports: vec![SlicePort {
-            name: Some(names.intern("http")),
-            protocol: names.intern("TCP"),
-            port: Some(8080),
-        }],
-        endpoints: (0..per)
-            .map(|e| EndpointObject {
-                address: Ipv4Addr::new(10, 128 + (i >> 8) as u8, i as u8, e + 1),
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some(names.intern("node1")),
-                zone_hints: vec![],
-                node_hints: vec![],
-            })
-            .collect(),
-        trigger_time: None,
-        issues: vec![],
-    }
+    let addresses = (0..per).map(|e| Ipv4Addr::new(10, 128 + (i >> 8) as u8, i as u8, e + 1));
+    fixtures::ready_slice(
+        store.names(),
+        "default",
+        &format!("svc-{i}-abcde"),
+        &format!("svc-{i}"),
+        ("http", 8080),
+        addresses,
+    )
 }
 
 #[test]
@@ -492,4 +460,191 @@ fn a_change_recomputes_its_service_only_and_writes_what_changed() {
     let (recomputed, report) = step(&mut store, &node, &mut syncer, &mut dp);
     assert_eq!((recomputed, report.writes), (0, 0));
     assert_eq!(shape(&dp), shape(&from_scratch(&store, &node)));
+}
+
+/// One Service `name` with one TCP port `port_name` 80 on 10.96.0.`vip`.
+fn simple_service(store: &mut ObjectStore, name: &str, vip: u8, port_name: &str) -> ServiceObject {
+    let vip = Ipv4Addr::new(10, 96, 0, vip);
+    fixtures::cluster_ip_service(store.names(), "default", name, vip, port_name, 80)
+}
+
+/// Slice `name` of Service `service`, port `port_name` 8080, endpoints
+/// 10.244.0.`ips`.
+fn simple_slice(
+    store: &mut ObjectStore,
+    name: &str,
+    service: &str,
+    port_name: &str,
+    ips: &[u8],
+) -> SliceObject {
+    let addresses = ips.iter().map(|i| Ipv4Addr::new(10, 244, 0, *i));
+    fixtures::ready_slice(
+        store.names(),
+        "default",
+        name,
+        service,
+        (port_name, 8080),
+        addresses,
+    )
+}
+
+/// kube-proxy's change-tracker cases as a table: each event, the Services
+/// it makes the sync recompute, and the map writes and deletes that sync
+/// makes (the minimal set, make-before-break).
+#[test]
+fn change_tracker_scenarios() {
+    type Event = fn(&mut ObjectStore);
+    let table: &[(&str, Event, &[&str], usize, usize)] = &[
+        (
+            "a Service without endpoints: its rev-NAT entry and a rejecting frontend",
+            |s| {
+                let o = simple_service(s, "a", 1, "http");
+                s.apply_service(o)
+            },
+            &["a"],
+            2,
+            0,
+        ),
+        (
+            "its slice: two backends, two slots, the count",
+            |s| {
+                let o = simple_slice(s, "a-1", "a", "http", &[1, 2]);
+                s.apply_slice(o)
+            },
+            &["a"],
+            5,
+            0,
+        ),
+        (
+            "the same slice again (a resync): nothing",
+            |s| {
+                let o = simple_slice(s, "a-1", "a", "http", &[1, 2]);
+                s.apply_slice(o)
+            },
+            &[],
+            0,
+            0,
+        ),
+        (
+            "the same Service again: nothing",
+            |s| {
+                let o = simple_service(s, "a", 1, "http");
+                s.apply_service(o)
+            },
+            &[],
+            0,
+            0,
+        ),
+        (
+            "the Service port renamed: the slice's port no longer matches; the count goes to 0, then slots and backends go",
+            |s| {
+                let o = simple_service(s, "a", 1, "web");
+                s.apply_service(o)
+            },
+            &["a"],
+            1,
+            4,
+        ),
+        (
+            "the slice follows the rename: backends, slots, count again",
+            |s| {
+                let o = simple_slice(s, "a-1", "a", "web", &[1, 2]);
+                s.apply_slice(o)
+            },
+            &["a"],
+            5,
+            0,
+        ),
+        (
+            "one endpoint more: its backend, its slot, the count",
+            |s| {
+                let o = simple_slice(s, "a-1", "a", "web", &[1, 2, 3]);
+                s.apply_slice(o)
+            },
+            &["a"],
+            3,
+            0,
+        ),
+        (
+            "one endpoint less: the count, then the last slot and the backend",
+            |s| {
+                let o = simple_slice(s, "a-1", "a", "web", &[1, 2]);
+                s.apply_slice(o)
+            },
+            &["a"],
+            1,
+            2,
+        ),
+        (
+            "a second Service, no slice yet",
+            |s| {
+                let o = simple_service(s, "b", 2, "web");
+                s.apply_service(o)
+            },
+            &["b"],
+            2,
+            0,
+        ),
+        (
+            "the slice moves from a to b: both recomputed; backends are shared, not rewritten",
+            |s| {
+                let o = simple_slice(s, "a-1", "b", "web", &[1, 2]);
+                s.apply_slice(o)
+            },
+            &["a", "b"],
+            // a: its count; b: two slots and its count.
+            4,
+            // a's two slots.
+            2,
+        ),
+        (
+            "Service a deleted: its frontend and rev-NAT entry",
+            |s| s.delete_service("default", "a"),
+            &["a"],
+            0,
+            2,
+        ),
+        (
+            "the slice deleted: b rejects; its slots and the backends go",
+            |s| s.delete_slice("default", "a-1"),
+            &["b"],
+            1,
+            4,
+        ),
+        (
+            "a slice of a Service that does not exist: recomputed, nothing to program",
+            |s| {
+                let o = simple_slice(s, "x-1", "x", "web", &[9]);
+                s.apply_slice(o)
+            },
+            &["x"],
+            0,
+            0,
+        ),
+    ];
+    let mut store = listed_store();
+    let node = node_context(None);
+    let mut syncer = Syncer::new();
+    let mut dp = FakeDataplane::new();
+    for (what, event, recomputed, writes, deletes) in table {
+        event(&mut store);
+        let changes = store.take_changes();
+        let names: Vec<String> = changes
+            .services
+            .iter()
+            .map(|c| c.key.1.to_string())
+            .collect();
+        assert_eq!(names, *recomputed, "{what}: recomputed");
+        for change in &changes.services {
+            let (_, want) = desired::for_change(change, &node, &NODEPORT_ADDRESSES);
+            syncer.update_service(&change.key, want.frontends);
+        }
+        let report = syncer.apply(&mut dp).unwrap();
+        assert_eq!(
+            (report.writes, report.deletes),
+            (*writes, *deletes),
+            "{what}: writes, deletes"
+        );
+        assert_eq!(shape(&dp), shape(&from_scratch(&store, &node)), "{what}");
+    }
 }

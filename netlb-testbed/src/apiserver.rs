@@ -335,6 +335,11 @@ impl FakeApiServer {
         let addr = listener
             .local_addr()
             .map_err(|source| FakeApiError::Listener { source })?;
+        // Non-blocking before the accept loop sees it: it accepts while
+        // holding the slot's lock.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| FakeApiError::Listener { source })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 1000,
@@ -378,25 +383,7 @@ impl FakeApiServer {
                 }
             })
             .map_err(|source| FakeApiError::Listener { source })?;
-        let server = Self { shared, addr };
-        server.set_listener(None)?;
-        Ok(server)
-    }
-
-    fn set_listener(&self, listener: Option<TcpListener>) -> Result<(), FakeApiError> {
-        let mut slot = self
-            .shared
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = listener {
-            *slot = Some(l);
-        }
-        if let Some(l) = slot.as_ref() {
-            l.set_nonblocking(true)
-                .map_err(|source| FakeApiError::Listener { source })?;
-        }
-        Ok(())
+        Ok(Self { shared, addr })
     }
 
     /// Stops like a server going down: the listening socket is closed (new
@@ -414,7 +401,17 @@ impl FakeApiServer {
     /// Serves again on `listener` (bound to the same address, in the same
     /// network namespace) after [`stop_serving`](Self::stop_serving).
     pub fn serve_again(&self, listener: TcpListener) -> Result<(), FakeApiError> {
-        self.set_listener(Some(listener))
+        // Non-blocking before the accept loop sees it: it accepts while
+        // holding the slot's lock.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| FakeApiError::Listener { source })?;
+        *self
+            .shared
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(listener);
+        Ok(())
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -86,6 +86,27 @@ impl ApiCluster {
         Self { api, pods, c }
     }
 
+    /// The agent's options for this double (with `extra_args`).
+    fn options(&self, extra_args: &[&str]) -> AgentOptions {
+        AgentOptions {
+            binary: find_binary("netlb-agent"),
+            source: AgentSource::Kubeconfig(self.c.tb.dir.join("kubeconfig")),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            cleanup_on_exit: true,
+            capabilities: None,
+        }
+    }
+
+    /// Starts an agent without waiting for anything.
+    fn spawn_agent(&self, extra_args: &[&str], log: &str) -> AgentProcess {
+        AgentProcess::start(
+            &self.c.tb.nodes[0],
+            &self.options(extra_args),
+            &self.c.tb.dir.join(log),
+        )
+        .unwrap()
+    }
+
     fn start_agent(&mut self, log: &str) {
         let kubeconfig = self.c.tb.dir.join("kubeconfig");
         self.c
@@ -283,13 +304,7 @@ fn sigkill_and_restart_lose_no_requests() {
 
     let client = a.c.client();
     let node = a.c.tb.nodes[0].clone();
-    let options = AgentOptions {
-        binary: find_binary("netlb-agent"),
-        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
-        extra_args: vec![],
-        cleanup_on_exit: true,
-        capabilities: None,
-    };
+    let options = a.options(&[]);
     let log = a.c.tb.dir.join("agent-2.log");
     let tb = &a.c.tb;
     let first = &mut a.c.agent;
@@ -328,15 +343,7 @@ fn nothing_is_programmed_before_services_and_slices_have_both_synced() {
     // Services list fine; EndpointSlices cannot be listed yet.
     a.api
         .set_resource_unavailable(Resource::EndpointSlices, true);
-    let options = AgentOptions {
-        binary: find_binary("netlb-agent"),
-        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
-        extra_args: vec![],
-        cleanup_on_exit: true,
-        capabilities: None,
-    };
-    let agent =
-        AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
+    let agent = a.spawn_agent(&[], "agent.log");
     assert!(
         agent.wait_for_log("Service: list complete", 1, Duration::from_secs(20)),
         "{}",
@@ -367,15 +374,7 @@ fn half_open_watch_is_detected_and_replaced() {
     let mut a = ApiCluster::new(&["myapp-1", "myapp-2"]);
     a.api.apply(my_service()).unwrap();
     a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
-    let options = AgentOptions {
-        binary: find_binary("netlb-agent"),
-        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
-        extra_args: vec!["--watch-timeout-s".into(), "2".into()],
-        cleanup_on_exit: true,
-        capabilities: None,
-    };
-    let agent =
-        AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
+    let agent = a.spawn_agent(&["--watch-timeout-s", "2"], "agent.log");
     assert!(
         agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
         "{}",
@@ -551,15 +550,7 @@ fn forbidden_endpointslices_show_in_healthz_and_metrics() {
     a.api.apply(my_service()).unwrap();
     a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
     a.api.set_resource_forbidden(Resource::EndpointSlices, true);
-    let options = AgentOptions {
-        binary: find_binary("netlb-agent"),
-        source: AgentSource::Kubeconfig(a.c.tb.dir.join("kubeconfig")),
-        extra_args: vec![],
-        cleanup_on_exit: true,
-        capabilities: None,
-    };
-    let agent =
-        AgentProcess::start(&a.c.tb.nodes[0], &options, &a.c.tb.dir.join("agent.log")).unwrap();
+    let agent = a.spawn_agent(&[], "agent.log");
     let netns = a.c.tb.nodes[0].netns.clone();
     let healthz = wait_until(Duration::from_secs(10), || {
         let (code, body) =

@@ -155,6 +155,11 @@ fn bench(which: Option<BenchKind>) -> anyhow::Result<()> {
             ],
         )?;
     }
+    if wanted(BenchKind::ControlPlane) {
+        // The syncer alone against the in-memory dataplane: phases and the
+        // one-Service-of-10,000-endpoints case.
+        cmd("cargo", &["bench", "-p", "netlb-agent", "--bench", "sync"])?;
+    }
     // The topology benches find the agent and echo binaries next to them.
     for (kind, name) in [
         (BenchKind::NorthSouth, "north_south"),

@@ -3,10 +3,13 @@
 //! agent's [`ObjectStore`].
 //!
 //! Like kube-proxy's informers, the watchers only record: every object is
-//! decoded on its own into its lean form (a watch delivers `DynamicObject`s,
-//! so one object that is not what its kind says fails alone, never its list
-//! page) and recorded in the store, which marks the Services that really
-//! changed; every event wakes the sync loop. No reflector keeps a second
+//! decoded on its own into its lean form and recorded in the store, which
+//! marks the Services that really changed; every event wakes the sync loop.
+//! The watchers' object type is [`Watched`]: each item of a list page or
+//! watch event is taken as raw JSON text and decoded into the wire form
+//! right there, so one object that is not what its kind says fails alone
+//! (never its list page), and no generic JSON tree is ever built (the wire
+//! form skips managedFields and the rest without allocating them). No reflector keeps a second
 //! copy: a relist (after `410 Gone` or a broken watch) is applied object by
 //! object into the store, which deletes what the relist did not contain.
 //! Nothing is programmed until Services and EndpointSlices have both
@@ -30,17 +33,115 @@ use std::{
 
 use futures::TryStreamExt as _;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Config,
-    api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
 
 use crate::{
-    objects::{HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject, SliceObject},
+    objects::{
+        DecodeError, HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject,
+        SliceObject, json_names, wire,
+    },
     tracker::{Kind, ObjectStore},
 };
+
+/// The wire form of a kind the agent watches, and its API type.
+pub trait WireKind:
+    serde::de::DeserializeOwned + Clone + std::fmt::Debug + Send + Sync + 'static
+{
+    type Api: k8s_openapi::Resource;
+    const KIND: Kind;
+}
+
+impl WireKind for wire::Service {
+    type Api = Service;
+    const KIND: Kind = Kind::Service;
+}
+
+impl WireKind for wire::EndpointSlice {
+    type Api = EndpointSlice;
+    const KIND: Kind = Kind::EndpointSlice;
+}
+
+impl WireKind for wire::Node {
+    type Api = Node;
+    const KIND: Kind = Kind::Node;
+}
+
+/// One watched object: the metadata the watcher needs (name, namespace,
+/// resourceVersion) and the object in its wire form, or why it could not
+/// be decoded.
+#[derive(Clone, Debug)]
+pub struct Watched<W> {
+    metadata: ObjectMeta,
+    pub decoded: Result<W, Arc<DecodeError>>,
+}
+
+impl<'de, W: WireKind> serde::Deserialize<'de> for Watched<W> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The raw text of this item only: a failure below is this item's.
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let decoded = serde_json::from_str::<W>(raw.get()).map_err(|source| {
+            let (namespace, name) = json_names(raw.get());
+            Arc::new(DecodeError {
+                kind: W::KIND.name(),
+                namespace,
+                name,
+                source,
+            })
+        });
+        // What the watcher itself reads (it resumes from resourceVersions).
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct OnlyMeta {
+            metadata: wire::Meta,
+        }
+        let meta = serde_json::from_str::<OnlyMeta>(raw.get())
+            .unwrap_or_default()
+            .metadata;
+        Ok(Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                resource_version: meta.resource_version,
+                ..Default::default()
+            },
+            decoded,
+        })
+    }
+}
+
+impl<W: WireKind> kube::Resource for Watched<W> {
+    type DynamicType = ();
+    type Scope = <W::Api as k8s_openapi::Resource>::Scope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        <W::Api as k8s_openapi::Resource>::KIND.into()
+    }
+
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        <W::Api as k8s_openapi::Resource>::GROUP.into()
+    }
+
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        <W::Api as k8s_openapi::Resource>::VERSION.into()
+    }
+
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        <W::Api as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// One kind of request the agent makes of the API server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,34 +350,48 @@ async fn base_config(cfg: &ApiConfig) -> Result<Config, ApiSourceError> {
     }
 }
 
-/// Records one watched object in the store.
-fn record(store: &mut ObjectStore, kind: Kind, obj: &DynamicObject) {
-    let json = match serde_json::to_value(obj) {
-        Ok(json) => json,
-        Err(e) => {
-            log::warn!("{}: cannot re-encode a watched object: {e}", kind.name());
-            return;
-        }
-    };
-    let decoded = match kind {
-        Kind::Service => {
-            ServiceObject::from_json(json, store.names()).map(|o| store.apply_service(o))
-        }
-        Kind::EndpointSlice => {
-            SliceObject::from_json(json, store.names()).map(|o| store.apply_slice(o))
-        }
-        Kind::Node => NodeObject::from_json(json, store.names()).map(|o| store.apply_node(o)),
-    };
-    if let Err(e) = decoded {
-        let message = format!("{}: {}", e, e.source);
-        store.undecodable(kind, &e.namespace, &e.name, message);
+/// The lean form of a wire object, recorded in the store.
+pub trait Record: WireKind {
+    fn record(self, store: &mut ObjectStore);
+}
+
+impl Record for wire::Service {
+    fn record(self, store: &mut ObjectStore) {
+        let obj = ServiceObject::from_wire(self, store.names());
+        store.apply_service(obj);
     }
 }
 
-fn forget(store: &mut ObjectStore, kind: Kind, obj: &DynamicObject) {
+impl Record for wire::EndpointSlice {
+    fn record(self, store: &mut ObjectStore) {
+        let obj = SliceObject::from_wire(self, store.names());
+        store.apply_slice(obj);
+    }
+}
+
+impl Record for wire::Node {
+    fn record(self, store: &mut ObjectStore) {
+        let obj = NodeObject::from_wire(self, store.names());
+        store.apply_node(obj);
+    }
+}
+
+/// Records one watched object in the store (or that it cannot be decoded:
+/// its previous version, if any, stays).
+fn record<W: Record>(store: &mut ObjectStore, obj: Watched<W>) {
+    match obj.decoded {
+        Ok(wire) => wire.record(store),
+        Err(e) => {
+            let message = format!("{}: {}", e, e.source);
+            store.undecodable(W::KIND, &e.namespace, &e.name, message);
+        }
+    }
+}
+
+fn forget<W: WireKind>(store: &mut ObjectStore, obj: &Watched<W>) {
     let namespace = obj.metadata.namespace.as_deref().unwrap_or("default");
     let name = obj.metadata.name.as_deref().unwrap_or("");
-    match kind {
+    match W::KIND {
         Kind::Service => store.delete_service(namespace, name),
         Kind::EndpointSlice => store.delete_slice(namespace, name),
         Kind::Node => store.apply_node(NodeObject::default()),
@@ -285,13 +400,14 @@ fn forget(store: &mut ObjectStore, kind: Kind, obj: &DynamicObject) {
 
 /// Spawns a watcher for `kind` that records into `store` and wakes
 /// `notify` on every event.
-fn spawn_watcher(
+fn spawn_watcher<W: Record>(
     runtime: &tokio::runtime::Runtime,
-    api: Api<DynamicObject>,
+    client: Client,
     config: watcher::Config,
-    kind: Kind,
     sink: Sink,
 ) {
+    let kind = W::KIND;
+    let api: Api<Watched<W>> = Api::all(client);
     let stream = watcher(api, config).backoff(QuickBackoff { next: BACKOFF_MIN });
     runtime.spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -300,12 +416,15 @@ fn spawn_watcher(
             match event {
                 Ok(Some(event)) => {
                     sink.stats.events.fetch_add(1, Ordering::Relaxed);
-                    match &event {
+                    // Objects of a (re)list wake the sync loop once, when
+                    // the list is complete (it cannot use a partial list).
+                    let wake = !matches!(event, watcher::Event::InitApply(_));
+                    match event {
                         watcher::Event::Init => lock(&sink.store).begin_list(kind),
                         watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
-                            record(&mut lock(&sink.store), kind, obj)
+                            record(&mut lock(&sink.store), obj)
                         }
-                        watcher::Event::Delete(obj) => forget(&mut lock(&sink.store), kind, obj),
+                        watcher::Event::Delete(obj) => forget(&mut lock(&sink.store), &obj),
                         watcher::Event::InitDone => {
                             let first = !lock(&sink.store).synced();
                             lock(&sink.store).end_list(kind);
@@ -321,7 +440,7 @@ fn spawn_watcher(
                             }
                         }
                     }
-                    if sink.notify.send(()).is_err() {
+                    if wake && sink.notify.send(()).is_err() {
                         return;
                     }
                 }
@@ -405,28 +524,20 @@ impl ApiSource {
             failing: Arc::clone(&failing),
         };
         let _guard = runtime.enter();
-        spawn_watcher(
+        spawn_watcher::<wire::Service>(
             &runtime,
-            Api::all_with(client.clone(), &ApiResource::erase::<Service>(&())),
+            client.clone(),
             watch_config.clone(),
-            Kind::Service,
             sink.clone(),
         );
-        spawn_watcher(
-            &runtime,
-            Api::all_with(client.clone(), &ApiResource::erase::<EndpointSlice>(&())),
-            watch_config,
-            Kind::EndpointSlice,
-            sink.clone(),
-        );
+        spawn_watcher::<wire::EndpointSlice>(&runtime, client.clone(), watch_config, sink.clone());
         if let Some(name) = &cfg.node_name {
-            spawn_watcher(
+            spawn_watcher::<wire::Node>(
                 &runtime,
-                Api::all_with(client.clone(), &ApiResource::erase::<Node>(&())),
+                client.clone(),
                 watcher::Config::default()
                     .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
                     .fields(&format!("metadata.name={name}")),
-                Kind::Node,
                 sink,
             );
         }

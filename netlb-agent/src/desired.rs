@@ -60,6 +60,9 @@ pub struct DesiredFrontend {
     pub flags: u16,
     /// Sorted and unique; empty = reject (or drop with `svc_flags::DROP`).
     pub backends: Vec<DesiredBackend>,
+    /// Sources admitted (network, prefix length), sorted; with
+    /// `svc_flags::SOURCE_RANGES` only, else empty.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -162,6 +165,7 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                     service: name.clone(),
                     flags: svc_flags::CLUSTER_IP | internal_flags,
                     backends: internal.clone(),
+                    source_ranges: Vec::new(),
                 },
             );
         }
@@ -187,12 +191,20 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                     .iter()
                     .map(move |ip| (*ip, node_port, svc_flags::NODE_PORT))
             }));
+        let ranges = load_balancer_ranges(port, nodeport_addresses);
         for (ip, frontend_port, kind) in addresses {
             let key = FrontendKey {
                 address: ip,
                 port: frontend_port,
                 proto,
                 scope: scope::EXTERNAL,
+            };
+            // Source ranges guard the load-balancer IPs only (kube-proxy's
+            // firewall chain), from outside and from pods alike.
+            let (ranges, ranges_flag) = if kind == svc_flags::LOAD_BALANCER && !ranges.is_empty() {
+                (ranges.clone(), svc_flags::SOURCE_RANGES)
+            } else {
+                (Vec::new(), 0)
             };
             state.insert(
                 key,
@@ -201,8 +213,10 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                     flags: kind
                         | local
                         | external_flags
+                        | ranges_flag
                         | if split { svc_flags::TWO_SCOPES } else { 0 },
                     backends: external.clone(),
+                    source_ranges: ranges.clone(),
                 },
             );
             if split {
@@ -213,14 +227,44 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                     },
                     DesiredFrontend {
                         service: name.clone(),
-                        flags: kind | from_pods_flags,
+                        flags: kind | from_pods_flags | ranges_flag,
                         backends: from_pods.clone(),
+                        source_ranges: ranges,
                     },
                 );
             }
         }
     }
     state
+}
+
+/// The sources a port's load-balancer IPs admit: its
+/// loadBalancerSourceRanges and, when one of them holds an address of this
+/// node, the load-balancer IPs themselves (kube-proxy: a VIP often is a
+/// local address, and the node's requests to it loop back with the VIP as
+/// their source). Empty: every source.
+fn load_balancer_ranges(
+    port: &crate::model::ServicePort,
+    node_addresses: &[Ipv4Addr],
+) -> Vec<(Ipv4Addr, u8)> {
+    if port.source_ranges.is_empty() {
+        return Vec::new();
+    }
+    let contains = |(network, len): &(Ipv4Addr, u8), ip: &Ipv4Addr| {
+        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+        u32::from(*ip) & mask == u32::from(*network)
+    };
+    let mut out = port.source_ranges.clone();
+    if port
+        .source_ranges
+        .iter()
+        .any(|r| node_addresses.iter().any(|ip| contains(r, ip)))
+    {
+        out.extend(port.load_balancer_ips.iter().map(|ip| (*ip, 32)));
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// kube-proxy's `CleanStaleEntries` set for one UDP port: every frontend
@@ -273,4 +317,75 @@ pub fn for_change(
     };
     let desired = build(&model, nodeport_addresses);
     (model, desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{Interner, ServiceType, fixtures};
+
+    /// kube-proxy's firewall chain: the ranges guard the load-balancer IPs
+    /// (both views when the policy splits them), never the cluster IP or
+    /// node ports; a range holding a node address admits the LB IPs
+    /// themselves as sources.
+    #[test]
+    fn source_ranges_guard_load_balancer_ips_only() {
+        let mut names = Interner::default();
+        let node = Ipv4Addr::new(192, 168, 77, 10);
+        let lb = Ipv4Addr::new(198, 51, 100, 4);
+        let build_with = |ranges: Vec<(Ipv4Addr, u8)>, names: &mut Interner| {
+            let mut svc =
+                fixtures::cluster_ip_service(names, "x", "lb", Ipv4Addr::new(10, 96, 0, 8), "", 80);
+            svc.type_ = ServiceType::LoadBalancer;
+            svc.ports[0].node_port = Some(30080);
+            svc.load_balancer_ips = vec![lb];
+            svc.external_policy_local = true;
+            svc.source_ranges = ranges;
+            let slice = fixtures::ready_slice(
+                names,
+                "x",
+                "lb-1",
+                "lb",
+                ("", 8080),
+                [Ipv4Addr::new(10, 244, 1, 5)],
+            );
+            let model =
+                crate::model::build(&[svc], &[slice], &crate::model::NodeContext::default());
+            build(&model, &[node])
+        };
+        let outside = (Ipv4Addr::new(203, 0, 113, 0), 24);
+        let state = build_with(vec![outside], &mut names);
+        let with_ranges: Vec<(FrontendKey, &DesiredFrontend)> = state
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.flags & svc_flags::SOURCE_RANGES != 0)
+            .map(|(k, f)| (*k, f))
+            .collect();
+        // Local policy without local endpoints splits the LB IP's views.
+        assert_eq!(with_ranges.len(), 2, "{:#?}", state.frontends);
+        for (key, fe) in &with_ranges {
+            assert_eq!(key.address, lb);
+            assert_eq!(fe.source_ranges, vec![outside]);
+        }
+        // A range holding the node's address: the LB IP is admitted too.
+        let state = build_with(vec![(Ipv4Addr::new(192, 168, 0, 0), 16)], &mut names);
+        let fe = &state.frontends[&FrontendKey {
+            address: lb,
+            port: 80,
+            proto: netlb_common::proto::TCP,
+            scope: scope::EXTERNAL,
+        }];
+        assert_eq!(
+            fe.source_ranges,
+            vec![(Ipv4Addr::new(192, 168, 0, 0), 16), (lb, 32)]
+        );
+        // None: no flag anywhere.
+        let state = build_with(vec![], &mut names);
+        assert!(
+            state
+                .frontends
+                .values()
+                .all(|f| f.flags & svc_flags::SOURCE_RANGES == 0 && f.source_ranges.is_empty())
+        );
+    }
 }

@@ -20,7 +20,7 @@ use aya::{
 };
 use netlb_common::{
     BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, limits, map_names, program_names, stat,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, limits, map_names, program_names, stat,
 };
 
 use crate::config::DatapathSettings;
@@ -37,6 +37,7 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub pod_sources: u32,
     pub sock_rev: u32,
+    pub source_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -48,6 +49,7 @@ impl Default for MapSizes {
             conntrack: limits::MAX_CONNTRACK,
             pod_sources: limits::MAX_POD_SOURCES,
             sock_rev: limits::MAX_SOCK_REV,
+            source_ranges: limits::MAX_SOURCE_RANGES,
         }
     }
 }
@@ -243,6 +245,12 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             size_of::<SockRevValue>(),
             sizes.sock_rev,
         ),
+        map_names::SOURCE_RANGES => (
+            MapType::LpmTrie,
+            4 + size_of::<SourceRangeKey>(),
+            1,
+            sizes.source_ranges,
+        ),
         _ => return None,
     })
 }
@@ -311,7 +319,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         .map_max_entries(map_names::REV_NAT, opts.sizes.rev_nat)
         .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack)
         .map_max_entries(map_names::POD_SOURCES, opts.sizes.pod_sources)
-        .map_max_entries(map_names::SOCK_REV, opts.sizes.sock_rev);
+        .map_max_entries(map_names::SOCK_REV, opts.sizes.sock_rev)
+        .map_max_entries(map_names::SOURCE_RANGES, opts.sizes.source_ranges);
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
             ensure_bpffs(dir)?;

@@ -90,6 +90,8 @@ pub struct ServicePort {
     pub health_check_node_port: Option<u16>,
     /// sessionAffinity ClientIP timeout, if set (recorded; not yet applied).
     pub session_affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges (IPv4), for the load-balancer IPs.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// All endpoints after deduplication.
     pub endpoints: Vec<Endpoint>,
     /// Traffic to cluster IPs (internalTrafficPolicy applied).
@@ -524,6 +526,7 @@ fn add_service(
                 external_policy_local: ext_local,
                 health_check_node_port,
                 session_affinity_timeout: svc.session_affinity_timeout,
+                source_ranges: svc.source_ranges.clone(),
                 endpoints: eps,
                 internal,
                 external,

@@ -115,6 +115,9 @@ pub struct ServiceObject {
     pub external_policy_local: bool,
     pub health_check_node_port: Option<u16>,
     pub session_affinity_timeout: Option<u32>,
+    /// `spec.loadBalancerSourceRanges` of this family (IPv4), as
+    /// (network, prefix length); empty: every source.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     pub ports: Vec<ServicePortObject>,
     /// Problems found while decoding, reported once per object state.
     pub issues: Vec<String>,
@@ -244,6 +247,7 @@ pub mod wire {
         pub health_check_node_port: Option<i32>,
         pub session_affinity: Option<String>,
         pub session_affinity_config: Option<SessionAffinityConfig>,
+        pub load_balancer_source_ranges: Option<Vec<String>>,
     }
 
     #[derive(Clone, Debug, Default, Deserialize)]
@@ -389,6 +393,38 @@ fn ipv4s<'a>(
     out
 }
 
+/// Parses CIDRs as kube-proxy takes loadBalancerSourceRanges: padding
+/// trimmed (validation lets it through), IPv6 ranges left to the other
+/// family, invalid ones reported; the network is masked to its prefix.
+fn ipv4_cidrs<'a>(
+    values: impl Iterator<Item = &'a String>,
+    issues: &mut Vec<String>,
+) -> Vec<(Ipv4Addr, u8)> {
+    let mut out = Vec::new();
+    for v in values {
+        let text = v.trim();
+        let parsed = text.split_once('/').and_then(|(addr, len)| {
+            Some((
+                addr.parse::<std::net::IpAddr>().ok()?,
+                len.parse::<u8>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((std::net::IpAddr::V4(addr), len)) if len <= 32 => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                let network = Ipv4Addr::from(u32::from(addr) & mask);
+                if !out.contains(&(network, len)) {
+                    out.push((network, len));
+                }
+            }
+            Some((std::net::IpAddr::V6(_), len)) if len <= 128 => {}
+            _ => issues.push(format!("ignoring invalid loadBalancerSourceRange {v:?}")),
+        }
+    }
+    out.sort();
+    out
+}
+
 fn port_number(p: i32) -> Option<u16> {
     (1..=65535).contains(&p).then_some(p as u16)
 }
@@ -470,7 +506,11 @@ impl ServiceObject {
             "externalIP",
             &mut issues,
         );
-        let load_balancer_ips = if type_ == ServiceType::LoadBalancer {
+        // Whatever the type: kube-proxy programs every VIP-mode ingress IP
+        // a Service's status carries (`newBaseServiceInfo`).
+        let load_balancer_ips = if type_ == ServiceType::ExternalName {
+            Vec::new()
+        } else {
             let ingress = svc
                 .status
                 .as_ref()
@@ -483,11 +523,14 @@ impl ServiceObject {
                 .flatten()
                 .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|i| i.ip.as_ref())
+                .filter(|ip| !ip.is_empty())
                 .collect();
             ipv4s(ips.into_iter(), "load balancer ingress IP", &mut issues)
-        } else {
-            Vec::new()
         };
+        let source_ranges = ipv4_cidrs(
+            spec.load_balancer_source_ranges.iter().flatten(),
+            &mut issues,
+        );
         let session_affinity_timeout =
             (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
                 spec.session_affinity_config
@@ -548,6 +591,7 @@ impl ServiceObject {
             external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             health_check_node_port: spec.health_check_node_port.and_then(port_number),
             session_affinity_timeout,
+            source_ranges,
             ports,
             issues,
         }
@@ -717,6 +761,7 @@ pub mod fixtures {
             external_policy_local: false,
             health_check_node_port: None,
             session_affinity_timeout: None,
+            source_ranges: vec![],
             ports: vec![ServicePortObject {
                 name: names.intern(port_name),
                 protocol: names.intern("TCP"),
@@ -800,6 +845,35 @@ mod tests {
         assert_eq!(svc.ports[0].node_port, Some(30080));
         assert_eq!(svc.health_check_node_port, Some(32000));
         assert_eq!(svc.issues.len(), 2, "{:?}", svc.issues);
+    }
+
+    #[test]
+    fn source_ranges_are_taken_as_kube_proxy_takes_them() {
+        let json = serde_json::json!({
+            "metadata": {"name": "lb", "namespace": "x"},
+            "spec": {
+                "type": "ClusterIP", "clusterIP": "10.96.0.8",
+                "ports": [{"port": 80}],
+                // Padding trimmed, the network masked, IPv6 left to the
+                // other family, nonsense reported, duplicates dropped.
+                "loadBalancerSourceRanges": [" 203.0.113.77/24 ", "2001:db8::/32", "10.0.0.0/8", "10.0.0.0/8", "nonsense"],
+            },
+            // Ingress IPs count whatever the type (kube-proxy programs them).
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}},
+        });
+        let svc = ServiceObject::from_json(&json.to_string(), &mut Interner::default()).unwrap();
+        assert_eq!(
+            svc.source_ranges,
+            vec![
+                (Ipv4Addr::new(10, 0, 0, 0), 8),
+                (Ipv4Addr::new(203, 0, 113, 0), 24)
+            ]
+        );
+        assert_eq!(
+            svc.issues,
+            vec!["ignoring invalid loadBalancerSourceRange \"nonsense\"".to_owned()]
+        );
+        assert_eq!(svc.load_balancer_ips, vec![Ipv4Addr::new(198, 51, 100, 4)]);
     }
 
     #[test]

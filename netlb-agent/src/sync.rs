@@ -37,11 +37,12 @@ use std::{
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use netlb_common::{
-    BackendValue, RevNatValue, ServiceKey, ServiceValue, be_addr, from_be_addr, limits,
+    BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, be_addr, from_be_addr,
+    limits,
 };
 
 use crate::{
-    dataplane::{BackendId, BatchError, Dataplane, DataplaneError, RevNatIndex},
+    dataplane::{BackendId, BatchError, Dataplane, DataplaneError, RevNatIndex, SourceRange},
     desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
     objects::Name,
     tracker::ObjectKey,
@@ -80,6 +81,9 @@ struct Frontend {
     /// after a failed write left the kernel somewhere between two layouts,
     /// both layouts' ids (none may be deleted until it is rewritten).
     held: Vec<BackendId>,
+    /// Its `SOURCE_RANGES` entries as written (after a failure: every entry
+    /// the kernel may hold).
+    ranges: Vec<SourceRange>,
 }
 
 impl Frontend {
@@ -90,8 +94,36 @@ impl Frontend {
             flags,
             slots,
             held,
+            ranges: Vec::new(),
         }
     }
+}
+
+/// The `SOURCE_RANGES` entries of a frontend (sorted).
+fn range_entries(
+    key: &FrontendKey,
+    rev_nat: RevNatIndex,
+    ranges: &[(Ipv4Addr, u8)],
+) -> Vec<SourceRange> {
+    let mut out: Vec<SourceRange> = ranges
+        .iter()
+        .map(|(network, len)| {
+            (
+                SourceRangeKey::FRONTEND_BITS + u32::from(*len),
+                SourceRangeKey {
+                    // Big-endian, as the datapath looks it up (the trie
+                    // compares bytes).
+                    rev_nat_index_be: rev_nat.to_be(),
+                    proto: key.proto,
+                    scope: key.scope,
+                    pad: [0; 2],
+                    address_be: be_addr(*network),
+                },
+            )
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,6 +343,9 @@ pub struct Syncer {
     /// Entries found at adoption that belong to no frontend slot, and slots
     /// whose deletion failed.
     stray_slots: Vec<ServiceKey>,
+    /// Source-range entries of no programmed frontend (adopted, or whose
+    /// deletion failed), deleted by the next apply.
+    stray_ranges: Vec<SourceRange>,
     /// Frontends to reconcile on the next [`apply`](Self::apply).
     dirty: BTreeSet<FrontendKey>,
     /// Backends and rev-NAT entries whose references dropped to zero (or
@@ -350,6 +385,7 @@ impl Syncer {
             backend_ids: Ids::new(max_backends),
             rev_nat_ids: Ids::new(max_rev_nat),
             stray_slots: Vec::new(),
+            stray_ranges: Vec::new(),
             dirty: BTreeSet::new(),
             unreferenced_backends: BTreeSet::new(),
             unreferenced_rev_nat: BTreeSet::new(),
@@ -459,6 +495,23 @@ impl Syncer {
                 }
                 _ => syncer.stray_slots.push(service_key(&fe, slot)),
             }
+        }
+        // Source ranges belong to the frontend with their rev-NAT index,
+        // protocol and scope.
+        let mut owners: HashMap<(RevNatIndex, u8, u8), FrontendKey> = HashMap::default();
+        for (key, f) in &syncer.frontends {
+            owners.insert((f.rev_nat, key.proto, key.scope), *key);
+        }
+        for range in &maps.source_ranges {
+            let (_, data) = range;
+            let owner = owners.get(&(u32::from_be(data.rev_nat_index_be), data.proto, data.scope));
+            match owner.and_then(|k| syncer.frontends.get_mut(k)) {
+                Some(f) => f.ranges.push(*range),
+                None => syncer.stray_ranges.push(*range),
+            }
+        }
+        for f in syncer.frontends.values_mut() {
+            f.ranges.sort();
         }
         // Reference counts from what the frontends use.
         let frontends: Vec<(FrontendKey, Frontend)> = syncer
@@ -704,6 +757,9 @@ impl Syncer {
         if f.flags != want.flags || f.rev_nat != rev.index || f.slots.len() != want.backends.len() {
             return false;
         }
+        if f.ranges != range_entries(key, f.rev_nat, &want.source_ranges) {
+            return false;
+        }
         let programmed: HashSet<BackendId> = f.slots.iter().copied().collect();
         want.backends.iter().all(|b| {
             self.backends
@@ -730,6 +786,7 @@ impl Syncer {
     pub fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
             || !self.stray_slots.is_empty()
+            || !self.stray_ranges.is_empty()
             || !self.unreferenced_backends.is_empty()
             || !self.unreferenced_rev_nat.is_empty()
     }
@@ -994,9 +1051,12 @@ impl Syncer {
             key: FrontendKey,
             old: Option<Frontend>,
             new: Frontend,
+            /// Source-range entries the old layout has and the new one not.
+            range_dels: Vec<SourceRange>,
         }
         let mut plans: Vec<Plan> = Vec::new();
         let mut slot_writes: Vec<Planned<(ServiceKey, ServiceValue)>> = Vec::new();
+        let mut range_writes: Vec<Planned<SourceRange>> = Vec::new();
         for (key, want) in &changes {
             let Some(want) = want else { continue };
             if failed.contains(key) {
@@ -1026,18 +1086,51 @@ impl Syncer {
                     });
                 }
             }
+            let new_ranges = range_entries(key, rev_nat, &want.source_ranges);
+            // An unknown frontend may lack any entry: all are written again.
+            let known = old.as_ref().filter(|f| f.flags != UNKNOWN_FLAGS);
+            let old_ranges: &[SourceRange] = old
+                .as_ref()
+                .map(|f| f.ranges.as_slice())
+                .unwrap_or_default();
+            for range in &new_ranges {
+                if known.is_none_or(|f| f.ranges.binary_search(range).is_err()) {
+                    range_writes.push(Planned {
+                        frontend: *key,
+                        item: *range,
+                    });
+                }
+            }
+            let range_dels = old_ranges
+                .iter()
+                .filter(|r| new_ranges.binary_search(r).is_err())
+                .copied()
+                .collect();
+            let mut new = Frontend::new(rev_nat, want.flags, slots);
+            new.ranges = new_ranges;
             plans.push(Plan {
                 key: *key,
                 old,
-                new: Frontend::new(rev_nat, want.flags, slots),
+                new,
+                range_dels,
             });
         }
+        // Source ranges before the header that turns them on (make before
+        // break: a new range admits before the flag could refuse).
+        let mut range_failed = BTreeSet::new();
+        report.writes += write_batch(
+            &range_writes,
+            &mut |items| dp.upsert_source_ranges(items),
+            &mut range_failed,
+        );
+        slot_writes.retain(|p| !range_failed.contains(&p.frontend));
         let mut slot_failed = BTreeSet::new();
         report.writes += write_batch(
             &slot_writes,
             &mut |items| dp.upsert_services(items),
             &mut slot_failed,
         );
+        slot_failed.extend(range_failed);
         if !slot_failed.is_empty() {
             // Slots written past a failed frontend's old count are
             // unreachable (its header still says the old count): take them
@@ -1121,6 +1214,30 @@ impl Syncer {
             &mut |items| dp.delete_services(items),
             &mut tail_failed,
         );
+        // Ranges the new layout dropped, once its header no longer needs
+        // them (a failure leaves them for a later sync).
+        let range_deletes: Vec<Planned<SourceRange>> = plans
+            .iter()
+            .filter(|plan| !slot_failed.contains(&plan.key) && !header_failed.contains(&plan.key))
+            .flat_map(|plan| {
+                plan.range_dels.iter().map(|r| Planned {
+                    frontend: plan.key,
+                    item: *r,
+                })
+            })
+            .collect();
+        let mut range_del_failed = BTreeSet::new();
+        report.deletes += write_batch(
+            &range_deletes,
+            &mut |items| dp.delete_source_ranges(items),
+            &mut range_del_failed,
+        );
+        self.stray_ranges.extend(
+            range_deletes
+                .iter()
+                .filter(|p| range_del_failed.contains(&p.frontend))
+                .map(|p| p.item),
+        );
         // The mirror and the reference counts follow what was written.
         for plan in plans {
             let key = plan.key;
@@ -1150,11 +1267,21 @@ impl Syncer {
                 if let Some(old) = &plan.old {
                     self.add_refs(&key, old, -1);
                 }
+                // And old or new source ranges.
+                let mut ranges: Vec<SourceRange> = plan
+                    .old
+                    .as_ref()
+                    .map(|f| f.ranges.clone())
+                    .unwrap_or_default();
+                ranges.extend(plan.new.ranges.iter().copied());
+                ranges.sort();
+                ranges.dedup();
                 let unknown = Frontend {
                     rev_nat: plan.new.rev_nat,
                     flags: UNKNOWN_FLAGS,
                     slots: vec![0; len],
                     held,
+                    ranges,
                 };
                 self.add_refs(&key, &unknown, 1);
                 self.set_frontend(key, unknown);
@@ -1196,6 +1323,7 @@ impl Syncer {
             }
             if let Some(f) = self.frontends.remove(key) {
                 self.service_entries -= 1 + f.slots.len();
+                self.stray_ranges.extend(f.ranges.iter().copied());
                 self.add_refs(key, &f, -1);
                 // Its slots are unreachable now; delete them below (and on
                 // the next sync if a deletion fails).
@@ -1204,6 +1332,19 @@ impl Syncer {
                         .rev()
                         .map(|slot| service_key(key, slot as u16)),
                 );
+            }
+        }
+        if !self.stray_ranges.is_empty() {
+            // One call per entry: a failure keeps that entry alone.
+            for range in std::mem::take(&mut self.stray_ranges) {
+                match dp.delete_source_ranges(std::slice::from_ref(&range)) {
+                    Ok(()) => report.deletes += 1,
+                    Err(e) => {
+                        log::warn!("deleting source range {range:?}: {}", e.source);
+                        report.failed_deletes += 1;
+                        self.stray_ranges.push(range);
+                    }
+                }
             }
         }
         if !self.stray_slots.is_empty() {
@@ -1343,10 +1484,88 @@ mod tests {
                     },
                     flags: svc_flags::CLUSTER_IP,
                     backends: backends.iter().map(|b| backend(*b)).collect(),
+                    source_ranges: vec![],
                 },
             );
         }
         state
+    }
+
+    /// Frontend 10 as a load-balancer IP admitting `ranges` (/24s of
+    /// 192.0.2.x... given by their third octet).
+    fn with_ranges(ranges: &[u8]) -> DesiredState {
+        let mut state = desired(&[(10, &[1, 2])]);
+        let fe = state.frontends.get_mut(&fe(10)).unwrap();
+        if !ranges.is_empty() {
+            fe.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        }
+        fe.source_ranges = ranges
+            .iter()
+            .map(|r| (Ipv4Addr::new(198, 51, *r, 0), 24))
+            .collect();
+        state
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_header_that_needs_them_and_deleted_after() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &with_ranges(&[])).unwrap();
+        // Turned on: both ranges, then the header with the flag.
+        dp.take_ops();
+        syncer.sync(&mut dp, &with_ranges(&[1, 2])).unwrap();
+        let ops = dp.take_ops();
+        let header = position(&ops, &slot0(10));
+        let ranges: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Op::UpsertSourceRange(_)))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(ranges.len(), 2, "{ops:?}");
+        assert!(ranges.iter().all(|i| *i < header), "{ops:?}");
+        dp.check_consistent().unwrap();
+        // One range replaced: the new one is written, the old one deleted,
+        // the header untouched.
+        syncer.sync(&mut dp, &with_ranges(&[2, 3])).unwrap();
+        let ops = dp.take_ops();
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::UpsertSourceRange(_)))
+                .count(),
+            1,
+            "{ops:?}"
+        );
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::DeleteSourceRange(_)))
+                .count(),
+            1,
+            "{ops:?}"
+        );
+        assert!(!ops.contains(&slot0(10)));
+        // Turned off: the header loses the flag first, then the ranges go.
+        syncer.sync(&mut dp, &with_ranges(&[])).unwrap();
+        let ops = dp.take_ops();
+        let header = position(&ops, &slot0(10));
+        assert!(
+            ops.iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o, Op::DeleteSourceRange(_)))
+                .all(|(i, _)| i > header),
+            "{ops:?}"
+        );
+        assert!(dp.source_ranges.is_empty());
+        // A restarted agent adopts them; an unchanged resync writes nothing.
+        syncer.sync(&mut dp, &with_ranges(&[4])).unwrap();
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        dp.take_ops();
+        let report = adopted.sync(&mut dp, &with_ranges(&[4])).unwrap();
+        assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", dp.ops);
+        // Deleting the Service deletes its ranges.
+        adopted.sync(&mut dp, &DesiredState::default()).unwrap();
+        assert!(dp.source_ranges.is_empty());
+        assert!(dp.services.is_empty());
     }
 
     fn slot0(vip: u8) -> Op {

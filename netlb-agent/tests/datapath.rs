@@ -642,6 +642,7 @@ fn batch_writes_and_deletes_in_the_kernel() {
                         flags: 0,
                     })
                     .collect(),
+                source_ranges: vec![],
             },
         )
     };
@@ -664,4 +665,102 @@ fn batch_writes_and_deletes_in_the_kernel() {
         assert_eq!(head.count, 4);
     }
     assert!(programmed.backends.len() >= 400);
+}
+
+/// loadBalancerSourceRanges on a load-balancer IP: a new connection from a
+/// source inside a range is load-balanced, one from outside is dropped
+/// (before REJECT: even without endpoints it is a drop), and a connection
+/// already established keeps flowing when the ranges change (kube-proxy
+/// filters new connections).
+#[test]
+fn source_ranges_admit_new_connections_only_from_their_sources() {
+    use netlb_agent::dataplane::SourceRange;
+    use netlb_common::SourceRangeKey;
+    let mut dp = Datapath::load();
+    let lb = Ipv4Addr::new(198, 51, 100, 7);
+    let fe = Frontend {
+        vip: lb,
+        port: 80,
+        proto: proto::TCP,
+        rev_nat_index: 9,
+        flags: svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES,
+    };
+    let range = |network: Ipv4Addr, len: u32| -> SourceRange {
+        (
+            SourceRangeKey::FRONTEND_BITS + len,
+            SourceRangeKey {
+                rev_nat_index_be: 9u32.to_be(),
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+                pad: [0; 2],
+                address_be: be_addr(network),
+            },
+        )
+    };
+    // 203.0.113.0/25 admits EXT (203.0.113.10) and EXT2 (.11); a range of
+    // another frontend (index 10) admits everything and must not count.
+    let mut other = range(Ipv4Addr::UNSPECIFIED, 0);
+    other.1.rev_nat_index_be = 10u32.to_be();
+    dp.maps
+        .upsert_source_ranges(&[range(Ipv4Addr::new(203, 0, 113, 0), 25), other])
+        .unwrap();
+    dp.add_frontend(fe, &three_backends(), 0);
+
+    let syn = PacketBuilder::tcp(EXT, 40000, lb, 80).syn().build();
+    let (verdict, out) = dp.run(program_names::FROM_NETDEV, &syn);
+    assert_eq!(verdict, TCX_NEXT);
+    assert!(BACKENDS.contains(&Ipv4Packet::parse(&out).unwrap().daddr()));
+
+    let outsider = Ipv4Addr::new(203, 0, 113, 200);
+    let syn = PacketBuilder::tcp(outsider, 40000, lb, 80).syn().build();
+    let (verdict, _) = dp.run(program_names::FROM_NETDEV, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::DROP_SOURCE_RANGE), 1);
+    // From a pod outside the ranges too (kube-proxy's firewall applies to
+    // every source).
+    let (verdict, _) = dp.run(
+        program_names::FROM_POD,
+        &PacketBuilder::tcp(CLIENT, 40001, lb, 80).syn().build(),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::DROP_SOURCE_RANGE), 2);
+    // Without endpoints a disallowed source is still dropped, not rejected.
+    dp.set_frontend(fe, 0);
+    let (verdict, _) = dp.run(program_names::FROM_NETDEV, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::REJECT), 0);
+    dp.set_frontend(fe, 3);
+    // The range is narrowed to EXT2 alone: EXT's established connection
+    // keeps its backend; a new one from EXT is dropped.
+    dp.maps.upsert_source_ranges(&[range(EXT2, 32)]).unwrap();
+    dp.maps
+        .delete_source_ranges(&[range(Ipv4Addr::new(203, 0, 113, 0), 25)])
+        .unwrap();
+    let ack = PacketBuilder::tcp(EXT, 40000, lb, 80).ack().build();
+    let (verdict, out) = dp.run(program_names::FROM_NETDEV, &ack);
+    assert_eq!(verdict, TCX_NEXT);
+    assert!(BACKENDS.contains(&Ipv4Packet::parse(&out).unwrap().daddr()));
+    let (verdict, _) = dp.run(
+        program_names::FROM_NETDEV,
+        &PacketBuilder::tcp(EXT, 40002, lb, 80).syn().build(),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = dp.run(
+        program_names::FROM_NETDEV,
+        &PacketBuilder::tcp(EXT2, 40002, lb, 80).syn().build(),
+    );
+    assert_eq!(verdict, TCX_NEXT);
+    // The flag off: everyone.
+    dp.set_frontend(
+        Frontend {
+            flags: svc_flags::LOAD_BALANCER,
+            ..fe
+        },
+        3,
+    );
+    let (verdict, _) = dp.run(
+        program_names::FROM_NETDEV,
+        &PacketBuilder::tcp(outsider, 40003, lb, 80).syn().build(),
+    );
+    assert_eq!(verdict, TCX_NEXT);
 }

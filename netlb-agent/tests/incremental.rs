@@ -47,9 +47,17 @@ fn step(
 }
 
 /// What the datapath sees, independent of id and index numbering: each
-/// frontend's header and the addresses behind its slots and rev-NAT entry.
-type Shape =
-    BTreeMap<(Ipv4Addr, u16, u8, u8), (u16, (Ipv4Addr, u16), Vec<(Ipv4Addr, u16, u8, u8)>)>;
+/// frontend's header, the addresses behind its slots and rev-NAT entry,
+/// and the source ranges under its key.
+type Shape = BTreeMap<
+    (Ipv4Addr, u16, u8, u8),
+    (
+        u16,
+        (Ipv4Addr, u16),
+        Vec<(Ipv4Addr, u16, u8, u8)>,
+        Vec<(Ipv4Addr, u32)>,
+    ),
+>;
 
 fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
     dp.check_consistent().expect("consistent maps");
@@ -82,11 +90,33 @@ fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
             (address, u16::from_be(key.port_be)),
             "rev-NAT entry of {key:?}"
         );
+        let ranges: Vec<(Ipv4Addr, u32)> = dp
+            .source_ranges
+            .iter()
+            .filter(|(_, r)| {
+                u32::from_be(r.rev_nat_index_be) == value.rev_nat_index
+                    && r.proto == key.proto
+                    && r.scope == key.scope
+            })
+            .map(|(len, r)| (Ipv4Addr::from(u32::from_be(r.address_be)), *len))
+            .collect();
         out.insert(
             (address, u16::from_be(key.port_be), key.proto, key.scope),
-            (value.flags, (address, u16::from_be(rev.port_be)), backends),
+            (
+                value.flags,
+                (address, u16::from_be(rev.port_be)),
+                backends,
+                ranges,
+            ),
         );
     }
+    // No range outlives its frontend.
+    let owned: usize = out.values().map(|v| v.3.len()).sum();
+    assert_eq!(
+        owned,
+        dp.source_ranges.len(),
+        "source ranges without a frontend"
+    );
     (out, dp.services.len(), dp.backends.len(), dp.rev_nat.len())
 }
 
@@ -178,6 +208,20 @@ impl Gen {
             external_policy_local: self.rng.bool(),
             health_check_node_port: None,
             session_affinity_timeout: None,
+            // Ranges matter on load-balancer IPs only; one of them holds
+            // the node's addresses (which admits the LB IPs themselves).
+            source_ranges: {
+                let mut r: Vec<(Ipv4Addr, u8)> = [
+                    (Ipv4Addr::new(203, 0, 113, 0), 24),
+                    (Ipv4Addr::new(192, 0, 2, 0), 24),
+                    (Ipv4Addr::new(10, 0, 0, 0), 8),
+                ]
+                .into_iter()
+                .filter(|_| self.rng.u8(..3) == 0)
+                .collect();
+                r.sort();
+                r
+            },
             ports,
             issues: vec![],
         }

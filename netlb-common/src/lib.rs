@@ -43,8 +43,10 @@ pub mod map_names {
     /// Socket-level load balancing: the frontend a socket's backend stands
     /// for.
     pub const SOCK_REV: &str = "NETLB_SOCK_REV";
+    /// loadBalancerSourceRanges: the sources a frontend admits.
+    pub const SOURCE_RANGES: &str = "NETLB_SOURCE_RANGES";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -54,6 +56,7 @@ pub mod map_names {
         CONFIG,
         POD_SOURCES,
         SOCK_REV,
+        SOURCE_RANGES,
     ];
 }
 
@@ -106,6 +109,8 @@ pub mod limits {
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// Pod addresses known for source validation.
     pub const MAX_POD_SOURCES: u32 = 65_536;
+    /// loadBalancerSourceRanges entries (one per frontend and CIDR).
+    pub const MAX_SOURCE_RANGES: u32 = 65_536;
     /// Socket-level reverse translations (an LRU: one per socket and
     /// backend, only needed while the socket lives).
     pub const MAX_SOCK_REV: u32 = 131_072;
@@ -147,6 +152,9 @@ pub mod svc_flags {
     /// none of them (Local without local endpoints): drop silently, as
     /// kube-proxy's DROP, instead of rejecting.
     pub const DROP: u16 = 1 << 6;
+    /// New connections only from the sources in `SOURCE_RANGES` under this
+    /// frontend's key (loadBalancerSourceRanges); others are dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 7;
 }
 
 /// `BackendValue::flags` bits.
@@ -306,6 +314,33 @@ pub struct ServiceValue {
     pub flags: u16,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+
+/// The data of a `SOURCE_RANGES` LPM-trie key: a frontend (its rev-NAT
+/// index, protocol and scope) and a source prefix. The trie matches the
+/// key's bytes in order, so the frontend part comes first and is always
+/// matched whole: a key's prefix length is
+/// [`SourceRangeKey::FRONTEND_BITS`] plus the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRangeKey {
+    /// The frontend's rev-NAT index. Network byte order (`be`): the trie
+    /// compares bytes, and one order for every key is all it needs.
+    pub rev_nat_index_be: u32,
+    /// IP protocol of the frontend.
+    pub proto: u8,
+    /// Scope of the frontend.
+    pub scope: u8,
+    /// Always zero (matched as part of the frontend).
+    pub pad: [u8; 2],
+    /// Source address (the prefix's first bits count). Network byte order.
+    pub address_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
+
+impl SourceRangeKey {
+    /// Bits of the key that name the frontend.
+    pub const FRONTEND_BITS: u32 = 64;
+}
 
 /// Value of the `BACKENDS` hash map, keyed by backend id (`u32`, host order).
 #[repr(C)]
@@ -666,8 +701,11 @@ pub mod stat {
     /// Dropped: a pod sent a packet with a source address that belongs to
     /// another pod interface.
     pub const DROP_SPOOFED_SOURCE: u32 = 24;
+    /// Dropped: a new connection to a load-balancer IP from a source outside
+    /// the Service's loadBalancerSourceRanges.
+    pub const DROP_SOURCE_RANGE: u32 = 28;
     /// Number of counters.
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -699,11 +737,12 @@ pub mod stat {
         "sock_lb",
         "sock_reject",
         "sock_rev_nat",
+        "drop_source_range",
     ];
 
     /// Whether the counter is a drop reason.
     pub const fn is_drop(index: u32) -> bool {
-        index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE
+        (index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE) || index == DROP_SOURCE_RANGE
     }
 }
 
@@ -717,6 +756,7 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for CtTuple<u32> {}
     unsafe impl aya::Pod for CtEntry<u32> {}
     unsafe impl aya::Pod for SockRevKey {}

@@ -1,8 +1,8 @@
 //! Frontend lookup and backend selection (Cilium's `lb4_lookup_service` and
 //! `lb4_select_backend_id`, random-by-hash flavour).
 
-use aya_ebpf::programs::TcContext;
-use netlb_common::{BackendValue, ServiceKey, ServiceValue, scope, svc_flags};
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use netlb_common::{BackendValue, ServiceKey, ServiceValue, SourceRangeKey, scope, svc_flags};
 
 use crate::{maps, parse::Packet, reject, verdict::Reason};
 
@@ -71,6 +71,29 @@ pub fn select_backend(fe: &Frontend, pkt: &Packet) -> Result<(u32, BackendValue)
     let id = slot.backend_id;
     let backend = *unsafe { maps::BACKENDS.get(id) }.ok_or(Reason::NoBackendEntry)?;
     Ok((id, backend))
+}
+
+/// Whether a new connection from `saddr_be` may use the frontend: always,
+/// unless it has loadBalancerSourceRanges, and then only from a source in
+/// one of them (kube-proxy's firewall chain, which checks new connections).
+#[inline(always)]
+pub fn source_allowed(fe: &Frontend, saddr_be: u32) -> bool {
+    if fe.value.flags & svc_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SourceRangeKey::FRONTEND_BITS + 32,
+        SourceRangeKey {
+            // The trie compares bytes: the index goes in big-endian, as
+            // the agent writes it.
+            rev_nat_index_be: fe.value.rev_nat_index.to_be(),
+            proto: fe.key.proto,
+            scope: fe.key.scope,
+            pad: [0; 2],
+            address_be: saddr_be,
+        },
+    );
+    maps::SOURCE_RANGES.get(key).is_some()
 }
 
 /// A new connection to a frontend without usable backends: kube-proxy's

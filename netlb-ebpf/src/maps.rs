@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netlb_common::{
     BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, limits, stat,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, limits, stat,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when the agent writes them.
@@ -64,6 +64,13 @@ pub static POD_SOURCES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MA
 #[map(name = "NETLB_SOCK_REV")]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(limits::MAX_SOCK_REV, 0);
+
+/// loadBalancerSourceRanges: (frontend, source prefix) -> 1. An LPM trie
+/// (always allocated as it fills: the kernel requires `BPF_F_NO_PREALLOC`,
+/// which aya-ebpf adds).
+#[map(name = "NETLB_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(limits::MAX_SOURCE_RANGES, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -128,6 +128,11 @@ fn to_frontend(
     if !conntrack::can_open(pkt) {
         return not_new().map(Err);
     }
+    // Before REJECT: kube-proxy's firewall chain comes first, so a source
+    // outside the ranges is dropped whether or not there are endpoints.
+    if !lb::source_allowed(fe, pkt.saddr_be) {
+        return Err(Reason::SourceRange);
+    }
     if fe.value.count == 0 {
         return lb::no_backends(ctx, pkt, fe).map(Err);
     }

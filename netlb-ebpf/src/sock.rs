@@ -77,6 +77,16 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
         return ALLOW;
     };
+    // A host process's packets leave with the node's address as their
+    // source (kube-proxy sees the node IP for them): that is what the
+    // frontend's source ranges are checked against. Outside them, the call
+    // times out at once, as a dropped SYN would make it.
+    if !lb::source_allowed(&fe, cfg.snat_addr_be) {
+        // SAFETY: helper without preconditions for cgroup programs.
+        unsafe { bpf_set_retval(-ETIMEDOUT) };
+        maps::count(stat::DROP_SOURCE_RANGE);
+        return DENY;
+    }
     if fe.value.count == 0 {
         // kube-proxy's REJECT (connection refused) and DROP (the client
         // times out): the call fails at once instead, with the errno the

@@ -23,6 +23,7 @@ pub enum Reason {
     NatPorts = stat::DROP_NAT_PORTS,
     CtInvalid = stat::DROP_CT_INVALID,
     SpoofedSource = stat::DROP_SPOOFED_SOURCE,
+    SourceRange = stat::DROP_SOURCE_RANGE,
 }
 
 impl From<Reason> for i32 {

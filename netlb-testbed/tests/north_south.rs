@@ -205,6 +205,117 @@ fn local_policy_keeps_the_client_address_and_health_checks_follow_local_endpoint
     }
 }
 
+/// A LoadBalancer Service (externalTrafficPolicy Cluster) on 198.51.100.9
+/// whose loadBalancerSourceRanges are `ranges`.
+fn ranged_lb_service(ranges: &[&str]) -> String {
+    let ranges = if ranges.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "  loadBalancerSourceRanges:\n{}",
+            ranges
+                .iter()
+                .map(|r| format!("    - \"{r}\"\n"))
+                .collect::<String>()
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ranged\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.82\n  selector: {{app: ranged}}\n{ranges}  ports:\n    - {{protocol: TCP, port: 80, targetPort: 9376, nodePort: 30082}}\nstatus:\n  loadBalancer:\n    ingress:\n      - ip: 198.51.100.9\n"
+    )
+}
+
+/// Upstream: `[sig-network] Services should only allow access from service
+/// loadbalancer source ranges`. An accepted and a dropped client pod (on
+/// different nodes), then the ranges swapped, then removed; plus the
+/// outside client through the load balancer's route, from an address in
+/// the range and one outside it. A refused source times out (a drop, as
+/// kube-proxy's firewall chain), it is not rejected.
+#[test]
+fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
+    let mut c = Cluster::multi(2, &[("ranged-0", 0), ("ranged-1", 1)]);
+    let accept = c.add_backend_on(0, "accept");
+    let drop = c.add_backend_on(1, "drop");
+    c.tb.route_to_node("198.51.100.9/32", 1).unwrap();
+    // A second outside address, outside the range given to the first.
+    c.tb.exec(
+        &c.tb.ext,
+        &["ip", "addr", "add", "203.0.113.20/24", "dev", "eth0"],
+    )
+    .unwrap();
+    let ext = c.tb.ext.clone();
+    let slice = endpoint_slice_yaml(
+        "ranged",
+        &[("", "TCP", 9376)],
+        &refs(&pods(&c, &["ranged-0", "ranged-1"])),
+    );
+    c.write("ranged-slice.yaml", &slice);
+    let accepted = format!("{}/32", accept.ip);
+    c.write(
+        "ranged.yaml",
+        &ranged_lb_service(&[&accepted, "203.0.113.10/32"]),
+    );
+    c.start_agents();
+    let url = "http://198.51.100.9/";
+    let reaches = |netns: &str, source: Option<&str>| -> bool {
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ];
+        if let Some(source) = source {
+            args.extend(["--interface", source]);
+        }
+        args.push(url);
+        c.tb.exec(netns, &args)
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "200")
+            .unwrap_or(false)
+    };
+    let check = |want: [bool; 4]| {
+        let got = [
+            reaches(&accept.netns, None),
+            reaches(&drop.netns, None),
+            reaches(&ext, Some("203.0.113.10")),
+            reaches(&ext, Some("203.0.113.20")),
+        ];
+        (got == want).then_some(())
+    };
+    // accept pod, drop pod, outside .10, outside .20
+    wait_until(Duration::from_secs(10), || {
+        check([true, false, true, false])
+    })
+    .unwrap_or_else(|| panic!("first ranges\n{}", c.agent_logs()));
+    let dropped_before = stat_sum(&c, "drop_source_range");
+    assert!(dropped_before >= 2, "drops counted: {dropped_before}");
+
+    // Swapped: the other pod and the other outside address.
+    let dropped = format!("{}/32", drop.ip);
+    c.write(
+        "ranged.yaml",
+        &ranged_lb_service(&[&dropped, "203.0.113.20/32"]),
+    );
+    wait_until(Duration::from_secs(10), || {
+        check([false, true, false, true])
+    })
+    .unwrap_or_else(|| panic!("swapped ranges\n{}", c.agent_logs()));
+
+    // Removed: everyone.
+    c.write("ranged.yaml", &ranged_lb_service(&[]));
+    wait_until(Duration::from_secs(10), || check([true, true, true, true]))
+        .unwrap_or_else(|| panic!("no ranges\n{}", c.agent_logs()));
+}
+
+/// A datapath counter summed over the nodes.
+fn stat_sum(c: &Cluster, name: &str) -> u64 {
+    (0..c.tb.nodes.len())
+        .map(|n| common::stat(c, n, name))
+        .sum()
+}
+
 #[test]
 fn external_ips_pods_reaching_node_ports_and_hairpin() {
     let mut c = Cluster::multi(2, &[("ex-0", 0), ("ex-1", 1)]);

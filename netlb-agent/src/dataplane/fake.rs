@@ -1,11 +1,14 @@
 //! An in-memory [`Dataplane`] for tests: the same maps as BTreeMaps, a log of
 //! every operation in order, and failure injection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use netlb_common::{BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue};
 
-use super::{BackendId, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex};
+use super::{
+    BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
+    SourceRange,
+};
 
 /// One operation, as applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,13 +19,18 @@ pub enum Op {
     DeleteService(ServiceKey),
     UpsertRevNat(RevNatIndex),
     DeleteRevNat(RevNatIndex),
+    UpsertSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
 }
 
 impl Op {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Self::UpsertBackend(_) | Self::UpsertService(_) | Self::UpsertRevNat(_)
+            Self::UpsertBackend(_)
+                | Self::UpsertService(_)
+                | Self::UpsertRevNat(_)
+                | Self::UpsertSourceRange(_)
         )
     }
 }
@@ -32,6 +40,7 @@ pub struct FakeDataplane {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendId, BackendValue>,
     pub rev_nat: BTreeMap<RevNatIndex, RevNatValue>,
+    pub source_ranges: BTreeSet<SourceRange>,
     pub ops: Vec<Op>,
     /// Backend ids whose counters were reset, in order.
     pub stats_reset: Vec<BackendId>,
@@ -82,6 +91,15 @@ impl FakeDataplane {
         for (key, value) in self.services.iter().filter(|(k, _)| k.backend_slot == 0) {
             if !self.rev_nat.contains_key(&value.rev_nat_index) {
                 return Err(format!("{key:?}: rev-NAT {} missing", value.rev_nat_index));
+            }
+            if value.flags & netlb_common::svc_flags::SOURCE_RANGES != 0
+                && !self.source_ranges.iter().any(|(_, r)| {
+                    r.rev_nat_index_be == value.rev_nat_index.to_be()
+                        && r.proto == key.proto
+                        && r.scope == key.scope
+                })
+            {
+                return Err(format!("{key:?}: source ranges flagged but none written"));
             }
             for slot in 1..=value.count {
                 let slot_key = ServiceKey {
@@ -152,6 +170,24 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+        for (index, item) in items.iter().enumerate() {
+            self.attempt(Op::UpsertSourceRange(*item))
+                .map_err(|source| BatchError { index, source })?;
+            self.source_ranges.insert(*item);
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+        for (index, item) in items.iter().enumerate() {
+            self.attempt(Op::DeleteSourceRange(*item))
+                .map_err(|source| BatchError { index, source })?;
+            self.source_ranges.remove(item);
+        }
+        Ok(())
+    }
+
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
         self.stats_reset.push(id);
         Ok(())
@@ -162,6 +198,7 @@ impl Dataplane for FakeDataplane {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
         })
     }
 }

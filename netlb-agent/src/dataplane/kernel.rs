@@ -13,15 +13,19 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use netlb_common::{
-    BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue, map_names,
-    stat,
+    BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey, map_names, stat,
 };
 
 use super::{
     BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
+    SourceRange,
 };
 
 /// The service maps of a loaded datapath (or of a pinned one).
@@ -30,6 +34,7 @@ pub struct AyaDataplane {
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     backend_stats: Array<MapData, BackendStats>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 fn io_error(e: MapError) -> io::Error {
@@ -79,6 +84,10 @@ impl AyaDataplane {
                 take(ebpf, map_names::BACKEND_STATS)?,
                 map_names::BACKEND_STATS,
             )?,
+            source_ranges: typed(
+                take(ebpf, map_names::SOURCE_RANGES)?,
+                map_names::SOURCE_RANGES,
+            )?,
         })
     }
 
@@ -91,6 +100,10 @@ impl AyaDataplane {
             backend_stats: typed(
                 open_pinned(dir, map_names::BACKEND_STATS)?,
                 map_names::BACKEND_STATS,
+            )?,
+            source_ranges: typed(
+                open_pinned(dir, map_names::SOURCE_RANGES)?,
+                map_names::SOURCE_RANGES,
             )?,
         })
     }
@@ -242,11 +255,48 @@ impl Dataplane for AyaDataplane {
         })
     }
 
+    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+        // The LPM trie has no batch commands: one call per entry (a
+        // Service has a handful of ranges).
+        for (index, (len, data)) in items.iter().enumerate() {
+            self.source_ranges
+                .insert(&Key::new(*len, *data), 1, 0)
+                .map_err(write_err(
+                    map_names::SOURCE_RANGES,
+                    format!("{data:?}/{len}"),
+                ))
+                .map_err(|source| BatchError { index, source })?;
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+        for (index, (len, data)) in items.iter().enumerate() {
+            delete_result(
+                self.source_ranges.remove(&Key::new(*len, *data)),
+                map_names::SOURCE_RANGES,
+                format!("{data:?}/{len}"),
+            )
+            .map_err(|source| BatchError { index, source })?;
+        }
+        Ok(())
+    }
+
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
+        let source_ranges = self
+            .source_ranges
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DataplaneError::Read {
+                map: map_names::SOURCE_RANGES,
+                source: io_error(e),
+            })?;
         Ok(ProgrammedMaps {
             services: collect(&self.services, map_names::SERVICES)?,
             backends: collect(&self.backends, map_names::BACKENDS)?,
             rev_nat: collect(&self.rev_nat, map_names::REV_NAT)?,
+            source_ranges,
         })
     }
 }

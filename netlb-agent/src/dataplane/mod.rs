@@ -7,12 +7,18 @@
 pub mod fake;
 pub mod kernel;
 
-use netlb_common::{BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue};
+use netlb_common::{
+    BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+};
 
 /// Backend id: key of the `BACKENDS` map, `1..=MAX_BACKENDS`.
 pub type BackendId = u32;
 /// Reverse NAT index: key of the `REV_NAT` map, `1..=MAX_REV_NAT`.
 pub type RevNatIndex = u32;
+
+/// An entry of the `SOURCE_RANGES` trie: (prefix length in bits,
+/// including the frontend's [`SourceRangeKey::FRONTEND_BITS`], key data).
+pub type SourceRange = (u32, SourceRangeKey);
 
 /// Everything currently programmed in the service maps, as read back from the
 /// kernel (used to adopt pinned maps after a restart).
@@ -21,6 +27,7 @@ pub struct ProgrammedMaps {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(BackendId, BackendValue)>,
     pub rev_nat: Vec<(RevNatIndex, RevNatValue)>,
+    pub source_ranges: Vec<SourceRange>,
 }
 
 /// Errors of a dataplane operation.
@@ -107,6 +114,11 @@ pub trait Dataplane {
         }
         Ok(())
     }
+    /// Writes loadBalancerSourceRanges entries, in order.
+    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError>;
+    /// Deletes loadBalancerSourceRanges entries (a missing one is not an
+    /// error).
+    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError>;
     /// Zeroes a backend id's counters (before the id is handed out again).
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
     /// Reads back everything programmed (adoption after a restart).

@@ -3,7 +3,10 @@
 //! backend's SYN-ACK (reverse NAT, checked against its connection), data on
 //! the established connection both ways (conntrack hit and DNAT; reverse
 //! NAT) and a packet that matches nothing, with 10 and with 100,000 Services
-//! programmed. Reports medians; asserts nothing. Run with `cargo xtask bench`.
+//! programmed; and the first and established packets of a plain Service, one
+//! with session affinity and one with loadBalancerSourceRanges, measured in
+//! turn in the same run. Reports medians; asserts nothing. Run with
+//! `cargo xtask bench`.
 
 #[path = "../tests/packet/mod.rs"]
 mod packet;
@@ -197,9 +200,106 @@ fn measure(services: u32) {
     );
 }
 
+/// First packet and established data of three frontends measured in
+/// turn: plain, with session affinity (its matches written, so the
+/// client's affinity entry is found and checked), with source ranges (the
+/// client's /24 admitted).
+fn measure_features() {
+    use netlb_agent::dataplane::Aux;
+    use netlb_common::{AffinityFrontend, AffinityMatchKey, SourceRangeKey};
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_dir: None,
+        settings: DatapathSettings::default(),
+        sizes: MapSizes::default(),
+    })
+    .expect("load (needs root)");
+    let mut dp = AyaDataplane::from_ebpf(&mut ebpf).expect("maps");
+    program(&mut dp, 10);
+    let header = |i: u32, flags: u16, backend_id: u32| {
+        (
+            ServiceKey {
+                address_be: be_addr(vip(i)),
+                port_be: 80u16.to_be(),
+                backend_slot: 0,
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+                pad: [0; 2],
+            },
+            ServiceValue {
+                backend_id,
+                rev_nat_index: i + 1,
+                count: 4,
+                flags,
+            },
+        )
+    };
+    // Service 1: affinity (its backends are ids 5..=8).
+    let frontend = AffinityFrontend {
+        rev_nat_index: 2,
+        proto: proto::TCP,
+        scope: scope::EXTERNAL,
+        pad: [0; 2],
+    };
+    let matches: Vec<Aux> = (5..=8)
+        .map(|backend_id| {
+            Aux::AffinityMatch(AffinityMatchKey {
+                backend_id,
+                frontend,
+            })
+        })
+        .collect();
+    dp.upsert_aux(&matches).expect("matches");
+    let (k, v) = header(1, svc_flags::CLUSTER_IP | svc_flags::AFFINITY, 10_800);
+    dp.upsert_service(&k, &v).expect("affinity frontend");
+    // Service 2: source ranges admitting the client's /24.
+    dp.upsert_aux(&[Aux::SourceRange((
+        SourceRangeKey::FRONTEND_BITS + 24,
+        SourceRangeKey {
+            rev_nat_index_be: 3u32.to_be(),
+            proto: proto::TCP,
+            scope: scope::EXTERNAL,
+            pad: [0; 2],
+            address_be: be_addr(Ipv4Addr::new(10, 244, 0, 0)),
+        },
+    ))])
+    .expect("range");
+    let (k, v) = header(2, svc_flags::CLUSTER_IP | svc_flags::SOURCE_RANGES, 0);
+    dp.upsert_service(&k, &v).expect("ranged frontend");
+    let from_pod: &SchedClassifier = ebpf
+        .program(program_names::FROM_POD)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut out = vec![0u8; 256];
+    let names = ["plain", "session affinity", "source ranges"];
+    let mut first: [Vec<Duration>; 3] = Default::default();
+    let mut established: [Vec<Duration>; 3] = Default::default();
+    for sport in 20000..20000 + SAMPLES {
+        for (i, target) in (0..3).map(|i| (i, vip(i as u32))) {
+            let syn = PacketBuilder::tcp(CLIENT, sport, target, 80).syn().build();
+            let (verdict, d, _) = run_once(from_pod, &syn, &mut out);
+            assert_eq!(verdict, TCX_NEXT, "{}", names[i]);
+            first[i].push(d);
+            let data = PacketBuilder::tcp(CLIENT, sport, target, 80)
+                .ack()
+                .payload(b"GET / HTTP/1.1")
+                .build();
+            established[i].push(run_once(from_pod, &data, &mut out).1);
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        println!(
+            "{name:>16}: first packet {:>4} ns, established {:>4} ns (medians of {SAMPLES}, in turn with the others)",
+            median(std::mem::take(&mut first[i])).as_nanos(),
+            median(std::mem::take(&mut established[i])).as_nanos(),
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     for services in [10, 100_000] {
         measure(services);
     }
+    measure_features();
 }

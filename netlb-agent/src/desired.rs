@@ -63,6 +63,9 @@ pub struct DesiredFrontend {
     /// Sources admitted (network, prefix length), sorted; with
     /// `svc_flags::SOURCE_RANGES` only, else empty.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Session-affinity timeout in seconds, with `svc_flags::AFFINITY`
+    /// only, else 0.
+    pub affinity_timeout: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -152,6 +155,11 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
         if proto == netlb_common::proto::UDP {
             record_udp_serving(&mut state.udp_serving, port, nodeport_addresses);
         }
+        // sessionAffinity ClientIP: every frontend of the port, both views.
+        let (affinity, affinity_timeout) = match port.session_affinity_timeout {
+            Some(t) => (svc_flags::AFFINITY, t),
+            None => (0, 0),
+        };
         let (internal, internal_flags) = backends(&port.internal, proto);
         for ip in &port.cluster_ips {
             state.insert(
@@ -163,9 +171,10 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                 },
                 DesiredFrontend {
                     service: name.clone(),
-                    flags: svc_flags::CLUSTER_IP | internal_flags,
+                    flags: svc_flags::CLUSTER_IP | internal_flags | affinity,
                     backends: internal.clone(),
                     source_ranges: Vec::new(),
+                    affinity_timeout,
                 },
             );
         }
@@ -214,9 +223,11 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                         | local
                         | external_flags
                         | ranges_flag
+                        | affinity
                         | if split { svc_flags::TWO_SCOPES } else { 0 },
                     backends: external.clone(),
                     source_ranges: ranges.clone(),
+                    affinity_timeout,
                 },
             );
             if split {
@@ -227,9 +238,10 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                     },
                     DesiredFrontend {
                         service: name.clone(),
-                        flags: kind | from_pods_flags | ranges_flag,
+                        flags: kind | from_pods_flags | ranges_flag | affinity,
                         backends: from_pods.clone(),
                         source_ranges: ranges,
+                        affinity_timeout,
                     },
                 );
             }

@@ -19,8 +19,9 @@ use aya::{
     },
 };
 use netlb_common::{
-    BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, limits, map_names, program_names, stat,
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
+    DatapathConfig, RevNatValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SourceRangeKey, limits, map_names, program_names, stat,
 };
 
 use crate::config::DatapathSettings;
@@ -38,6 +39,8 @@ pub struct MapSizes {
     pub pod_sources: u32,
     pub sock_rev: u32,
     pub source_ranges: u32,
+    pub affinity: u32,
+    pub affinity_matches: u32,
 }
 
 impl Default for MapSizes {
@@ -50,6 +53,8 @@ impl Default for MapSizes {
             pod_sources: limits::MAX_POD_SOURCES,
             sock_rev: limits::MAX_SOCK_REV,
             source_ranges: limits::MAX_SOURCE_RANGES,
+            affinity: limits::MAX_AFFINITY,
+            affinity_matches: limits::MAX_AFFINITY_MATCH,
         }
     }
 }
@@ -251,6 +256,18 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             1,
             sizes.source_ranges,
         ),
+        map_names::AFFINITY => (
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            sizes.affinity,
+        ),
+        map_names::AFFINITY_MATCH => (
+            MapType::Hash,
+            size_of::<AffinityMatchKey>(),
+            1,
+            sizes.affinity_matches,
+        ),
         _ => return None,
     })
 }
@@ -320,7 +337,9 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         .map_max_entries(map_names::CONNTRACK, opts.sizes.conntrack)
         .map_max_entries(map_names::POD_SOURCES, opts.sizes.pod_sources)
         .map_max_entries(map_names::SOCK_REV, opts.sizes.sock_rev)
-        .map_max_entries(map_names::SOURCE_RANGES, opts.sizes.source_ranges);
+        .map_max_entries(map_names::SOURCE_RANGES, opts.sizes.source_ranges)
+        .map_max_entries(map_names::AFFINITY, opts.sizes.affinity)
+        .map_max_entries(map_names::AFFINITY_MATCH, opts.sizes.affinity_matches);
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
         Some(dir) => {
             ensure_bpffs(dir)?;

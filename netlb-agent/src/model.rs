@@ -88,7 +88,7 @@ pub struct ServicePort {
     pub internal_policy_local: bool,
     pub external_policy_local: bool,
     pub health_check_node_port: Option<u16>,
-    /// sessionAffinity ClientIP timeout, if set (recorded; not yet applied).
+    /// sessionAffinity ClientIP timeout, if set.
     pub session_affinity_timeout: Option<u32>,
     /// loadBalancerSourceRanges (IPv4), for the load-balancer IPs.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,

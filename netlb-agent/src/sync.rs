@@ -37,12 +37,12 @@ use std::{
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use netlb_common::{
-    BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, be_addr, from_be_addr,
-    limits,
+    AffinityFrontend, AffinityMatchKey, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey, be_addr, from_be_addr, limits, svc_flags,
 };
 
 use crate::{
-    dataplane::{BackendId, BatchError, Dataplane, DataplaneError, RevNatIndex, SourceRange},
+    dataplane::{Aux, BackendId, BatchError, Dataplane, DataplaneError, RevNatIndex},
     desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
     objects::Name,
     tracker::ObjectKey,
@@ -81,9 +81,11 @@ struct Frontend {
     /// after a failed write left the kernel somewhere between two layouts,
     /// both layouts' ids (none may be deleted until it is rewritten).
     held: Vec<BackendId>,
-    /// Its `SOURCE_RANGES` entries as written (after a failure: every entry
-    /// the kernel may hold).
-    ranges: Vec<SourceRange>,
+    /// Its auxiliary entries as written, sorted (after a failure: every
+    /// entry the kernel may hold).
+    aux: Vec<Aux>,
+    /// Session-affinity timeout in slot 0's `backend_id` (0 without).
+    timeout: u32,
 }
 
 impl Frontend {
@@ -94,21 +96,25 @@ impl Frontend {
             flags,
             slots,
             held,
-            ranges: Vec::new(),
+            aux: Vec::new(),
+            timeout: 0,
         }
     }
 }
 
-/// The `SOURCE_RANGES` entries of a frontend (sorted).
-fn range_entries(
+/// The auxiliary entries of a frontend (sorted): its source ranges and,
+/// with session affinity, a match for every backend in its slots.
+fn aux_entries(
     key: &FrontendKey,
     rev_nat: RevNatIndex,
+    flags: u16,
     ranges: &[(Ipv4Addr, u8)],
-) -> Vec<SourceRange> {
-    let mut out: Vec<SourceRange> = ranges
+    slots: &[BackendId],
+) -> Vec<Aux> {
+    let mut out: Vec<Aux> = ranges
         .iter()
         .map(|(network, len)| {
-            (
+            Aux::SourceRange((
                 SourceRangeKey::FRONTEND_BITS + u32::from(*len),
                 SourceRangeKey {
                     // Big-endian, as the datapath looks it up (the trie
@@ -119,10 +125,25 @@ fn range_entries(
                     pad: [0; 2],
                     address_be: be_addr(*network),
                 },
-            )
+            ))
         })
         .collect();
+    if flags & svc_flags::AFFINITY != 0 {
+        let frontend = AffinityFrontend {
+            rev_nat_index: rev_nat,
+            proto: key.proto,
+            scope: key.scope,
+            pad: [0; 2],
+        };
+        out.extend(slots.iter().filter(|id| **id != 0).map(|id| {
+            Aux::AffinityMatch(AffinityMatchKey {
+                backend_id: *id,
+                frontend,
+            })
+        }));
+    }
     out.sort();
+    out.dedup();
     out
 }
 
@@ -343,9 +364,9 @@ pub struct Syncer {
     /// Entries found at adoption that belong to no frontend slot, and slots
     /// whose deletion failed.
     stray_slots: Vec<ServiceKey>,
-    /// Source-range entries of no programmed frontend (adopted, or whose
+    /// Auxiliary entries of no programmed frontend (adopted, or whose
     /// deletion failed), deleted by the next apply.
-    stray_ranges: Vec<SourceRange>,
+    stray_aux: Vec<Aux>,
     /// Frontends to reconcile on the next [`apply`](Self::apply).
     dirty: BTreeSet<FrontendKey>,
     /// Backends and rev-NAT entries whose references dropped to zero (or
@@ -385,7 +406,7 @@ impl Syncer {
             backend_ids: Ids::new(max_backends),
             rev_nat_ids: Ids::new(max_rev_nat),
             stray_slots: Vec::new(),
-            stray_ranges: Vec::new(),
+            stray_aux: Vec::new(),
             dirty: BTreeSet::new(),
             unreferenced_backends: BTreeSet::new(),
             unreferenced_rev_nat: BTreeSet::new(),
@@ -475,14 +496,13 @@ impl Syncer {
             };
             if key.backend_slot == 0 {
                 syncer.service_entries += 1 + value.count as usize;
-                syncer.frontends.insert(
-                    fe,
-                    Frontend::new(
-                        value.rev_nat_index,
-                        value.flags,
-                        vec![0; value.count as usize],
-                    ),
+                let mut f = Frontend::new(
+                    value.rev_nat_index,
+                    value.flags,
+                    vec![0; value.count as usize],
                 );
+                f.timeout = value.backend_id;
+                syncer.frontends.insert(fe, f);
             } else {
                 slots.insert((fe, key.backend_slot), value.backend_id);
             }
@@ -496,22 +516,36 @@ impl Syncer {
                 _ => syncer.stray_slots.push(service_key(&fe, slot)),
             }
         }
-        // Source ranges belong to the frontend with their rev-NAT index,
-        // protocol and scope.
+        // Auxiliary entries belong to the frontend with their rev-NAT
+        // index, protocol and scope.
         let mut owners: HashMap<(RevNatIndex, u8, u8), FrontendKey> = HashMap::default();
         for (key, f) in &syncer.frontends {
             owners.insert((f.rev_nat, key.proto, key.scope), *key);
         }
-        for range in &maps.source_ranges {
-            let (_, data) = range;
-            let owner = owners.get(&(u32::from_be(data.rev_nat_index_be), data.proto, data.scope));
-            match owner.and_then(|k| syncer.frontends.get_mut(k)) {
-                Some(f) => f.ranges.push(*range),
-                None => syncer.stray_ranges.push(*range),
+        let aux = maps
+            .source_ranges
+            .iter()
+            .map(|r| {
+                let (_, d) = r;
+                (
+                    (u32::from_be(d.rev_nat_index_be), d.proto, d.scope),
+                    Aux::SourceRange(*r),
+                )
+            })
+            .chain(maps.affinity_matches.iter().map(|m| {
+                (
+                    (m.frontend.rev_nat_index, m.frontend.proto, m.frontend.scope),
+                    Aux::AffinityMatch(*m),
+                )
+            }));
+        for (owner, entry) in aux {
+            match owners.get(&owner).and_then(|k| syncer.frontends.get_mut(k)) {
+                Some(f) => f.aux.push(entry),
+                None => syncer.stray_aux.push(entry),
             }
         }
         for f in syncer.frontends.values_mut() {
-            f.ranges.sort();
+            f.aux.sort();
         }
         // Reference counts from what the frontends use.
         let frontends: Vec<(FrontendKey, Frontend)> = syncer
@@ -685,7 +719,7 @@ impl Syncer {
                     *k,
                     service_key(k, 0),
                     ServiceValue {
-                        backend_id: 0,
+                        backend_id: f.timeout,
                         rev_nat_index: f.rev_nat,
                         count: f.slots.len() as u16,
                         flags: f.flags,
@@ -757,7 +791,9 @@ impl Syncer {
         if f.flags != want.flags || f.rev_nat != rev.index || f.slots.len() != want.backends.len() {
             return false;
         }
-        if f.ranges != range_entries(key, f.rev_nat, &want.source_ranges) {
+        if f.timeout != want.affinity_timeout
+            || f.aux != aux_entries(key, f.rev_nat, want.flags, &want.source_ranges, &f.slots)
+        {
             return false;
         }
         let programmed: HashSet<BackendId> = f.slots.iter().copied().collect();
@@ -786,7 +822,7 @@ impl Syncer {
     pub fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
             || !self.stray_slots.is_empty()
-            || !self.stray_ranges.is_empty()
+            || !self.stray_aux.is_empty()
             || !self.unreferenced_backends.is_empty()
             || !self.unreferenced_rev_nat.is_empty()
     }
@@ -1051,12 +1087,12 @@ impl Syncer {
             key: FrontendKey,
             old: Option<Frontend>,
             new: Frontend,
-            /// Source-range entries the old layout has and the new one not.
-            range_dels: Vec<SourceRange>,
+            /// Auxiliary entries the old layout has and the new one not.
+            aux_dels: Vec<Aux>,
         }
         let mut plans: Vec<Plan> = Vec::new();
         let mut slot_writes: Vec<Planned<(ServiceKey, ServiceValue)>> = Vec::new();
-        let mut range_writes: Vec<Planned<SourceRange>> = Vec::new();
+        let mut aux_writes: Vec<Planned<Aux>> = Vec::new();
         for (key, want) in &changes {
             let Some(want) = want else { continue };
             if failed.contains(key) {
@@ -1086,51 +1122,50 @@ impl Syncer {
                     });
                 }
             }
-            let new_ranges = range_entries(key, rev_nat, &want.source_ranges);
+            let new_aux = aux_entries(key, rev_nat, want.flags, &want.source_ranges, &slots);
             // An unknown frontend may lack any entry: all are written again.
             let known = old.as_ref().filter(|f| f.flags != UNKNOWN_FLAGS);
-            let old_ranges: &[SourceRange] = old
-                .as_ref()
-                .map(|f| f.ranges.as_slice())
-                .unwrap_or_default();
-            for range in &new_ranges {
-                if known.is_none_or(|f| f.ranges.binary_search(range).is_err()) {
-                    range_writes.push(Planned {
+            let old_aux: &[Aux] = old.as_ref().map(|f| f.aux.as_slice()).unwrap_or_default();
+            for entry in &new_aux {
+                if known.is_none_or(|f| f.aux.binary_search(entry).is_err()) {
+                    aux_writes.push(Planned {
                         frontend: *key,
-                        item: *range,
+                        item: *entry,
                     });
                 }
             }
-            let range_dels = old_ranges
+            let aux_dels = old_aux
                 .iter()
-                .filter(|r| new_ranges.binary_search(r).is_err())
+                .filter(|r| new_aux.binary_search(r).is_err())
                 .copied()
                 .collect();
             let mut new = Frontend::new(rev_nat, want.flags, slots);
-            new.ranges = new_ranges;
+            new.aux = new_aux;
+            new.timeout = want.affinity_timeout;
             plans.push(Plan {
                 key: *key,
                 old,
                 new,
-                range_dels,
+                aux_dels,
             });
         }
-        // Source ranges before the header that turns them on (make before
-        // break: a new range admits before the flag could refuse).
-        let mut range_failed = BTreeSet::new();
+        // Auxiliary entries before the header that uses them (make before
+        // break: a new range admits, a new backend matches, before the
+        // header could refuse or forget).
+        let mut aux_failed = BTreeSet::new();
         report.writes += write_batch(
-            &range_writes,
-            &mut |items| dp.upsert_source_ranges(items),
-            &mut range_failed,
+            &aux_writes,
+            &mut |items| dp.upsert_aux(items),
+            &mut aux_failed,
         );
-        slot_writes.retain(|p| !range_failed.contains(&p.frontend));
+        slot_writes.retain(|p| !aux_failed.contains(&p.frontend));
         let mut slot_failed = BTreeSet::new();
         report.writes += write_batch(
             &slot_writes,
             &mut |items| dp.upsert_services(items),
             &mut slot_failed,
         );
-        slot_failed.extend(range_failed);
+        slot_failed.extend(aux_failed);
         if !slot_failed.is_empty() {
             // Slots written past a failed frontend's old count are
             // unreachable (its header still says the old count): take them
@@ -1170,6 +1205,7 @@ impl Syncer {
                 Some(f) => {
                     f.rev_nat != plan.new.rev_nat
                         || f.flags != plan.new.flags
+                        || f.timeout != plan.new.timeout
                         || f.slots.len() != plan.new.slots.len()
                 }
                 None => true,
@@ -1180,7 +1216,8 @@ impl Syncer {
                     item: (
                         service_key(&plan.key, 0),
                         ServiceValue {
-                            backend_id: 0,
+                            // The affinity timeout (0 without).
+                            backend_id: plan.new.timeout,
                             rev_nat_index: plan.new.rev_nat,
                             count: plan.new.slots.len() as u16,
                             flags: plan.new.flags,
@@ -1214,28 +1251,28 @@ impl Syncer {
             &mut |items| dp.delete_services(items),
             &mut tail_failed,
         );
-        // Ranges the new layout dropped, once its header no longer needs
+        // Entries the new layout dropped, once its header no longer needs
         // them (a failure leaves them for a later sync).
-        let range_deletes: Vec<Planned<SourceRange>> = plans
+        let aux_deletes: Vec<Planned<Aux>> = plans
             .iter()
             .filter(|plan| !slot_failed.contains(&plan.key) && !header_failed.contains(&plan.key))
             .flat_map(|plan| {
-                plan.range_dels.iter().map(|r| Planned {
+                plan.aux_dels.iter().map(|r| Planned {
                     frontend: plan.key,
                     item: *r,
                 })
             })
             .collect();
-        let mut range_del_failed = BTreeSet::new();
+        let mut aux_del_failed = BTreeSet::new();
         report.deletes += write_batch(
-            &range_deletes,
-            &mut |items| dp.delete_source_ranges(items),
-            &mut range_del_failed,
+            &aux_deletes,
+            &mut |items| dp.delete_aux(items),
+            &mut aux_del_failed,
         );
-        self.stray_ranges.extend(
-            range_deletes
+        self.stray_aux.extend(
+            aux_deletes
                 .iter()
-                .filter(|p| range_del_failed.contains(&p.frontend))
+                .filter(|p| aux_del_failed.contains(&p.frontend))
                 .map(|p| p.item),
         );
         // The mirror and the reference counts follow what was written.
@@ -1267,21 +1304,19 @@ impl Syncer {
                 if let Some(old) = &plan.old {
                     self.add_refs(&key, old, -1);
                 }
-                // And old or new source ranges.
-                let mut ranges: Vec<SourceRange> = plan
-                    .old
-                    .as_ref()
-                    .map(|f| f.ranges.clone())
-                    .unwrap_or_default();
-                ranges.extend(plan.new.ranges.iter().copied());
-                ranges.sort();
-                ranges.dedup();
+                // And old or new auxiliary entries.
+                let mut aux: Vec<Aux> =
+                    plan.old.as_ref().map(|f| f.aux.clone()).unwrap_or_default();
+                aux.extend(plan.new.aux.iter().copied());
+                aux.sort();
+                aux.dedup();
                 let unknown = Frontend {
                     rev_nat: plan.new.rev_nat,
                     flags: UNKNOWN_FLAGS,
                     slots: vec![0; len],
                     held,
-                    ranges,
+                    aux,
+                    timeout: plan.new.timeout,
                 };
                 self.add_refs(&key, &unknown, 1);
                 self.set_frontend(key, unknown);
@@ -1323,7 +1358,7 @@ impl Syncer {
             }
             if let Some(f) = self.frontends.remove(key) {
                 self.service_entries -= 1 + f.slots.len();
-                self.stray_ranges.extend(f.ranges.iter().copied());
+                self.stray_aux.extend(f.aux.iter().copied());
                 self.add_refs(key, &f, -1);
                 // Its slots are unreachable now; delete them below (and on
                 // the next sync if a deletion fails).
@@ -1334,15 +1369,15 @@ impl Syncer {
                 );
             }
         }
-        if !self.stray_ranges.is_empty() {
+        if !self.stray_aux.is_empty() {
             // One call per entry: a failure keeps that entry alone.
-            for range in std::mem::take(&mut self.stray_ranges) {
-                match dp.delete_source_ranges(std::slice::from_ref(&range)) {
+            for entry in std::mem::take(&mut self.stray_aux) {
+                match dp.delete_aux(std::slice::from_ref(&entry)) {
                     Ok(()) => report.deletes += 1,
                     Err(e) => {
-                        log::warn!("deleting source range {range:?}: {}", e.source);
+                        log::warn!("deleting {entry:?}: {}", e.source);
                         report.failed_deletes += 1;
-                        self.stray_ranges.push(range);
+                        self.stray_aux.push(entry);
                     }
                 }
             }
@@ -1429,6 +1464,31 @@ impl Syncer {
         Ok(report)
     }
 
+    /// Checks the mirror's own invariants (tests): every auxiliary entry of
+    /// a known frontend is under that frontend's rev-NAT index, protocol
+    /// and scope.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (key, f) in &self.frontends {
+            if f.flags == UNKNOWN_FLAGS {
+                continue;
+            }
+            for entry in &f.aux {
+                let (rev, proto, scope) = match entry {
+                    Aux::SourceRange((_, r)) => {
+                        (u32::from_be(r.rev_nat_index_be), r.proto, r.scope)
+                    }
+                    Aux::AffinityMatch(m) => {
+                        (m.frontend.rev_nat_index, m.frontend.proto, m.frontend.scope)
+                    }
+                };
+                if (rev, proto, scope) != (f.rev_nat, key.proto, key.scope) {
+                    return Err(format!("{key:?} (rev-NAT {}) holds {entry:?}", f.rev_nat));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Names of the Services this syncer knows (tests and verification).
     pub fn services(&self) -> impl Iterator<Item = &ObjectKey> {
         self.wanted.keys()
@@ -1485,6 +1545,7 @@ mod tests {
                     flags: svc_flags::CLUSTER_IP,
                     backends: backends.iter().map(|b| backend(*b)).collect(),
                     source_ranges: vec![],
+                    affinity_timeout: 0,
                 },
             );
         }
@@ -1506,6 +1567,78 @@ mod tests {
         state
     }
 
+    /// Frontend 10 with `backends`, with session affinity of `timeout`
+    /// seconds when given.
+    fn with_affinity(backends: &[u8], timeout: Option<u32>) -> DesiredState {
+        let mut state = desired(&[(10, backends)]);
+        let fe = state.frontends.get_mut(&fe(10)).unwrap();
+        if let Some(t) = timeout {
+            fe.flags |= svc_flags::AFFINITY;
+            fe.affinity_timeout = t;
+        }
+        state
+    }
+
+    fn matches(dp: &FakeDataplane) -> Vec<u32> {
+        dp.affinity_matches.iter().map(|m| m.backend_id).collect()
+    }
+
+    #[test]
+    fn affinity_matches_follow_the_slots_make_before_break() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &with_affinity(&[1, 2], None)).unwrap();
+        assert!(dp.affinity_matches.is_empty());
+        // On: a match per backend, before the header that carries the flag
+        // and the timeout.
+        dp.take_ops();
+        syncer
+            .sync(&mut dp, &with_affinity(&[1, 2], Some(10_800)))
+            .unwrap();
+        let ops = dp.take_ops();
+        let header = position(&ops, &slot0(10));
+        assert!(
+            ops.iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o, Op::UpsertAux(Aux::AffinityMatch(_))))
+                .all(|(i, _)| i < header)
+        );
+        assert_eq!(matches(&dp).len(), 2);
+        assert_eq!(dp.services[&service_key(&fe(10), 0)].backend_id, 10_800);
+        dp.check_consistent().unwrap();
+        // A backend replaced: its match goes after the slot moved away.
+        syncer
+            .sync(&mut dp, &with_affinity(&[1, 3], Some(10_800)))
+            .unwrap();
+        dp.check_consistent().unwrap();
+        assert_eq!(matches(&dp).len(), 2);
+        let ids: Vec<u32> = (1..=2)
+            .map(|s| dp.services[&service_key(&fe(10), s)].backend_id)
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(matches(&dp), sorted);
+        // Only the timeout changes: the header alone.
+        dp.take_ops();
+        syncer
+            .sync(&mut dp, &with_affinity(&[1, 3], Some(60)))
+            .unwrap();
+        assert_eq!(dp.take_ops(), vec![slot0(10)]);
+        // Off: the header first, then every match.
+        syncer.sync(&mut dp, &with_affinity(&[1, 3], None)).unwrap();
+        assert!(dp.affinity_matches.is_empty());
+        assert_eq!(dp.services[&service_key(&fe(10), 0)].backend_id, 0);
+        // Adopted by a restarted agent: nothing to write.
+        syncer
+            .sync(&mut dp, &with_affinity(&[1, 3], Some(5)))
+            .unwrap();
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        let report = adopted
+            .sync(&mut dp, &with_affinity(&[1, 3], Some(5)))
+            .unwrap();
+        assert_eq!((report.writes, report.deletes), (0, 0));
+    }
+
     #[test]
     fn source_ranges_are_written_before_the_header_that_needs_them_and_deleted_after() {
         let mut dp = FakeDataplane::new();
@@ -1519,7 +1652,7 @@ mod tests {
         let ranges: Vec<usize> = ops
             .iter()
             .enumerate()
-            .filter(|(_, o)| matches!(o, Op::UpsertSourceRange(_)))
+            .filter(|(_, o)| matches!(o, Op::UpsertAux(Aux::SourceRange(_))))
             .map(|(i, _)| i)
             .collect();
         assert_eq!(ranges.len(), 2, "{ops:?}");
@@ -1531,14 +1664,14 @@ mod tests {
         let ops = dp.take_ops();
         assert_eq!(
             ops.iter()
-                .filter(|o| matches!(o, Op::UpsertSourceRange(_)))
+                .filter(|o| matches!(o, Op::UpsertAux(Aux::SourceRange(_))))
                 .count(),
             1,
             "{ops:?}"
         );
         assert_eq!(
             ops.iter()
-                .filter(|o| matches!(o, Op::DeleteSourceRange(_)))
+                .filter(|o| matches!(o, Op::DeleteAux(Aux::SourceRange(_))))
                 .count(),
             1,
             "{ops:?}"
@@ -1551,7 +1684,7 @@ mod tests {
         assert!(
             ops.iter()
                 .enumerate()
-                .filter(|(_, o)| matches!(o, Op::DeleteSourceRange(_)))
+                .filter(|(_, o)| matches!(o, Op::DeleteAux(Aux::SourceRange(_))))
                 .all(|(i, _)| i > header),
             "{ops:?}"
         );

@@ -12,7 +12,7 @@ mod packet;
 use std::net::Ipv4Addr;
 
 use harness::*;
-use netlb_agent::dataplane::Dataplane;
+use netlb_agent::dataplane::{ConntrackTable, Dataplane};
 use netlb_common::{ServiceKey, ServiceValue, program_names, proto, scope, stat, svc_flags};
 use packet::{Ipv4Packet, PacketBuilder, be_addr};
 
@@ -643,6 +643,7 @@ fn batch_writes_and_deletes_in_the_kernel() {
                     })
                     .collect(),
                 source_ranges: vec![],
+                affinity_timeout: 0,
             },
         )
     };
@@ -674,7 +675,7 @@ fn batch_writes_and_deletes_in_the_kernel() {
 /// filters new connections).
 #[test]
 fn source_ranges_admit_new_connections_only_from_their_sources() {
-    use netlb_agent::dataplane::SourceRange;
+    use netlb_agent::dataplane::{Aux, SourceRange};
     use netlb_common::SourceRangeKey;
     let mut dp = Datapath::load();
     let lb = Ipv4Addr::new(198, 51, 100, 7);
@@ -702,7 +703,10 @@ fn source_ranges_admit_new_connections_only_from_their_sources() {
     let mut other = range(Ipv4Addr::UNSPECIFIED, 0);
     other.1.rev_nat_index_be = 10u32.to_be();
     dp.maps
-        .upsert_source_ranges(&[range(Ipv4Addr::new(203, 0, 113, 0), 25), other])
+        .upsert_aux(&[
+            Aux::SourceRange(range(Ipv4Addr::new(203, 0, 113, 0), 25)),
+            Aux::SourceRange(other),
+        ])
         .unwrap();
     dp.add_frontend(fe, &three_backends(), 0);
 
@@ -732,9 +736,11 @@ fn source_ranges_admit_new_connections_only_from_their_sources() {
     dp.set_frontend(fe, 3);
     // The range is narrowed to EXT2 alone: EXT's established connection
     // keeps its backend; a new one from EXT is dropped.
-    dp.maps.upsert_source_ranges(&[range(EXT2, 32)]).unwrap();
     dp.maps
-        .delete_source_ranges(&[range(Ipv4Addr::new(203, 0, 113, 0), 25)])
+        .upsert_aux(&[Aux::SourceRange(range(EXT2, 32))])
+        .unwrap();
+    dp.maps
+        .delete_aux(&[Aux::SourceRange(range(Ipv4Addr::new(203, 0, 113, 0), 25))])
         .unwrap();
     let ack = PacketBuilder::tcp(EXT, 40000, lb, 80).ack().build();
     let (verdict, out) = dp.run(program_names::FROM_NETDEV, &ack);
@@ -763,4 +769,117 @@ fn source_ranges_admit_new_connections_only_from_their_sources() {
         &PacketBuilder::tcp(outsider, 40003, lb, 80).syn().build(),
     );
     assert_eq!(verdict, TCX_NEXT);
+}
+
+/// sessionAffinity ClientIP: a client's new connections (any source port)
+/// keep going to the backend its first one got while they come less than
+/// the timeout apart; another backend once the pair leaves
+/// `AFFINITY_MATCH` (the backend left the Service); hash-chosen again once
+/// the timeout passed. Frontends without the flag ignore all of it.
+#[test]
+fn session_affinity_pins_a_client_until_its_backend_leaves_or_the_timeout_passes() {
+    use netlb_agent::dataplane::Aux;
+    use netlb_common::{AffinityFrontend, AffinityMatchKey};
+    let mut dp = Datapath::load();
+    let fe = Frontend {
+        flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+        ..Frontend::cluster_ip(VIP, 80, proto::TCP, 7)
+    };
+    let ids = dp.add_frontend(fe, &three_backends(), 0);
+    let header = |timeout: u32| {
+        (
+            ServiceKey {
+                address_be: be_addr(VIP),
+                port_be: 80u16.to_be(),
+                backend_slot: 0,
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+                pad: [0; 2],
+            },
+            ServiceValue {
+                backend_id: timeout,
+                rev_nat_index: 7,
+                count: 3,
+                flags: fe.flags,
+            },
+        )
+    };
+    let (key, value) = header(2);
+    dp.maps.upsert_service(&key, &value).unwrap();
+    let pair = |id: u32| {
+        Aux::AffinityMatch(AffinityMatchKey {
+            backend_id: id,
+            frontend: AffinityFrontend {
+                rev_nat_index: 7,
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+                pad: [0; 2],
+            },
+        })
+    };
+    dp.maps
+        .upsert_aux(&ids.iter().map(|id| pair(*id)).collect::<Vec<_>>())
+        .unwrap();
+    let backend_of = |dp: &Datapath, client: Ipv4Addr, sport: u16| -> Ipv4Addr {
+        let syn = PacketBuilder::tcp(client, sport, VIP, 80).syn().build();
+        let (verdict, out) = dp.run(program_names::FROM_POD, &syn);
+        assert_eq!(verdict, TCX_NEXT);
+        Ipv4Packet::parse(&out).unwrap().daddr()
+    };
+    // One client, 30 connections: one backend.
+    let first = backend_of(&dp, CLIENT, 41000);
+    for sport in 41001..41030 {
+        assert_eq!(backend_of(&dp, CLIENT, sport), first, "port {sport}");
+    }
+    // Different clients are spread (the first choice is the flow hash).
+    let spread: std::collections::BTreeSet<Ipv4Addr> = (1..=12)
+        .map(|i| backend_of(&dp, Ipv4Addr::new(10, 244, 5, i), 42000))
+        .collect();
+    assert!(spread.len() >= 2, "{spread:?}");
+    // The backend leaves the Service (its match goes): the client moves,
+    // and sticks to its new backend.
+    let index = BACKENDS.iter().position(|b| *b == first).unwrap();
+    dp.maps.delete_aux(&[pair(ids[index])]).unwrap();
+    let second = backend_of(&dp, CLIENT, 43000);
+    // (The hash may pick the same slot again; its pair is gone, so the
+    // choice is the hash's, and from then on it sticks.)
+    for sport in 43001..43010 {
+        assert_eq!(backend_of(&dp, CLIENT, sport), second);
+    }
+    dp.maps.upsert_aux(&[pair(ids[index])]).unwrap();
+    // The timeout: what the hash alone gives each source port of another
+    // client, then pinned to the first port's backend, a port whose own
+    // choice differs still gets the pinned one within the timeout and its
+    // own once the timeout (2 s, whole seconds of the coarse clock) passed.
+    let client = Ipv4Addr::new(10, 244, 6, 1);
+    let (key, mut value) = header(2);
+    value.flags = svc_flags::CLUSTER_IP;
+    dp.maps.upsert_service(&key, &value).unwrap();
+    let by_hash: Vec<Ipv4Addr> = (0..30)
+        .map(|i| backend_of(&dp, client, 46000 + i))
+        .collect();
+    let plain: std::collections::BTreeSet<Ipv4Addr> = by_hash.iter().copied().collect();
+    assert!(plain.len() >= 2, "without the flag: {plain:?}");
+    // Those connections are tracked: forget them, so that the same tuples
+    // open new ones below.
+    for (key, _) in dp.ct.entries().unwrap() {
+        dp.ct.delete(&key).unwrap();
+    }
+    let (key, value) = header(2);
+    dp.maps.upsert_service(&key, &value).unwrap();
+    let pinned = backend_of(&dp, client, 46000);
+    assert_eq!(pinned, by_hash[0]);
+    let other = (1..30)
+        .find(|i| by_hash[*i] != pinned)
+        .expect("a port hashing elsewhere");
+    assert_eq!(backend_of(&dp, client, 46000 + other as u16), pinned);
+    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    for (key, _) in dp.ct.entries().unwrap() {
+        dp.ct.delete(&key).unwrap();
+    }
+    assert_eq!(
+        backend_of(&dp, client, 46000 + other as u16),
+        by_hash[other],
+        "expired affinity"
+    );
 }

@@ -56,11 +56,13 @@ type Shape = BTreeMap<
         (Ipv4Addr, u16),
         Vec<(Ipv4Addr, u16, u8, u8)>,
         Vec<(Ipv4Addr, u32)>,
+        u32,
     ),
 >;
 
 fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
     dp.check_consistent().expect("consistent maps");
+    dp.check_affinity_matches().expect("affinity matches");
     let mut out = Shape::new();
     for (key, value) in dp.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         let rev = dp.rev_nat[&value.rev_nat_index];
@@ -107,6 +109,8 @@ fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
                 (address, u16::from_be(rev.port_be)),
                 backends,
                 ranges,
+                // Slot 0's backend_id: the affinity timeout.
+                value.backend_id,
             ),
         );
     }
@@ -116,6 +120,19 @@ fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
         owned,
         dp.source_ranges.len(),
         "source ranges without a frontend"
+    );
+    // Affinity matches are exactly the slots of affinity frontends
+    // (`check_consistent` checks each slot has one).
+    let slots_with_affinity: usize = dp
+        .services
+        .iter()
+        .filter(|(k, v)| k.backend_slot == 0 && v.flags & netlb_common::svc_flags::AFFINITY != 0)
+        .map(|(_, v)| v.count as usize)
+        .sum();
+    assert_eq!(
+        slots_with_affinity,
+        dp.affinity_matches.len(),
+        "affinity matches"
     );
     (out, dp.services.len(), dp.backends.len(), dp.rev_nat.len())
 }
@@ -207,7 +224,7 @@ impl Gen {
             internal_policy_local: self.rng.u8(..4) == 0,
             external_policy_local: self.rng.bool(),
             health_check_node_port: None,
-            session_affinity_timeout: None,
+            session_affinity_timeout: [None, Some(10_800), Some(30)][self.rng.usize(0..3)],
             // Ranges matter on load-balancer IPs only; one of them holds
             // the node's addresses (which admits the LB IPs themselves).
             source_ranges: {
@@ -379,6 +396,9 @@ fn random_change_sequences_program_what_a_fresh_agent_would() {
                 dp.fail_at = Some(dp.ops.len() + g.rng.usize(0..12));
             }
             let (_, report) = step(&mut store, &node, &mut syncer, &mut dp);
+            syncer
+                .check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
             dp.check_consistent().unwrap_or_else(|e| {
                 panic!("seed {seed} round {round}: inconsistent after a failure: {e}")
             });

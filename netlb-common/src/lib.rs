@@ -45,8 +45,12 @@ pub mod map_names {
     pub const SOCK_REV: &str = "NETLB_SOCK_REV";
     /// loadBalancerSourceRanges: the sources a frontend admits.
     pub const SOURCE_RANGES: &str = "NETLB_SOURCE_RANGES";
+    /// Session affinity: the backend a client last got from a frontend.
+    pub const AFFINITY: &str = "NETLB_AFFINITY";
+    /// Session affinity: which backends belong to which affinity frontend.
+    pub const AFFINITY_MATCH: &str = "NETLB_AFFINITY_MATCH";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -57,6 +61,8 @@ pub mod map_names {
         POD_SOURCES,
         SOCK_REV,
         SOURCE_RANGES,
+        AFFINITY,
+        AFFINITY_MATCH,
     ];
 }
 
@@ -111,6 +117,11 @@ pub mod limits {
     pub const MAX_POD_SOURCES: u32 = 65_536;
     /// loadBalancerSourceRanges entries (one per frontend and CIDR).
     pub const MAX_SOURCE_RANGES: u32 = 65_536;
+    /// Session-affinity clients (an LRU: a lost entry only loses
+    /// stickiness).
+    pub const MAX_AFFINITY: u32 = 131_072;
+    /// (backend, affinity frontend) pairs.
+    pub const MAX_AFFINITY_MATCH: u32 = 262_144;
     /// Socket-level reverse translations (an LRU: one per socket and
     /// backend, only needed while the socket lives).
     pub const MAX_SOCK_REV: u32 = 131_072;
@@ -155,6 +166,11 @@ pub mod svc_flags {
     /// New connections only from the sources in `SOURCE_RANGES` under this
     /// frontend's key (loadBalancerSourceRanges); others are dropped.
     pub const SOURCE_RANGES: u16 = 1 << 7;
+    /// sessionAffinity ClientIP: a client's new connections go to the
+    /// backend its last one got, while it is still one of the frontend's
+    /// (`AFFINITY_MATCH`) and the last was less than the timeout ago. The
+    /// timeout (seconds) is in slot 0's `backend_id`, unused otherwise.
+    pub const AFFINITY: u16 = 1 << 8;
 }
 
 /// `BackendValue::flags` bits.
@@ -341,6 +357,53 @@ impl SourceRangeKey {
     /// Bits of the key that name the frontend.
     pub const FRONTEND_BITS: u32 = 64;
 }
+
+/// A frontend as the affinity maps name it: rev-NAT index, protocol and
+/// scope (the rev-NAT index alone is shared by TCP and UDP and both scopes
+/// of one address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AffinityFrontend {
+    /// Host byte order.
+    pub rev_nat_index: u32,
+    pub proto: u8,
+    pub scope: u8,
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<AffinityFrontend>() == 8);
+
+/// Key of the `AFFINITY` LRU map: a client of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// The client's address. Network byte order.
+    pub client_be: u32,
+    pub frontend: AffinityFrontend,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 12);
+
+/// Value of `AFFINITY`: the backend the client's last new connection got,
+/// and when (seconds of `CLOCK_MONOTONIC`). Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub last_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 8);
+
+/// Key of `AFFINITY_MATCH` (value `u8` 1): a backend in the slots of an
+/// affinity frontend. An affinity entry whose pair is missing is stale (the
+/// backend left the Service) and chooses again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AffinityMatchKey {
+    /// Host byte order.
+    pub backend_id: u32,
+    pub frontend: AffinityFrontend,
+}
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 12);
 
 /// Value of the `BACKENDS` hash map, keyed by backend id (`u32`, host order).
 #[repr(C)]
@@ -757,6 +820,9 @@ mod user {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for CtTuple<u32> {}
     unsafe impl aya::Pod for CtEntry<u32> {}
     unsafe impl aya::Pod for SockRevKey {}

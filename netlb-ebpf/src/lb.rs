@@ -2,9 +2,12 @@
 //! `lb4_select_backend_id`, random-by-hash flavour).
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
-use netlb_common::{BackendValue, ServiceKey, ServiceValue, SourceRangeKey, scope, svc_flags};
+use netlb_common::{
+    AffinityFrontend, AffinityKey, AffinityMatchKey, AffinityValue, BackendValue, ServiceKey,
+    ServiceValue, SourceRangeKey, scope, svc_flags,
+};
 
-use crate::{maps, parse::Packet, reject, verdict::Reason};
+use crate::{conntrack, maps, parse::Packet, reject, verdict::Reason};
 
 /// A frontend found for a packet: its key (with slot 0) and slot-0 value.
 pub struct Frontend {
@@ -56,9 +59,68 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
     h
 }
 
+/// Picks the backend of a new connection from `client_be`: with session
+/// affinity, the client's previous backend if it is still the frontend's
+/// and the previous new connection was less than the timeout ago
+/// (kube-proxy's `recent` match: every new connection renews it); else a
+/// slot from the flow hash.
+#[inline(always)]
+pub fn select_backend(
+    fe: &Frontend,
+    pkt: &Packet,
+    client_be: u32,
+) -> Result<(u32, BackendValue), Reason> {
+    if fe.value.flags & svc_flags::AFFINITY == 0 {
+        return select_by_hash(fe, pkt);
+    }
+    let frontend = AffinityFrontend {
+        rev_nat_index: fe.value.rev_nat_index,
+        proto: fe.key.proto,
+        scope: fe.key.scope,
+        pad: [0; 2],
+    };
+    let key = AffinityKey {
+        client_be,
+        frontend,
+    };
+    let now = conntrack::now_s();
+    // Slot 0's backend_id holds the timeout on affinity frontends.
+    let timeout = fe.value.backend_id;
+    // SAFETY: values are copied out immediately.
+    if let Some(last) = unsafe { maps::AFFINITY.get(key) }.copied()
+        && now.wrapping_sub(last.last_s) <= timeout
+        && maps::AFFINITY_MATCH
+            .get_ptr(AffinityMatchKey {
+                backend_id: last.backend_id,
+                frontend,
+            })
+            .is_some()
+        && let Some(backend) = unsafe { maps::BACKENDS.get(last.backend_id) }.copied()
+    {
+        remember(&key, last.backend_id, now);
+        return Ok((last.backend_id, backend));
+    }
+    let (id, backend) = select_by_hash(fe, pkt)?;
+    remember(&key, id, now);
+    Ok((id, backend))
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKey, backend_id: u32, now: u32) {
+    // Best effort: a failed insert only loses stickiness.
+    let _ = maps::AFFINITY.insert(
+        key,
+        AffinityValue {
+            backend_id,
+            last_s: now,
+        },
+        0,
+    );
+}
+
 /// Picks a backend slot from the flow hash and resolves it to a backend.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, pkt: &Packet) -> Result<(u32, BackendValue), Reason> {
+fn select_by_hash(fe: &Frontend, pkt: &Packet) -> Result<(u32, BackendValue), Reason> {
     let count = fe.value.count as u32;
     if count == 0 {
         return Err(Reason::NoBackendEntry);

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netlb_common::{
-    BackendStats, BackendValue, CtEntry4, CtKey4, DatapathConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, limits, stat,
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
+    DatapathConfig, RevNatValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SourceRangeKey, limits, stat,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when the agent writes them.
@@ -71,6 +72,18 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
 #[map(name = "NETLB_SOURCE_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::with_max_entries(limits::MAX_SOURCE_RANGES, 0);
+
+/// Session affinity: a client's last backend per frontend. An LRU: losing
+/// an entry only loses stickiness, never a connection.
+#[map(name = "NETLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);
+
+/// Session affinity: (backend, frontend) pairs the agent keeps for every
+/// affinity frontend's slots. Only read here.
+#[map(name = "NETLB_AFFINITY_MATCH")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
+    HashMap::with_max_entries(limits::MAX_AFFINITY_MATCH, NO_PREALLOC);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -145,7 +145,7 @@ fn to_frontend(
         });
         conntrack::delete_links(&conn_key, &old);
     }
-    let (id, backend) = lb::select_backend(fe, pkt)?;
+    let (id, backend) = lb::select_backend(fe, pkt, pkt.saddr_be)?;
     let conn = create(&conn_key, id, &backend, conntrack::now_s())?;
     maps::count(stat::NEW_FLOW);
     Ok(Ok(Flow::New(conn)))

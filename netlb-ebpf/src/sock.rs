@@ -101,7 +101,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         maps::count(stat::SOCK_REJECT);
         return DENY;
     }
-    let Ok((id, backend)) = lb::select_backend(&fe, &pkt) else {
+    // Affinity keys on the node's address, the source kube-proxy sees for
+    // every host process.
+    let Ok((id, backend)) = lb::select_backend(&fe, &pkt, cfg.snat_addr_be) else {
         return ALLOW;
     };
     let key = SockRevKey {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use netlb_common::{BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue};
 
 use super::{
-    BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
-    SourceRange,
+    Aux, BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps,
+    RevNatIndex, SourceRange,
 };
 
 /// One operation, as applied.
@@ -19,8 +19,8 @@ pub enum Op {
     DeleteService(ServiceKey),
     UpsertRevNat(RevNatIndex),
     DeleteRevNat(RevNatIndex),
-    UpsertSourceRange(SourceRange),
-    DeleteSourceRange(SourceRange),
+    UpsertAux(Aux),
+    DeleteAux(Aux),
 }
 
 impl Op {
@@ -30,7 +30,7 @@ impl Op {
             Self::UpsertBackend(_)
                 | Self::UpsertService(_)
                 | Self::UpsertRevNat(_)
-                | Self::UpsertSourceRange(_)
+                | Self::UpsertAux(_)
         )
     }
 }
@@ -41,6 +41,7 @@ pub struct FakeDataplane {
     pub backends: BTreeMap<BackendId, BackendValue>,
     pub rev_nat: BTreeMap<RevNatIndex, RevNatValue>,
     pub source_ranges: BTreeSet<SourceRange>,
+    pub affinity_matches: BTreeSet<netlb_common::AffinityMatchKey>,
     pub ops: Vec<Op>,
     /// Backend ids whose counters were reset, in order.
     pub stats_reset: Vec<BackendId>,
@@ -121,6 +122,39 @@ impl FakeDataplane {
     }
 }
 
+impl FakeDataplane {
+    /// Every slot of an affinity frontend has its `AFFINITY_MATCH` entry.
+    /// (Not a safety invariant: after a failed header write the old header
+    /// may carry the flag over new slots, which only makes their clients
+    /// choose again. It holds once a sync converged.)
+    pub fn check_affinity_matches(&self) -> Result<(), String> {
+        for (key, value) in self.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            if value.flags & netlb_common::svc_flags::AFFINITY != 0 {
+                for slot in 1..=value.count {
+                    let id = self.services[&ServiceKey {
+                        backend_slot: slot,
+                        ..*key
+                    }]
+                        .backend_id;
+                    let pair = netlb_common::AffinityMatchKey {
+                        backend_id: id,
+                        frontend: netlb_common::AffinityFrontend {
+                            rev_nat_index: value.rev_nat_index,
+                            proto: key.proto,
+                            scope: key.scope,
+                            pad: [0; 2],
+                        },
+                    };
+                    if !self.affinity_matches.contains(&pair) {
+                        return Err(format!("{key:?}: slot {slot} without its affinity match"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Dataplane for FakeDataplane {
     fn upsert_backend(
         &mut self,
@@ -170,20 +204,34 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+    fn upsert_aux(&mut self, items: &[Aux]) -> Result<(), BatchError> {
         for (index, item) in items.iter().enumerate() {
-            self.attempt(Op::UpsertSourceRange(*item))
+            self.attempt(Op::UpsertAux(*item))
                 .map_err(|source| BatchError { index, source })?;
-            self.source_ranges.insert(*item);
+            match item {
+                Aux::SourceRange(r) => {
+                    self.source_ranges.insert(*r);
+                }
+                Aux::AffinityMatch(m) => {
+                    self.affinity_matches.insert(*m);
+                }
+            }
         }
         Ok(())
     }
 
-    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
+    fn delete_aux(&mut self, items: &[Aux]) -> Result<(), BatchError> {
         for (index, item) in items.iter().enumerate() {
-            self.attempt(Op::DeleteSourceRange(*item))
+            self.attempt(Op::DeleteAux(*item))
                 .map_err(|source| BatchError { index, source })?;
-            self.source_ranges.remove(item);
+            match item {
+                Aux::SourceRange(r) => {
+                    self.source_ranges.remove(r);
+                }
+                Aux::AffinityMatch(m) => {
+                    self.affinity_matches.remove(m);
+                }
+            }
         }
         Ok(())
     }
@@ -199,6 +247,7 @@ impl Dataplane for FakeDataplane {
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
+            affinity_matches: self.affinity_matches.iter().copied().collect(),
         })
     }
 }

@@ -19,13 +19,13 @@ use aya::{
     },
 };
 use netlb_common::{
-    BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue,
-    SourceRangeKey, map_names, stat,
+    AffinityMatchKey, BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey,
+    ServiceValue, SourceRangeKey, map_names, stat,
 };
 
 use super::{
-    BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
-    SourceRange,
+    Aux, BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps,
+    RevNatIndex,
 };
 
 /// The service maps of a loaded datapath (or of a pinned one).
@@ -35,6 +35,7 @@ pub struct AyaDataplane {
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     backend_stats: Array<MapData, BackendStats>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    affinity_matches: HashMap<MapData, AffinityMatchKey, u8>,
 }
 
 fn io_error(e: MapError) -> io::Error {
@@ -88,6 +89,10 @@ impl AyaDataplane {
                 take(ebpf, map_names::SOURCE_RANGES)?,
                 map_names::SOURCE_RANGES,
             )?,
+            affinity_matches: typed(
+                take(ebpf, map_names::AFFINITY_MATCH)?,
+                map_names::AFFINITY_MATCH,
+            )?,
         })
     }
 
@@ -104,6 +109,10 @@ impl AyaDataplane {
             source_ranges: typed(
                 open_pinned(dir, map_names::SOURCE_RANGES)?,
                 map_names::SOURCE_RANGES,
+            )?,
+            affinity_matches: typed(
+                open_pinned(dir, map_names::AFFINITY_MATCH)?,
+                map_names::AFFINITY_MATCH,
             )?,
         })
     }
@@ -255,28 +264,43 @@ impl Dataplane for AyaDataplane {
         })
     }
 
-    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
-        // The LPM trie has no batch commands: one call per entry (a
-        // Service has a handful of ranges).
-        for (index, (len, data)) in items.iter().enumerate() {
-            self.source_ranges
-                .insert(&Key::new(*len, *data), 1, 0)
-                .map_err(write_err(
-                    map_names::SOURCE_RANGES,
-                    format!("{data:?}/{len}"),
-                ))
-                .map_err(|source| BatchError { index, source })?;
+    fn upsert_aux(&mut self, items: &[Aux]) -> Result<(), BatchError> {
+        // One call per entry: the LPM trie has no batch commands, and a
+        // frontend has a handful of ranges and as many matches as slots
+        // (written once, when a backend joins).
+        for (index, item) in items.iter().enumerate() {
+            match item {
+                Aux::SourceRange((len, data)) => self
+                    .source_ranges
+                    .insert(&Key::new(*len, *data), 1, 0)
+                    .map_err(write_err(
+                        map_names::SOURCE_RANGES,
+                        format!("{data:?}/{len}"),
+                    )),
+                Aux::AffinityMatch(m) => self
+                    .affinity_matches
+                    .insert(m, 1, 0)
+                    .map_err(write_err(map_names::AFFINITY_MATCH, format!("{m:?}"))),
+            }
+            .map_err(|source| BatchError { index, source })?;
         }
         Ok(())
     }
 
-    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError> {
-        for (index, (len, data)) in items.iter().enumerate() {
-            delete_result(
-                self.source_ranges.remove(&Key::new(*len, *data)),
-                map_names::SOURCE_RANGES,
-                format!("{data:?}/{len}"),
-            )
+    fn delete_aux(&mut self, items: &[Aux]) -> Result<(), BatchError> {
+        for (index, item) in items.iter().enumerate() {
+            match item {
+                Aux::SourceRange((len, data)) => delete_result(
+                    self.source_ranges.remove(&Key::new(*len, *data)),
+                    map_names::SOURCE_RANGES,
+                    format!("{data:?}/{len}"),
+                ),
+                Aux::AffinityMatch(m) => delete_result(
+                    self.affinity_matches.remove(m),
+                    map_names::AFFINITY_MATCH,
+                    format!("{m:?}"),
+                ),
+            }
             .map_err(|source| BatchError { index, source })?;
         }
         Ok(())
@@ -297,6 +321,10 @@ impl Dataplane for AyaDataplane {
             backends: collect(&self.backends, map_names::BACKENDS)?,
             rev_nat: collect(&self.rev_nat, map_names::REV_NAT)?,
             source_ranges,
+            affinity_matches: collect(&self.affinity_matches, map_names::AFFINITY_MATCH)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
         })
     }
 }

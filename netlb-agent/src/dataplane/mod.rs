@@ -8,7 +8,8 @@ pub mod fake;
 pub mod kernel;
 
 use netlb_common::{
-    BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+    AffinityMatchKey, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 
 /// Backend id: key of the `BACKENDS` map, `1..=MAX_BACKENDS`.
@@ -20,6 +21,16 @@ pub type RevNatIndex = u32;
 /// including the frontend's [`SourceRangeKey::FRONTEND_BITS`], key data).
 pub type SourceRange = (u32, SourceRangeKey);
 
+/// A frontend's auxiliary entries: written before the slot-0 header that
+/// uses them, deleted after the header that stops using them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Aux {
+    /// loadBalancerSourceRanges (`SOURCE_RANGES`).
+    SourceRange(SourceRange),
+    /// A backend of a session-affinity frontend (`AFFINITY_MATCH`).
+    AffinityMatch(AffinityMatchKey),
+}
+
 /// Everything currently programmed in the service maps, as read back from the
 /// kernel (used to adopt pinned maps after a restart).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,6 +39,7 @@ pub struct ProgrammedMaps {
     pub backends: Vec<(BackendId, BackendValue)>,
     pub rev_nat: Vec<(RevNatIndex, RevNatValue)>,
     pub source_ranges: Vec<SourceRange>,
+    pub affinity_matches: Vec<AffinityMatchKey>,
 }
 
 /// Errors of a dataplane operation.
@@ -114,11 +126,10 @@ pub trait Dataplane {
         }
         Ok(())
     }
-    /// Writes loadBalancerSourceRanges entries, in order.
-    fn upsert_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError>;
-    /// Deletes loadBalancerSourceRanges entries (a missing one is not an
-    /// error).
-    fn delete_source_ranges(&mut self, items: &[SourceRange]) -> Result<(), BatchError>;
+    /// Writes auxiliary entries, in order.
+    fn upsert_aux(&mut self, items: &[Aux]) -> Result<(), BatchError>;
+    /// Deletes auxiliary entries (a missing one is not an error).
+    fn delete_aux(&mut self, items: &[Aux]) -> Result<(), BatchError>;
     /// Zeroes a backend id's counters (before the id is handed out again).
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
     /// Reads back everything programmed (adoption after a restart).

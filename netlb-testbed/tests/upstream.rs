@@ -1,0 +1,215 @@
+//! Scenarios of the upstream `[sig-network] Services` e2e suite
+//! (kubernetes `test/e2e/network/service.go`), ported to the namespace
+//! testbed: real clients, the real agent, and what the upstream test checks
+//! over the network (which backends answer). Each test is named after its
+//! upstream scenario; the README maps them.
+//! Needs root; run through `cargo xtask test`.
+#![cfg(feature = "privileged-tests")]
+
+mod common;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use common::{Cluster, curl_many, wait_until};
+use netlb_testbed::{manifests::endpoint_slice_yaml, topology::Pod};
+
+/// Upstream's AffinityConfirmCount: requests that must all reach one
+/// backend.
+const AFFINITY_CONFIRM: usize = 15;
+
+const VIP: &str = "10.96.0.60";
+const NODE_PORT: u16 = 30060;
+
+/// Service `affinity` on VIP:80 (and NODE_PORT when `node_port`), TCP and
+/// UDP (53), with sessionAffinity ClientIP when `timeout` is given.
+fn affinity_service(node_port: bool, timeout: Option<u32>) -> String {
+    let affinity = match timeout {
+        Some(t) => format!(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n"
+        ),
+        None => "  sessionAffinity: None\n".to_owned(),
+    };
+    let (type_, np_tcp, np_udp) = if node_port {
+        (
+            "NodePort",
+            format!(", nodePort: {NODE_PORT}"),
+            format!(", nodePort: {}", NODE_PORT + 1),
+        )
+    } else {
+        ("ClusterIP", String::new(), String::new())
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: affinity\nspec:\n  type: {type_}\n  clusterIP: {VIP}\n{affinity}  selector: {{app: affinity}}\n  ports:\n    - {{name: http, protocol: TCP, port: 80, targetPort: 9376{np_tcp}}}\n    - {{name: dns, protocol: UDP, port: 53, targetPort: 53{np_udp}}}\n"
+    )
+}
+
+/// Three backends on node 0 behind `affinity`, the agent started.
+fn cluster(node_port: bool, timeout: Option<u32>) -> Cluster {
+    let mut c = Cluster::new(&["aff-0", "aff-1", "aff-2"]);
+    let pods: Vec<Pod> = ["aff-0", "aff-1", "aff-2"]
+        .iter()
+        .map(|n| c.tb.pod(n).unwrap().clone())
+        .collect();
+    let refs: Vec<&Pod> = pods.iter().collect();
+    c.write("affinity.yaml", &affinity_service(node_port, timeout));
+    c.write(
+        "affinity-slice.yaml",
+        &endpoint_slice_yaml(
+            "affinity",
+            &[("http", "TCP", 9376), ("dns", "UDP", 53)],
+            &refs,
+        ),
+    );
+    c.start_agent();
+    c
+}
+
+/// Where the clients connect from and to: a pod to the cluster IP, or the
+/// outside client to node 0's node port.
+fn target(c: &Cluster, node_port: bool) -> (String, String) {
+    if node_port {
+        (
+            c.tb.ext.clone(),
+            format!("http://{}:{NODE_PORT}/", c.tb.nodes[0].uplink_ip),
+        )
+    } else {
+        (c.client(), format!("http://{VIP}/"))
+    }
+}
+
+/// The backends `n` new connections reached.
+fn hosts(c: &Cluster, node_port: bool, n: usize) -> Vec<String> {
+    let (netns, url) = target(c, node_port);
+    curl_many(c, &netns, &url, n)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Upstream's `checkAffinity`: all of AFFINITY_CONFIRM requests on one
+/// backend (`want`), or not (spread).
+fn check_affinity(c: &Cluster, node_port: bool, want: bool) -> bool {
+    let distinct: BTreeSet<String> = hosts(c, node_port, AFFINITY_CONFIRM).into_iter().collect();
+    (distinct.len() == 1) == want
+}
+
+fn affinity_work(node_port: bool) {
+    let c = cluster(node_port, Some(10_800));
+    wait_until(Duration::from_secs(5), || {
+        check_affinity(&c, node_port, true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no affinity\n{}", c.agent_log()));
+    // And it stays on that backend.
+    let first = hosts(&c, node_port, 1);
+    assert_eq!(
+        hosts(&c, node_port, AFFINITY_CONFIRM),
+        vec![first[0].clone(); AFFINITY_CONFIRM]
+    );
+}
+
+fn affinity_timeout(node_port: bool) {
+    // A 1 s timeout: the datapath counts whole seconds, so a pause of 2.2 s
+    // is past it.
+    let c = cluster(node_port, Some(1));
+    wait_until(Duration::from_secs(5), || {
+        check_affinity(&c, node_port, true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no affinity\n{}", c.agent_log()));
+    let first = hosts(&c, node_port, 1).remove(0);
+    // After the timeout the next connection is load-balanced afresh: within
+    // a few pauses one lands elsewhere (each has a 2 in 3 chance).
+    let moved = (0..10).any(|_| {
+        std::thread::sleep(Duration::from_millis(2_200));
+        hosts(&c, node_port, 1)[0] != first
+    });
+    assert!(moved, "affinity never expired\n{}", c.agent_log());
+}
+
+fn affinity_switch(node_port: bool) {
+    let c = cluster(node_port, None);
+    assert!(
+        check_affinity(&c, node_port, false),
+        "spread without affinity"
+    );
+    c.write("affinity.yaml", &affinity_service(node_port, Some(10_800)));
+    wait_until(Duration::from_secs(5), || {
+        check_affinity(&c, node_port, true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("affinity not switched on\n{}", c.agent_log()));
+    c.write("affinity.yaml", &affinity_service(node_port, None));
+    wait_until(Duration::from_secs(5), || {
+        check_affinity(&c, node_port, false).then_some(())
+    })
+    .unwrap_or_else(|| panic!("affinity not switched off\n{}", c.agent_log()));
+}
+
+/// Upstream: `should have session affinity work for service with type clusterIP`.
+#[test]
+fn should_have_session_affinity_work_for_service_with_type_clusterip() {
+    affinity_work(false);
+}
+
+/// Upstream: `should have session affinity timeout work for service with type clusterIP`.
+#[test]
+fn should_have_session_affinity_timeout_work_for_service_with_type_clusterip() {
+    affinity_timeout(false);
+}
+
+/// Upstream: `should be able to switch session affinity for service with type clusterIP`.
+#[test]
+fn should_be_able_to_switch_session_affinity_for_service_with_type_clusterip() {
+    affinity_switch(false);
+}
+
+/// Upstream: `should have session affinity work for NodePort service`.
+#[test]
+fn should_have_session_affinity_work_for_nodeport_service() {
+    affinity_work(true);
+}
+
+/// Upstream: `should have session affinity timeout work for NodePort service`.
+#[test]
+fn should_have_session_affinity_timeout_work_for_nodeport_service() {
+    affinity_timeout(true);
+}
+
+/// Upstream: `should be able to switch session affinity for NodePort service`.
+#[test]
+fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
+    affinity_switch(true);
+}
+
+/// Upstream: `should function for client IP based session affinity: udp`.
+/// Each backend answers DNS with its own address: every query (a new UDP
+/// flow from a new source port) gets the same one.
+#[test]
+fn should_function_for_client_ip_based_session_affinity_udp() {
+    let c = cluster(false, Some(10_800));
+    let client = c.client();
+    let answers: BTreeSet<String> = (0..AFFINITY_CONFIRM)
+        .map(|_| {
+            let out =
+                c.tb.exec(
+                    &client,
+                    &[
+                        "dig",
+                        "+short",
+                        "+tries=1",
+                        "+time=2",
+                        "-p",
+                        "53",
+                        &format!("@{VIP}"),
+                        "affinity.test",
+                    ],
+                )
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}\n{}", c.agent_log());
+    assert!(
+        !answers.iter().next().unwrap().is_empty(),
+        "no answer\n{}",
+        c.agent_log()
+    );
+}

@@ -20,8 +20,8 @@ use aya::{
 };
 use netlb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
-    DatapathConfig, RevNatValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SourceRangeKey, limits, map_names, program_names, stat,
+    DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SourceRangeKey, limits, map_names, program_names, stat,
 };
 
 use crate::config::DatapathSettings;
@@ -267,6 +267,12 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             size_of::<AffinityMatchKey>(),
             1,
             sizes.affinity_matches,
+        ),
+        map_names::FRAGMENTS => (
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragPorts>(),
+            limits::MAX_FRAGMENTS,
         ),
         _ => return None,
     })

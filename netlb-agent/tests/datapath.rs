@@ -883,3 +883,102 @@ fn session_affinity_pins_a_client_until_its_backend_leaves_or_the_timeout_passes
         "expired affinity"
     );
 }
+
+/// Splits a built frame's IPv4 datagram into fragments of at most
+/// `chunk` payload bytes (a multiple of 8), as a sender's stack would.
+fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut header = ip.to_vec();
+            header[2..4].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+            let more = if i + 1 < pieces.len() { 0x2000 } else { 0 };
+            let offset = ((i * chunk) / 8) as u16;
+            header[6..8].copy_from_slice(&(more | offset).to_be_bytes());
+            header[10..12].copy_from_slice(&[0, 0]);
+            let csum = packet::checksum(&[&header]);
+            header[10..12].copy_from_slice(&csum.to_be_bytes());
+            [eth, &header, piece].concat()
+        })
+        .collect()
+}
+
+/// The IPv4 header checksum of a frame is valid.
+fn ip_checksum_ok(frame: &[u8]) -> bool {
+    packet::checksum(&[&frame[14..34]]) == 0
+}
+
+/// A UDP datagram larger than the MTU through a ClusterIP (upstream's
+/// "should be able to handle large requests: udp"): every fragment gets the
+/// first one's translation, there and back (the later ones only their
+/// addresses; the first carries the ports and the checksum of the whole
+/// datagram). A later fragment arriving before its first passes as it is.
+#[test]
+fn fragmented_datagrams_are_translated_as_a_whole() {
+    let mut dp = Datapath::load();
+    dp.add_service(VIP, 53, proto::UDP, &three_backends());
+    let payload: Vec<u8> = (0..2000u32).map(|i| (i * 7) as u8).collect();
+    let request = PacketBuilder::udp(CLIENT, 40000, VIP, 53)
+        .payload(&payload)
+        .build();
+    let frags = fragments(&request, 1480);
+    assert_eq!(frags.len(), 2);
+    let mut out_frames = Vec::new();
+    for frag in &frags {
+        let (verdict, out) = dp.run(program_names::FROM_POD, frag);
+        assert_eq!(verdict, TCX_NEXT);
+        assert!(ip_checksum_ok(&out));
+        out_frames.push(out);
+    }
+    let backend = Ipv4Addr::from(<[u8; 4]>::try_from(&out_frames[0][30..34]).unwrap());
+    assert!(BACKENDS.contains(&backend));
+    // The later fragment: the same destination, its bytes otherwise as
+    // sent.
+    assert_eq!(&out_frames[1][30..34], &backend.octets());
+    assert_eq!(&out_frames[1][34..], &frags[1][34..]);
+    // Reassembled, the datagram is the request to the backend with a valid
+    // UDP checksum over all of it.
+    let mut whole = out_frames[0][..34].to_vec();
+    whole.extend_from_slice(&out_frames[0][34..]);
+    whole.extend_from_slice(&out_frames[1][34..]);
+    let total = (whole.len() - 14) as u16;
+    whole[16..18].copy_from_slice(&total.to_be_bytes());
+    whole[20..22].copy_from_slice(&[0, 0]);
+    whole[24..26].copy_from_slice(&[0, 0]);
+    let csum = packet::checksum(&[&whole[14..34]]);
+    whole[24..26].copy_from_slice(&csum.to_be_bytes());
+    let reassembled = Ipv4Packet::parse(&whole).unwrap();
+    assert_eq!(reassembled.dport(), 9376);
+    reassembled.assert_checksums();
+    assert_eq!(reassembled.payload(), &payload[..]);
+
+    // The backend's large answer, fragmented: both fragments come from the
+    // VIP.
+    let answer = PacketBuilder::udp(backend, 9376, CLIENT, 40000)
+        .payload(&payload)
+        .build();
+    for frag in fragments(&answer, 1480) {
+        let (verdict, out) = dp.run(program_names::TO_POD, &frag);
+        assert_eq!(verdict, TCX_NEXT);
+        assert_eq!(&out[26..30], &VIP.octets(), "reply fragment source");
+        assert!(ip_checksum_ok(&out));
+    }
+    assert_eq!(dp.stat(stat::PASS_FRAGMENT), 0);
+
+    // Out of order: a later fragment of an unknown datagram passes as it is.
+    let other = PacketBuilder::udp(CLIENT, 40001, VIP, 53)
+        .payload(&payload)
+        .build();
+    let mut frags = fragments(&other, 1480);
+    frags[1][18..20].copy_from_slice(&0x4321u16.to_be_bytes());
+    frags[1][24..26].copy_from_slice(&[0, 0]);
+    let csum = packet::checksum(&[&frags[1][14..34]]);
+    frags[1][24..26].copy_from_slice(&csum.to_be_bytes());
+    let (verdict, out) = dp.run(program_names::FROM_POD, &frags[1]);
+    assert_eq!(verdict, TCX_NEXT);
+    assert_eq!(out, frags[1]);
+    assert_eq!(dp.stat(stat::PASS_FRAGMENT), 1);
+}

@@ -49,8 +49,11 @@ pub mod map_names {
     pub const AFFINITY: &str = "NETLB_AFFINITY";
     /// Session affinity: which backends belong to which affinity frontend.
     pub const AFFINITY_MATCH: &str = "NETLB_AFFINITY_MATCH";
+    /// IPv4 fragments: the ports of a fragmented datagram, from its first
+    /// fragment, for the others.
+    pub const FRAGMENTS: &str = "NETLB_FRAGMENTS";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -63,6 +66,7 @@ pub mod map_names {
         SOURCE_RANGES,
         AFFINITY,
         AFFINITY_MATCH,
+        FRAGMENTS,
     ];
 }
 
@@ -122,6 +126,9 @@ pub mod limits {
     pub const MAX_AFFINITY: u32 = 131_072;
     /// (backend, affinity frontend) pairs.
     pub const MAX_AFFINITY_MATCH: u32 = 262_144;
+    /// Fragmented datagrams in flight (an LRU: a datagram's entry is only
+    /// needed until its last fragment passed).
+    pub const MAX_FRAGMENTS: u32 = 8_192;
     /// Socket-level reverse translations (an LRU: one per socket and
     /// backend, only needed while the socket lives).
     pub const MAX_SOCK_REV: u32 = 131_072;
@@ -357,6 +364,32 @@ impl SourceRangeKey {
     /// Bits of the key that name the frontend.
     pub const FRONTEND_BITS: u32 = 64;
 }
+
+/// Key of the `FRAGMENTS` LRU map: one fragmented datagram as a hook sees
+/// it (Cilium's `ipv4_frag_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Network byte order.
+    pub saddr_be: u32,
+    /// Network byte order.
+    pub daddr_be: u32,
+    /// The IPv4 identification. Network byte order.
+    pub id_be: u16,
+    pub proto: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Value of `FRAGMENTS`: the datagram's ports. Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 
 /// A frontend as the affinity maps name it: rev-NAT index, protocol and
 /// scope (the rev-NAT index alone is shared by TCP and UDP and both scopes
@@ -710,7 +743,8 @@ pub mod stat {
     pub const CT_RESELECT: u32 = 5;
     /// IPv4 packets with options: passed unmodified (not load-balanced).
     pub const PASS_IP_OPTIONS: u32 = 6;
-    /// IPv4 fragments: passed unmodified (not load-balanced).
+    /// IPv4 fragments that arrived before their datagram's first fragment:
+    /// passed unmodified (their ports are unknown).
     pub const PASS_FRAGMENT: u32 = 7;
     /// North-south flows source-NATed to the node address (backend on
     /// another node).
@@ -823,6 +857,8 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for CtTuple<u32> {}
     unsafe impl aya::Pod for CtEntry<u32> {}
     unsafe impl aya::Pod for SockRevKey {}

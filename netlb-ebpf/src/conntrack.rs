@@ -74,7 +74,9 @@ pub fn key(pkt: &Packet, kind: u8) -> CtKey4 {
 /// connection is not the start of one.
 #[inline(always)]
 pub fn can_open(pkt: &Packet) -> bool {
-    pkt.proto != proto::TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    // A later fragment only follows its first fragment's connection.
+    !pkt.no_l4
+        && (pkt.proto != proto::TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN)
 }
 
 /// A TCP packet that changes a connection's state (SYN, FIN or RST).

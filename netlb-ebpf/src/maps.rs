@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use netlb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
-    DatapathConfig, RevNatValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SourceRangeKey, limits, stat,
+    DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SourceRangeKey, limits, stat,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when the agent writes them.
@@ -84,6 +84,13 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "NETLB_AFFINITY_MATCH")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
     HashMap::with_max_entries(limits::MAX_AFFINITY_MATCH, NO_PREALLOC);
+
+/// IPv4 fragments: a datagram's ports, recorded from its first fragment
+/// for the later ones (which carry no L4 header). An LRU: an entry is
+/// needed for the few microseconds the datagram's fragments take.
+#[map(name = "NETLB_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(limits::MAX_FRAGMENTS, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -46,13 +46,17 @@ fn rewrite_addr(
     if old_be == new_be {
         return Ok(());
     }
-    ctx.l4_csum_replace(
-        pkt.l4_csum_off,
-        old_be as u64,
-        new_be as u64,
-        l4_flags(pkt, 4) | BPF_F_PSEUDO_HDR,
-    )
-    .map_err(|_| Reason::Rewrite)?;
+    // A later fragment has no L4 header: the first fragment's checksum
+    // update covers the whole datagram's pseudo header.
+    if !pkt.no_l4 {
+        ctx.l4_csum_replace(
+            pkt.l4_csum_off,
+            old_be as u64,
+            new_be as u64,
+            l4_flags(pkt, 4) | BPF_F_PSEUDO_HDR,
+        )
+        .map_err(|_| Reason::Rewrite)?;
+    }
     ctx.l3_csum_replace(IP_CSUM_OFF, old_be as u64, new_be as u64, 4)
         .map_err(|_| Reason::Rewrite)?;
     ctx.store(offset, &new_be, 0).map_err(|_| Reason::Rewrite)
@@ -66,7 +70,9 @@ fn rewrite_port(
     old_be: u16,
     new_be: u16,
 ) -> Result<(), Reason> {
-    if old_be == new_be {
+    // A later fragment carries no ports: the first fragment's are
+    // rewritten.
+    if old_be == new_be || pkt.no_l4 {
         return Ok(());
     }
     ctx.l4_csum_replace(

@@ -1,9 +1,18 @@
 //! Header parsing. Untagged Ethernet + IPv4 without options: TCP and UDP are
-//! load-balanced; ICMP errors quoting a TCP or UDP header are candidates for
-//! error translation; everything else is passed unmodified.
+//! load-balanced, fragmented datagrams included; ICMP errors quoting a TCP
+//! or UDP header are candidates for error translation; everything else is
+//! passed unmodified.
+//!
+//! Fragments (Cilium's `ipv4_handle_fragmentation`): the first fragment of a
+//! datagram carries its L4 header; its ports are recorded under (source,
+//! destination, IP id, protocol) in `FRAGMENTS`, and the later fragments,
+//! which carry none, are parsed with them (`no_l4`), so that every fragment
+//! gets the first one's translation (addresses only: the ports and the L4
+//! checksum, which covers the whole datagram, are in the first fragment).
+//! A later fragment that arrives before its first passes unmodified.
 
 use aya_ebpf::programs::TcContext;
-use netlb_common::{proto, stat};
+use netlb_common::{FragKey, FragPorts, proto, stat};
 
 use crate::{maps, verdict::Reason};
 
@@ -72,7 +81,14 @@ pub struct Ipv4Hdr {
 /// What the programs need of a packet. Addresses and ports stay in network
 /// byte order as read from the wire: they are compared with map keys that
 /// store network order too, and written back without swapping.
+///
+/// Verifier workaround: the fields leave no implicit padding (`pad` fills
+/// the hole before `l4_csum_off`). Copies of a struct with padding move
+/// undefined bytes, which LLVM may take from any register, one a helper
+/// call has just clobbered included, and the verifier rejects the read
+/// (`R3 !read_ok`).
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Packet {
     pub saddr_be: u32,
     pub daddr_be: u32,
@@ -81,6 +97,11 @@ pub struct Packet {
     pub proto: u8,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 for UDP.
     pub tcp_flags: u8,
+    /// A later fragment: no L4 header in this packet (the ports come from
+    /// the first fragment; nothing but addresses may be rewritten).
+    pub no_l4: bool,
+    /// Always zero.
+    pub pad: u8,
     /// Offset of the L4 checksum field.
     pub l4_csum_off: usize,
 }
@@ -164,6 +185,8 @@ fn icmp_error(ctx: &TcContext, outer: (u32, u32)) -> Option<IcmpError> {
             proto: inner.protocol,
             tcp_flags: 0,
             l4_csum_off: 0,
+            no_l4: false,
+            pad: 0,
         },
     })
 }
@@ -195,17 +218,41 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
         maps::count(stat::PASS_IP_OPTIONS);
         return Ok(None);
     }
-    // MF flag or a non-zero offset: a fragment. Non-first fragments carry no
-    // ports, and translating only the first would split the datagram, so all
-    // fragments pass unmodified.
-    if u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
-        maps::count(stat::PASS_FRAGMENT);
+    // MF flag or a non-zero offset: a fragment.
+    let frag = u16::from_be(ip.frag_off_be) & 0x3fff;
+    if frag != 0 && ip.protocol == proto::ICMP {
         return Ok(None);
     }
     if ip.protocol == proto::ICMP {
         return Ok(icmp_error(ctx, (ip.saddr_be, ip.daddr_be)).map(Parsed::IcmpError));
     }
     let (saddr_be, daddr_be, protocol) = (ip.saddr_be, ip.daddr_be, ip.protocol);
+    let frag_key = FragKey {
+        saddr_be,
+        daddr_be,
+        id_be: ip.id_be,
+        proto: protocol,
+        pad: 0,
+    };
+    if frag & 0x1fff != 0 {
+        // A later fragment: the ports its first fragment recorded.
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { maps::FRAGMENTS.get(frag_key) }).copied() else {
+            maps::count(stat::PASS_FRAGMENT);
+            return Ok(None);
+        };
+        return Ok(Some(Parsed::L4(Packet {
+            saddr_be,
+            daddr_be,
+            sport_be: ports.sport_be,
+            dport_be: ports.dport_be,
+            proto: protocol,
+            tcp_flags: 0,
+            l4_csum_off: 0,
+            no_l4: true,
+            pad: 0,
+        })));
+    }
     if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
         return Err(Reason::TruncatedL4);
     }
@@ -219,6 +266,12 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
     } else {
         0
     };
+    if frag != 0 {
+        // The first fragment (MF set, offset 0): its ports for the others.
+        // Best effort: without the entry the later fragments pass as they
+        // are.
+        let _ = maps::FRAGMENTS.insert(frag_key, FragPorts { sport_be, dport_be }, 0);
+    }
     Ok(Some(Parsed::L4(Packet {
         saddr_be,
         daddr_be,
@@ -227,5 +280,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
         proto: protocol,
         tcp_flags,
         l4_csum_off,
+        no_l4: false,
+        pad: 0,
     })))
 }

@@ -120,10 +120,14 @@ fn to_frontend(
     create: impl FnOnce(&CtKey4, u32, &netlb_common::BackendValue, u32) -> Result<CtEntry4, Reason>,
 ) -> Result<Result<Flow, i32>, Reason> {
     let conn_key = conntrack::key(pkt, ct_kind::SERVICE);
-    let stale = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg) {
+    // Verifier workaround: a flag and a zeroed entry instead of an
+    // `Option<CtEntry4>`, whose `None` leaves the payload undefined; a copy
+    // of undefined bytes may be read from a register a helper call
+    // clobbered, which the verifier rejects (`R3 !read_ok`).
+    let (stale, old) = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg) {
         Found::Live(conn) => return Ok(Ok(Flow::Existing(conn))),
-        Found::Stale(old) => Some(old),
-        Found::Missing => None,
+        Found::Stale(old) => (true, old),
+        Found::Missing => (false, CtEntry4::default()),
     };
     if !conntrack::can_open(pkt) {
         return not_new().map(Err);
@@ -136,7 +140,7 @@ fn to_frontend(
     if fe.value.count == 0 {
         return lb::no_backends(ctx, pkt, fe).map(Err);
     }
-    if let Some(old) = stale {
+    if stale {
         let reopen = CtState::of(pkt.proto, old.flags) == CtState::Closing;
         maps::count(if reopen {
             stat::CT_REOPEN

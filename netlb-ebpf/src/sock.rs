@@ -73,6 +73,8 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         proto: protocol,
         tcp_flags: 0,
         l4_csum_off: 0,
+        no_l4: false,
+        pad: 0,
     };
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
         return ALLOW;

@@ -213,3 +213,87 @@ fn should_function_for_client_ip_based_session_affinity_udp() {
         c.agent_log()
     );
 }
+
+/// Upstream: `should be able to handle large requests: udp`. A 2000-byte
+/// datagram to the cluster IP (fragmented by the client's stack on the
+/// 1500-byte pod link) reaches a backend whole, and its 2000-odd-byte echo
+/// (fragmented by the backend) comes back whole, from the cluster IP.
+#[test]
+fn should_be_able_to_handle_large_requests_udp() {
+    let c = Cluster::new(&["big-0", "big-1"]);
+    c.expose(
+        "big",
+        "10.96.0.61",
+        "UDP",
+        (7001, 7001),
+        &["big-0", "big-1"],
+    );
+    let mut c = c;
+    c.start_agent();
+    let client = c.client();
+    for size in [2_000, 8_000] {
+        let (code, out) = common::echo(
+            &c.tb,
+            &client,
+            &[
+                "udp-echo",
+                "--connect",
+                "10.96.0.61:7001",
+                "--size",
+                &size.to_string(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{size} bytes: {out}\n{}", c.agent_log());
+        assert!(out.trim().ends_with(&format!(" {size}")), "{out}");
+    }
+}
+
+/// Upstream: `should be able to handle large requests: http`. A 100 KB POST
+/// body and a 1 MB answer through the cluster IP.
+#[test]
+fn should_be_able_to_handle_large_requests_http() {
+    let c = Cluster::new(&["big-0", "big-1"]);
+    c.expose("big", "10.96.0.62", "TCP", (80, 9376), &["big-0", "big-1"]);
+    let mut c = c;
+    c.start_agent();
+    let client = c.client();
+    let body_file = c.tb.dir.join("body");
+    std::fs::write(&body_file, vec![b'x'; 100_000]).unwrap();
+    let out =
+        c.tb.exec(
+            &client,
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_upload}",
+                "--data-binary",
+                &format!("@{}", body_file.display()),
+                "http://10.96.0.62/",
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "200 100000", "{text}\n{}", c.agent_log());
+    let out =
+        c.tb.exec(
+            &client,
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}",
+                "http://10.96.0.62/bytes/1000000",
+            ],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 1000000");
+}

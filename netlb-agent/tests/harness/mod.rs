@@ -266,7 +266,7 @@ impl Datapath {
             .expect("program")
             .try_into()
             .expect("sched_cls");
-        let mut out = vec![0u8; 512];
+        let mut out = vec![0u8; 4096];
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),

@@ -41,7 +41,7 @@ use std::{
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S] [--count N] [--rate R] [--source IP]... [--close rst|fin|mixed]\n       netlb-echo udp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo udp-query --connect IP:PORT [--timeout-ms N]"
+        "usage: netlb-echo serve --name NAME [--http PORT]... [--udp-dns PORT]... [--dns-answer IP] [--tcp-echo PORT]... [--udp-echo PORT]...\n       netlb-echo tcp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo connect-rate --connect IP:PORT [--threads N] [--duration-s S] [--count N] [--rate R] [--source IP]... [--close rst|fin|mixed]\n       netlb-echo udp-client --connect IP:PORT [--interval-ms N] [--duration-s S]\n       netlb-echo udp-query --connect IP:PORT [--timeout-ms N]\n       netlb-echo udp-echo --connect IP:PORT --size BYTES"
     );
     ExitCode::from(2)
 }
@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Some("connect-rate") => connect_rate(&args[1..]),
         Some("udp-client") => udp_client(&args[1..]),
         Some("udp-query") => udp_query(&args[1..]),
+        Some("udp-echo") => udp_echo_client(&args[1..]),
         _ => usage(),
     }
 }
@@ -115,6 +116,17 @@ fn serve(args: &[String]) -> ExitCode {
             }
         };
         threads.push(std::thread::spawn(move || dns_loop(socket, answer)));
+    }
+    for port in values(args, "--udp-echo") {
+        let socket = match UdpSocket::bind(format!("0.0.0.0:{port}")) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("udp-echo {port}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || udp_echo_loop(socket, &name)));
     }
     if threads.is_empty() {
         return usage();
@@ -547,6 +559,61 @@ fn udp_client(args: &[String]) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Answers each datagram with the server's name, a space, and the
+/// datagram itself (of any size up to 64 KiB: large ones arrive and leave
+/// fragmented).
+fn udp_echo_loop(socket: UdpSocket, name: &str) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut answer = format!("{name} ").into_bytes();
+        answer.extend_from_slice(&buf[..n]);
+        let _ = socket.send_to(&answer, peer);
+    }
+}
+
+/// Sends one datagram of `--size` bytes to a `--udp-echo` server and checks
+/// that it comes back whole; prints `NAME BYTES` (the server's name and the
+/// bytes echoed) or what went wrong.
+fn udp_echo_client(args: &[String]) -> ExitCode {
+    let Some(socket) = connected_udp(args) else {
+        return usage();
+    };
+    let size: usize = values(args, "--size")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+    let message: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    if let Err(e) = socket.send(&message) {
+        println!("send: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut buf = vec![0u8; 65_536];
+    match socket.recv(&mut buf) {
+        Ok(n) => {
+            let answer = &buf[..n];
+            let Some(space) = answer.iter().position(|b| *b == b' ') else {
+                println!("malformed answer");
+                return ExitCode::FAILURE;
+            };
+            let (name, echoed) = (&answer[..space], &answer[space + 1..]);
+            if echoed != message.as_slice() {
+                println!("corrupted: {} bytes back", echoed.len());
+                return ExitCode::FAILURE;
+            }
+            println!("{} {}", String::from_utf8_lossy(name), echoed.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::from(4)
+        }
+    }
 }
 
 fn udp_query(args: &[String]) -> ExitCode {

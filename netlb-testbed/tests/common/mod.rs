@@ -152,6 +152,8 @@ impl Cluster {
                 &pod.ip.to_string(),
                 "--tcp-echo",
                 "7000",
+                "--udp-echo",
+                "7001",
             ],
             Some(&log),
         )

@@ -129,6 +129,8 @@ pub struct DatapathSettings {
     /// The node's network namespace cookie for the socket-level programs;
     /// `None` turns them off.
     pub host_netns_cookie: Option<u64>,
+    /// The cluster's pod network (`--cluster-cidr`): (network, prefix).
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
 }
 
 impl Default for DatapathSettings {
@@ -147,6 +149,7 @@ impl Default for DatapathSettings {
             },
             validate_source: true,
             host_netns_cookie: None,
+            cluster_cidr: None,
         }
     }
 }
@@ -176,9 +179,26 @@ impl DatapathSettings {
             } else {
                 0
             },
+            cluster_cidr_be: self
+                .cluster_cidr
+                .map(|(network, prefix)| be_addr(Ipv4Addr::from(u32::from(network) & mask(prefix))))
+                .unwrap_or(0),
+            cluster_mask_be: self
+                .cluster_cidr
+                .map(|(_, prefix)| mask(prefix).to_be())
+                .unwrap_or(0),
             pad: 0,
             host_netns_cookie: self.host_netns_cookie.unwrap_or(0),
         }
+    }
+}
+
+/// The netmask of a prefix length, host order.
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
     }
 }
 

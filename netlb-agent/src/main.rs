@@ -128,6 +128,13 @@ enum Command {
         /// Default: the OS hostname, lower-cased, as kube-proxy's.
         #[arg(long = "hostname-override", env = "NODE_NAME")]
         node_name: Option<String>,
+        /// The cluster's pod network (kube-proxy's --cluster-cidr, its
+        /// detect-local mode ClusterCIDR): traffic from it arriving at an
+        /// uplink to a node port, external or load-balancer IP is in-cluster
+        /// traffic and uses the cluster-wide endpoints, as pods on this node
+        /// do. Comma-separated families; the IPv4 one is used.
+        #[arg(long, env = "NETLB_CLUSTER_CIDR", value_delimiter = ',')]
+        cluster_cidr: Vec<String>,
         /// Accept Services labelled service.kubernetes.io/service-proxy-name
         /// with this value (unlabelled Services are always accepted).
         #[arg(long, env = "NETLB_PROXY_NAME")]
@@ -223,6 +230,7 @@ fn main() -> anyhow::Result<()> {
             netdevs,
             nodeport_addresses,
             node_ip,
+            cluster_cidr,
             service_loopback,
             node_name,
             proxy_name,
@@ -283,6 +291,15 @@ fn main() -> anyhow::Result<()> {
                     node_ports: service_node_port_range,
                     validate_source: validate_pod_source,
                     host_netns_cookie: None,
+                    cluster_cidr: cluster_cidr
+                        .iter()
+                        .map(|c| c.trim())
+                        .filter(|c| !c.contains(':'))
+                        .map(|c| c.parse::<Ipv4Cidr>())
+                        .next()
+                        .transpose()
+                        .context("--cluster-cidr")?
+                        .map(|c| (c.network, c.prefix)),
                 },
                 cgroup_root: match cgroup_root.as_deref() {
                     Some("") => None,

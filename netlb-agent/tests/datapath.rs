@@ -982,3 +982,82 @@ fn fragmented_datagrams_are_translated_as_a_whole() {
     assert_eq!(out, frags[1]);
     assert_eq!(dp.stat(stat::PASS_FRAGMENT), 1);
 }
+
+/// externalTrafficPolicy Local on a node without local endpoints: the
+/// external view (scope EXTERNAL) drops, the in-cluster view (scope
+/// INTERNAL) has the cluster-wide endpoints. At an uplink, a pod of
+/// another node is in-cluster traffic when `--cluster-cidr` holds it
+/// (kube-proxy's detect-local), so it is served; an outside client is not.
+#[test]
+fn pods_of_other_nodes_get_the_in_cluster_view_with_a_cluster_cidr() {
+    let settings = |cidr: Option<(Ipv4Addr, u8)>| netlb_agent::config::DatapathSettings {
+        service_loopback: Some(LOOPBACK),
+        snat_addr: Some(NODE),
+        cluster_cidr: cidr,
+        ..Default::default()
+    };
+    for (cidr, served) in [
+        (None, false),
+        (Some((Ipv4Addr::new(10, 244, 0, 0), 16)), true),
+    ] {
+        let mut dp = Datapath::load_with(settings(cidr));
+        // Backends of the internal view, then the INTERNAL slot 0 by hand.
+        let external = Frontend {
+            flags: svc_flags::NODE_PORT
+                | svc_flags::LOCAL_ONLY
+                | svc_flags::DROP
+                | svc_flags::TWO_SCOPES,
+            ..Frontend::node_port(30080, proto::TCP, 5)
+        };
+        let ids = dp.add_frontend(external, &three_backends(), 0);
+        dp.set_frontend(external, 0);
+        let internal = ServiceKey {
+            address_be: be_addr(NODE),
+            port_be: 30080u16.to_be(),
+            backend_slot: 0,
+            proto: proto::TCP,
+            scope: scope::INTERNAL,
+            pad: [0; 2],
+        };
+        for (i, id) in ids.iter().enumerate() {
+            dp.maps
+                .upsert_service(
+                    &ServiceKey {
+                        backend_slot: i as u16 + 1,
+                        ..internal
+                    },
+                    &ServiceValue {
+                        backend_id: *id,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+        }
+        dp.maps
+            .upsert_service(
+                &internal,
+                &ServiceValue {
+                    backend_id: 0,
+                    rev_nat_index: 5,
+                    count: 3,
+                    flags: svc_flags::NODE_PORT,
+                },
+            )
+            .unwrap();
+        let from_pod = PacketBuilder::tcp(REMOTE, 41000, NODE, 30080).syn().build();
+        let (verdict, out) = dp.run(program_names::FROM_NETDEV, &from_pod);
+        if served {
+            assert_eq!(verdict, TCX_NEXT, "cluster CIDR {cidr:?}");
+            assert!(BACKENDS.contains(&Ipv4Packet::parse(&out).unwrap().daddr()));
+        } else {
+            assert_eq!(verdict, TC_ACT_SHOT, "cluster CIDR {cidr:?}");
+            assert_eq!(dp.stat(stat::DROP_NO_LOCAL_ENDPOINTS), 1);
+        }
+        // An outside client is external traffic either way: dropped.
+        let (verdict, _) = dp.run(
+            program_names::FROM_NETDEV,
+            &PacketBuilder::tcp(EXT, 41000, NODE, 30080).syn().build(),
+        );
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+}

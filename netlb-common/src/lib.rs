@@ -646,14 +646,29 @@ pub struct DatapathConfig {
     pub nodeport_max: u16,
     /// See [`config_flags`]. Host byte order.
     pub flags: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// The cluster's pod network (kube-proxy's `--cluster-cidr`): traffic
+    /// arriving at an uplink from a source in it is in-cluster traffic
+    /// (kube-proxy's detect-local). Network byte order; with
+    /// `cluster_mask_be` 0, no source is (the feature is off).
+    pub cluster_cidr_be: u32,
     /// The network namespace cookie of the node (the agent's own): the
     /// socket-level programs rewrite only sockets of this namespace; pods
     /// keep the TC path. 0 turns them off. Host byte order.
     pub host_netns_cookie: u64,
+    /// Netmask of `cluster_cidr_be`. Network byte order.
+    pub cluster_mask_be: u32,
+    /// Always zero.
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 56);
+
+impl DatapathConfig {
+    /// Whether `saddr_be` is a pod address of the cluster (`--cluster-cidr`).
+    #[inline(always)]
+    pub const fn from_cluster(&self, saddr_be: u32) -> bool {
+        self.cluster_mask_be != 0 && saddr_be & self.cluster_mask_be == self.cluster_cidr_be
+    }
+}
 
 impl DatapathConfig {
     /// The timeout of a connection in `state` (protocol `proto`), seconds.

@@ -276,8 +276,11 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
     {
         return Ok(NEXT);
     }
-    // The external view: a Local traffic policy applies here.
-    let Some(fe) = lb::lookup_frontend(&pkt, false) else {
+    // The external view, where a Local traffic policy applies; but a pod
+    // of another node (a source in --cluster-cidr) gets the in-cluster
+    // view, as kube-proxy's detect-local sends it to cluster-wide
+    // endpoints.
+    let Some(fe) = lb::lookup_frontend(&pkt, cfg.from_cluster(pkt.saddr_be)) else {
         return Ok(NEXT);
     };
     let node_port = fe.value.flags & svc_flags::NODE_PORT != 0;

@@ -301,6 +301,16 @@ impl Metrics {
     }
 
     /// `/healthz` (`livez = false`) or `/livez` (ignores node eligibility).
+    /// Whether the proxy itself is healthy (syncs keep up, sources list):
+    /// what kube-proxy's service health checks consult. Unlike `/healthz`
+    /// it ignores the node's eligibility: a node being deleted keeps
+    /// serving its health-check node ports from its local endpoints while
+    /// the load balancer drains it through `/healthz`.
+    pub fn proxy_healthy(&self) -> bool {
+        let s = self.lock();
+        self.is_healthy(&s)
+    }
+
     pub fn health(&self, livez: bool) -> Health {
         let mut s = self.lock();
         let healthy = self.is_healthy(&s) && (livez || s.node_eligible);
@@ -544,6 +554,8 @@ mod tests {
         m.set_node_eligible(false);
         assert!(!m.health(false).healthy);
         assert!(m.health(true).healthy, "livez ignores the node");
+        // So do the Services' health checks (kube-proxy's IsHealthy).
+        assert!(m.proxy_healthy());
         let text = m.render();
         assert!(
             text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2"),

@@ -148,21 +148,20 @@ impl Model {
     /// (`EndpointsMap.LocalReadyEndpoints`).
     pub fn health_checks(&self) -> (BTreeMap<ServiceName, u16>, BTreeMap<ServiceName, usize>) {
         let mut ports = BTreeMap::new();
-        let mut counts = BTreeMap::new();
+        // kube-proxy's getLocalReadyEndpointIPs: distinct addresses of the
+        // Service's ready local endpoints, whatever its number of ports.
+        let mut local: BTreeMap<ServiceName, std::collections::BTreeSet<Ipv4Addr>> =
+            BTreeMap::new();
         for (name, port) in &self.ports {
             let key = (name.namespace.to_string(), name.name.to_string());
             if let Some(hc) = port.health_check_node_port {
                 ports.insert(key.clone(), hc);
             }
-            let local = port
-                .endpoints
-                .iter()
-                .filter(|e| e.is_local && e.ready)
-                .count();
-            if local > 0 {
-                *counts.entry(key).or_insert(0) += local;
+            for e in port.endpoints.iter().filter(|e| e.is_local && e.ready) {
+                local.entry(key.clone()).or_default().insert(e.address);
             }
         }
+        let counts = local.into_iter().map(|(k, ips)| (k, ips.len())).collect();
         (ports, counts)
     }
 }
@@ -1054,6 +1053,38 @@ mod tests {
                 (Pod, TCP, "172.30.0.1", 80, "10.180.1.1:80"),
             ],
         );
+    }
+
+    /// kube-proxy's getLocalReadyEndpointIPs: a health check counts the
+    /// distinct local ready addresses, not endpoints per port.
+    #[test]
+    fn health_checks_count_distinct_local_addresses() {
+        let svc = make_service("ns1", "lb", |s| {
+            spec(s).type_ = Some("LoadBalancer".into());
+            spec(s).cluster_ip = Some("10.96.0.40".into());
+            spec(s).external_traffic_policy = Some("Local".into());
+            spec(s).health_check_node_port = Some(32100);
+            spec(s).ports = Some(vec![
+                port("http", "TCP", 80, 8080),
+                port("https", "TCP", 443, 8443),
+            ]);
+        });
+        let slice = make_slice(
+            "ns1",
+            "lb-1",
+            "lb",
+            &[("http", "TCP", 8080), ("https", "TCP", 8443)],
+            vec![
+                ep("10.244.0.5", NODE),
+                ep("10.244.0.6", NODE),
+                ep("10.244.1.5", "other"),
+            ],
+        );
+        let model = build_typed(&[svc], &[slice], &node());
+        let (ports, counts) = model.health_checks();
+        let key = ("ns1".to_string(), "lb".to_string());
+        assert_eq!(ports.get(&key), Some(&32100));
+        assert_eq!(counts.get(&key), Some(&2));
     }
 
     #[test]

@@ -332,8 +332,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         );
     }
     let health_metrics = Arc::clone(&metrics);
-    let mut health =
-        ServiceHealthServer::new(Arc::new(move || health_metrics.health(false).healthy));
+    let mut health = ServiceHealthServer::new(Arc::new(move || health_metrics.proxy_healthy()));
 
     let (tx, rx) = mpsc::channel::<()>();
     let socket = ifaces::link_socket().map_err(|source| RunError::Interfaces { source })?;

@@ -131,6 +131,9 @@ pub struct DatapathSettings {
     pub host_netns_cookie: Option<u64>,
     /// The cluster's pod network (`--cluster-cidr`): (network, prefix).
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// The Service CIDRs (`--service-cluster-ip-range`): new connections to
+    /// their addresses that are no cluster IP are dropped.
+    pub service_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 impl Default for DatapathSettings {
@@ -150,6 +153,7 @@ impl Default for DatapathSettings {
             validate_source: true,
             host_netns_cookie: None,
             cluster_cidr: None,
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -178,6 +182,10 @@ impl DatapathSettings {
                 config_flags::VALIDATE_SOURCE
             } else {
                 0
+            } | if self.service_cidrs.is_empty() {
+                0
+            } else {
+                config_flags::SERVICE_CIDRS
             },
             cluster_cidr_be: self
                 .cluster_cidr

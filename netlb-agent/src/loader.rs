@@ -268,6 +268,8 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             1,
             sizes.affinity_matches,
         ),
+        map_names::CLUSTER_IPS => (MapType::Hash, 4, 1, limits::MAX_CLUSTER_IPS),
+        map_names::SERVICE_CIDRS => (MapType::LpmTrie, 8, 1, limits::MAX_SERVICE_CIDRS),
         map_names::FRAGMENTS => (
             MapType::LruHash,
             size_of::<FragKey>(),

@@ -135,6 +135,13 @@ enum Command {
         /// do. Comma-separated families; the IPv4 one is used.
         #[arg(long, env = "NETLB_CLUSTER_CIDR", value_delimiter = ',')]
         cluster_cidr: Vec<String>,
+        /// The Service CIDRs (the API server's --service-cluster-ip-range;
+        /// comma-separated, IPv4 ones used): a new connection from a pod or
+        /// host process to an address in them that no Service has is
+        /// dropped, as kube-proxy's nftables mode does. (A cluster IP's
+        /// undefined ports are rejected with or without this.)
+        #[arg(long, env = "NETLB_SERVICE_CLUSTER_IP_RANGE", value_delimiter = ',')]
+        service_cluster_ip_range: Vec<String>,
         /// Accept Services labelled service.kubernetes.io/service-proxy-name
         /// with this value (unlabelled Services are always accepted).
         #[arg(long, env = "NETLB_PROXY_NAME")]
@@ -231,6 +238,7 @@ fn main() -> anyhow::Result<()> {
             nodeport_addresses,
             node_ip,
             cluster_cidr,
+            service_cluster_ip_range,
             service_loopback,
             node_name,
             proxy_name,
@@ -300,6 +308,13 @@ fn main() -> anyhow::Result<()> {
                         .transpose()
                         .context("--cluster-cidr")?
                         .map(|c| (c.network, c.prefix)),
+                    service_cidrs: service_cluster_ip_range
+                        .iter()
+                        .map(|c| c.trim())
+                        .filter(|c| !c.is_empty() && !c.contains(':'))
+                        .map(|c| c.parse::<Ipv4Cidr>().map(|c| (c.network, c.prefix)))
+                        .collect::<Result<_, _>>()
+                        .context("--service-cluster-ip-range")?,
                 },
                 cgroup_root: match cgroup_root.as_deref() {
                     Some("") => None,

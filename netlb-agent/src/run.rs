@@ -310,6 +310,9 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         sizes: opts.sizes,
     })?;
     let mut dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
+    // (Until the trie is filled the flag finds nothing in it: every address
+    // passes, as before the flag.)
+    dataplane.set_service_cidrs(&settings.service_cidrs)?;
     let observer = Observer::from_ebpf(&mut ebpf)?;
     let mut pod_sources = PodSources::from_ebpf(&mut ebpf)?;
     let collector = Collector::spawn(

@@ -379,6 +379,11 @@ pub struct Syncer {
     /// Entries the programmed frontends take in the service map (slot 0
     /// and backend slots), kept as they change.
     service_entries: usize,
+    /// How many wanted frontends carry each cluster IP; what `CLUSTER_IPS`
+    /// holds; addresses whose entry may have to change.
+    cluster_ip_refs: HashMap<Ipv4Addr, u32>,
+    cluster_ips: HashSet<Ipv4Addr>,
+    cluster_ips_dirty: BTreeSet<Ipv4Addr>,
 }
 
 impl Default for Syncer {
@@ -412,6 +417,9 @@ impl Syncer {
             unreferenced_rev_nat: BTreeSet::new(),
             generation: 0,
             service_entries: 0,
+            cluster_ip_refs: HashMap::default(),
+            cluster_ips: HashSet::default(),
+            cluster_ips_dirty: BTreeSet::new(),
         }
     }
 
@@ -516,6 +524,10 @@ impl Syncer {
                 _ => syncer.stray_slots.push(service_key(&fe, slot)),
             }
         }
+        // Cluster IPs: adopted as they are; those no Service wants go in the
+        // first apply.
+        syncer.cluster_ips = maps.cluster_ips.iter().copied().collect();
+        syncer.cluster_ips_dirty = maps.cluster_ips.iter().copied().collect();
         // Auxiliary entries belong to the frontend with their rev-NAT
         // index, protocol and scope.
         let mut owners: HashMap<(RevNatIndex, u8, u8), FrontendKey> = HashMap::default();
@@ -658,6 +670,24 @@ impl Syncer {
         want: BTreeMap<FrontendKey, DesiredFrontend>,
     ) {
         let old = self.wanted.remove(key).unwrap_or_default();
+        // Cluster IPs: counted by the wanted frontends that carry them.
+        for (fk, fe) in old.iter() {
+            if fe.flags & svc_flags::CLUSTER_IP != 0 {
+                if let Some(n) = self.cluster_ip_refs.get_mut(&fk.address) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.cluster_ip_refs.remove(&fk.address);
+                    }
+                }
+                self.cluster_ips_dirty.insert(fk.address);
+            }
+        }
+        for (fk, fe) in &want {
+            if fe.flags & svc_flags::CLUSTER_IP != 0 {
+                *self.cluster_ip_refs.entry(fk.address).or_default() += 1;
+                self.cluster_ips_dirty.insert(fk.address);
+            }
+        }
         for (fk, _) in old.iter() {
             if !want.contains_key(fk) {
                 if let Some(c) = self.claims.get_mut(fk) {
@@ -823,6 +853,7 @@ impl Syncer {
         !self.dirty.is_empty()
             || !self.stray_slots.is_empty()
             || !self.stray_aux.is_empty()
+            || !self.cluster_ips_dirty.is_empty()
             || !self.unreferenced_backends.is_empty()
             || !self.unreferenced_rev_nat.is_empty()
     }
@@ -1458,10 +1489,54 @@ impl Syncer {
 
         report.failed = failed.len();
         self.dirty.extend(failed);
+        // Cluster IPs, after the frontends (a new Service's address must not
+        // reject its own port before its frontend exists; a removed one's
+        // goes after its frontend).
+        self.sync_cluster_ips(dp, &mut report);
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    fn sync_cluster_ips(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
+        if self.cluster_ips_dirty.is_empty() {
+            return;
+        }
+        let dirty = std::mem::take(&mut self.cluster_ips_dirty);
+        let adds: Vec<Ipv4Addr> = dirty
+            .iter()
+            .filter(|ip| self.cluster_ip_refs.contains_key(ip) && !self.cluster_ips.contains(ip))
+            .copied()
+            .collect();
+        let dels: Vec<Ipv4Addr> = dirty
+            .iter()
+            .filter(|ip| !self.cluster_ip_refs.contains_key(ip) && self.cluster_ips.contains(ip))
+            .copied()
+            .collect();
+        let done = |r: Result<(), BatchError>, n: usize| match r {
+            Ok(()) => n,
+            Err(e) => {
+                log::warn!("cluster IPs: {e}: {}", e.source);
+                e.index
+            }
+        };
+        let written = done(dp.upsert_cluster_ips(&adds), adds.len());
+        report.writes += written;
+        self.cluster_ips.extend(adds[..written].iter().copied());
+        self.cluster_ips_dirty
+            .extend(adds[written..].iter().copied());
+        let deleted = done(dp.delete_cluster_ips(&dels), dels.len());
+        report.deletes += deleted;
+        for ip in &dels[..deleted] {
+            self.cluster_ips.remove(ip);
+        }
+        self.cluster_ips_dirty
+            .extend(dels[deleted..].iter().copied());
+        if written < adds.len() || deleted < dels.len() {
+            report.failed_deletes += dels.len() - deleted;
+            report.failed += usize::from(written < adds.len());
+        }
     }
 
     /// Checks the mirror's own invariants (tests): every auxiliary entry of
@@ -1581,6 +1656,42 @@ mod tests {
 
     fn matches(dp: &FakeDataplane) -> Vec<u32> {
         dp.affinity_matches.iter().map(|m| m.backend_id).collect()
+    }
+
+    #[test]
+    fn cluster_ips_are_counted_by_their_frontends_and_follow_them() {
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        // Two ports of one cluster IP: one entry, written after the headers.
+        let mut want = desired(&[(10, &[1])]);
+        let mut second = want.frontends[&fe(10)].clone();
+        second.service.port_name = "second".into();
+        want.frontends
+            .insert(FrontendKey { port: 81, ..fe(10) }, second);
+        syncer.sync(&mut dp, &want).unwrap();
+        let ops = dp.take_ops();
+        let ip = fe(10).address;
+        let written = position(&ops, &Op::UpsertClusterIp(ip));
+        assert!(written > position(&ops, &slot0(10)), "{ops:?}");
+        assert_eq!(dp.cluster_ips.iter().copied().collect::<Vec<_>>(), vec![ip]);
+        // One port goes: the address stays.
+        syncer.sync(&mut dp, &desired(&[(10, &[1])])).unwrap();
+        assert!(dp.cluster_ips.contains(&ip));
+        // A restarted agent keeps it and deletes what no Service has.
+        dp.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, 99));
+        let mut adopted = Syncer::adopt(&dp).unwrap();
+        adopted.sync(&mut dp, &desired(&[(10, &[1])])).unwrap();
+        assert_eq!(dp.cluster_ips.iter().copied().collect::<Vec<_>>(), vec![ip]);
+        // The Service goes: its frontend first, then the address.
+        dp.take_ops();
+        adopted.sync(&mut dp, &DesiredState::default()).unwrap();
+        let ops = dp.take_ops();
+        let head = ops
+            .iter()
+            .position(|o| *o == Op::DeleteService(service_key(&fe(10), 0)))
+            .unwrap();
+        assert!(position(&ops, &Op::DeleteClusterIp(ip)) > head, "{ops:?}");
+        assert!(dp.cluster_ips.is_empty());
     }
 
     #[test]
@@ -1717,7 +1828,8 @@ mod tests {
         let mut syncer = Syncer::new();
         let report = syncer.sync(&mut dp, &desired(&[(10, &[1, 2, 3])])).unwrap();
         let ops = dp.take_ops();
-        assert_eq!(report.writes, 3 + 1 + 3 + 1, "{ops:?}");
+        // 3 backends, the rev-NAT entry, 3 slots, the header, the cluster IP.
+        assert_eq!(report.writes, 3 + 1 + 3 + 1 + 1, "{ops:?}");
         assert_eq!(report.deletes, 0);
         let frontend = position(&ops, &slot0(10));
         for slot in 1..=3 {
@@ -1806,7 +1918,9 @@ mod tests {
         assert!(rev < backend);
         // Backend 2 is still used by svc11.
         assert!(!ops.contains(&Op::DeleteBackend(2)));
-        assert_eq!(ops.len(), 5, "{ops:?}");
+        // And the cluster IP, after the frontend.
+        assert!(position(&ops, &Op::DeleteClusterIp(fe(10).address)) > 0);
+        assert_eq!(ops.len(), 6, "{ops:?}");
         dp.check_consistent().unwrap();
     }
 

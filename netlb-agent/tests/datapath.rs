@@ -1061,3 +1061,65 @@ fn pods_of_other_nodes_get_the_in_cluster_view_with_a_cluster_cidr() {
         assert_eq!(verdict, TC_ACT_SHOT);
     }
 }
+
+/// kube-proxy nftables' cluster-IP checks: a new connection to a cluster
+/// IP on a port its Service does not define is rejected (ICMP port
+/// unreachable); with Service CIDRs configured, one to an address of them
+/// that no Service has is dropped; anything else passes. Packets that
+/// cannot open a connection are never judged.
+#[test]
+fn undefined_ports_are_rejected_and_unallocated_service_addresses_dropped() {
+    let cidr = |on: bool| netlb_agent::config::DatapathSettings {
+        service_cidrs: if on {
+            vec![(Ipv4Addr::new(10, 96, 0, 0), 12)]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    };
+    for cidrs in [false, true] {
+        let mut dp = Datapath::load_with(cidr(cidrs));
+        dp.add_service(VIP, 80, proto::TCP, &three_backends());
+        dp.maps.upsert_cluster_ips(&[VIP]).unwrap();
+        if cidrs {
+            dp.maps
+                .set_service_cidrs(&[(Ipv4Addr::new(10, 96, 0, 0), 12)])
+                .unwrap();
+        }
+        // The defined port still works.
+        let (verdict, _) = dp.run(
+            program_names::FROM_POD,
+            &PacketBuilder::tcp(CLIENT, 40000, VIP, 80).syn().build(),
+        );
+        assert_eq!(verdict, TCX_NEXT);
+        // Another port of the cluster IP: rejected, TCP and UDP alike.
+        for packet in [
+            PacketBuilder::tcp(CLIENT, 40001, VIP, 81).syn().build(),
+            PacketBuilder::udp(CLIENT, 40001, VIP, 53).build(),
+        ] {
+            let (verdict, out) = dp.run(program_names::FROM_POD, &packet);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "cidrs {cidrs}");
+            assert_eq!(Ipv4Packet::parse(&out).unwrap().protocol(), proto::ICMP);
+        }
+        assert_eq!(dp.stat(stat::REJECT), 2);
+        // A TCP packet that opens nothing: not judged.
+        let ack = PacketBuilder::tcp(CLIENT, 40002, VIP, 81).ack().build();
+        assert_eq!(dp.run(program_names::FROM_POD, &ack).0, TCX_NEXT);
+        // An address of the Service CIDR without a Service.
+        let unallocated = PacketBuilder::tcp(CLIENT, 40003, Ipv4Addr::new(10, 96, 0, 99), 80)
+            .syn()
+            .build();
+        let (verdict, _) = dp.run(program_names::FROM_POD, &unallocated);
+        if cidrs {
+            assert_eq!(verdict, TC_ACT_SHOT);
+            assert_eq!(dp.stat(stat::DROP_UNALLOCATED_SERVICE_IP), 1);
+        } else {
+            assert_eq!(verdict, TCX_NEXT);
+        }
+        // Outside the Service CIDR: none of netlb's business.
+        let outside = PacketBuilder::tcp(CLIENT, 40004, Ipv4Addr::new(192, 0, 2, 7), 80)
+            .syn()
+            .build();
+        assert_eq!(dp.run(program_names::FROM_POD, &outside).0, TCX_NEXT);
+    }
+}

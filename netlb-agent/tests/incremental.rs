@@ -60,7 +60,7 @@ type Shape = BTreeMap<
     ),
 >;
 
-fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
+fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize, Vec<Ipv4Addr>) {
     dp.check_consistent().expect("consistent maps");
     dp.check_affinity_matches().expect("affinity matches");
     let mut out = Shape::new();
@@ -134,7 +134,13 @@ fn shape(dp: &FakeDataplane) -> (Shape, usize, usize, usize) {
         dp.affinity_matches.len(),
         "affinity matches"
     );
-    (out, dp.services.len(), dp.backends.len(), dp.rev_nat.len())
+    (
+        out,
+        dp.services.len(),
+        dp.backends.len(),
+        dp.rev_nat.len(),
+        dp.cluster_ips.iter().copied().collect(),
+    )
 }
 
 /// The maps a fresh agent programs from every object in the store.
@@ -428,7 +434,7 @@ fn random_change_sequences_program_what_a_fresh_agent_would() {
         step(&mut store, &node, &mut syncer, &mut dp);
         assert_eq!(
             shape(&dp),
-            (Shape::new(), 0, 0, 0),
+            (Shape::new(), 0, 0, 0, vec![]),
             "seed {seed}: left behind"
         );
     }
@@ -473,8 +479,9 @@ fn a_change_recomputes_its_service_only_and_writes_what_changed() {
     cluster(&mut store, 2_000, 3);
     let (recomputed, first) = step(&mut store, &node, &mut syncer, &mut dp);
     assert_eq!(recomputed, 2_000);
-    // 6,000 backends + 6,000 slots + 2,000 headers + 2,000 rev-NAT.
-    assert_eq!(first.writes, 16_000);
+    // 6,000 backends + 6,000 slots + 2,000 headers + 2,000 rev-NAT + 2,000
+    // cluster IPs.
+    assert_eq!(first.writes, 18_000);
 
     // One more endpoint in one Service: that Service alone, three writes
     // (its backend, its new slot, its header's count).
@@ -503,7 +510,7 @@ fn a_change_recomputes_its_service_only_and_writes_what_changed() {
     assert_eq!((recomputed, report.writes, report.deletes), (0, 0, 0));
 
     // A relist that misses one Service deletes it (and only it): its
-    // header, its slot, its rev-NAT entry and its backends.
+    // header, its slots, its rev-NAT entry, its backends, its cluster IP.
     store.begin_list(Kind::Service);
     let (services, _) = store.all();
     for s in services.iter().filter(|s| &*s.name != "svc-7") {
@@ -513,7 +520,7 @@ fn a_change_recomputes_its_service_only_and_writes_what_changed() {
     let (recomputed, report) = step(&mut store, &node, &mut syncer, &mut dp);
     assert_eq!(
         (recomputed, report.writes, report.deletes),
-        (1, 0, 1 + 3 + 1 + 3)
+        (1, 0, 1 + 3 + 1 + 3 + 1)
     );
 
     // A Node change that does not touch the zone recomputes nothing.
@@ -560,13 +567,13 @@ fn change_tracker_scenarios() {
     type Event = fn(&mut ObjectStore);
     let table: &[(&str, Event, &[&str], usize, usize)] = &[
         (
-            "a Service without endpoints: its rev-NAT entry and a rejecting frontend",
+            "a Service without endpoints: its rev-NAT entry, a rejecting frontend, its cluster IP",
             |s| {
                 let o = simple_service(s, "a", 1, "http");
                 s.apply_service(o)
             },
             &["a"],
-            2,
+            3,
             0,
         ),
         (
@@ -646,7 +653,7 @@ fn change_tracker_scenarios() {
                 s.apply_service(o)
             },
             &["b"],
-            2,
+            3,
             0,
         ),
         (
@@ -662,11 +669,11 @@ fn change_tracker_scenarios() {
             2,
         ),
         (
-            "Service a deleted: its frontend and rev-NAT entry",
+            "Service a deleted: its frontend, rev-NAT entry and cluster IP",
             |s| s.delete_service("default", "a"),
             &["a"],
             0,
-            2,
+            3,
         ),
         (
             "the slice deleted: b rejects; its slots and the backends go",

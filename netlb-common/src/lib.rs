@@ -52,8 +52,13 @@ pub mod map_names {
     /// IPv4 fragments: the ports of a fragmented datagram, from its first
     /// fragment, for the others.
     pub const FRAGMENTS: &str = "NETLB_FRAGMENTS";
+    /// Every cluster IP (a port it does not define is rejected).
+    pub const CLUSTER_IPS: &str = "NETLB_CLUSTER_IPS";
+    /// The Service CIDRs (an address in them that is no cluster IP is
+    /// dropped).
+    pub const SERVICE_CIDRS: &str = "NETLB_SERVICE_CIDRS";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -67,6 +72,8 @@ pub mod map_names {
         AFFINITY,
         AFFINITY_MATCH,
         FRAGMENTS,
+        CLUSTER_IPS,
+        SERVICE_CIDRS,
     ];
 }
 
@@ -126,6 +133,10 @@ pub mod limits {
     pub const MAX_AFFINITY: u32 = 131_072;
     /// (backend, affinity frontend) pairs.
     pub const MAX_AFFINITY_MATCH: u32 = 262_144;
+    /// Cluster IPs (one per Service, two for dual-stack ones).
+    pub const MAX_CLUSTER_IPS: u32 = 262_144;
+    /// Service CIDRs.
+    pub const MAX_SERVICE_CIDRS: u32 = 16;
     /// Fragmented datagrams in flight (an LRU: a datagram's entry is only
     /// needed until its last fragment passed).
     pub const MAX_FRAGMENTS: u32 = 8_192;
@@ -691,6 +702,9 @@ pub mod config_flags {
     /// Service connection with a source address registered behind another
     /// interface (`POD_SOURCES`).
     pub const VALIDATE_SOURCE: u32 = 1 << 0;
+    /// `SERVICE_CIDRS` holds the Service CIDRs: new connections to their
+    /// unallocated addresses are dropped.
+    pub const SERVICE_CIDRS: u32 = 1 << 1;
 }
 
 /// Defaults of the NAT port and NodePort ranges.
@@ -816,8 +830,12 @@ pub mod stat {
     /// Dropped: a new connection to a load-balancer IP from a source outside
     /// the Service's loadBalancerSourceRanges.
     pub const DROP_SOURCE_RANGE: u32 = 28;
+    /// Dropped: a new connection from a pod or host process to an address
+    /// of the Service CIDRs that no Service has (kube-proxy nftables'
+    /// "drop traffic to unallocated ClusterIPs").
+    pub const DROP_UNALLOCATED_SERVICE_IP: u32 = 29;
     /// Number of counters.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -850,11 +868,14 @@ pub mod stat {
         "sock_reject",
         "sock_rev_nat",
         "drop_source_range",
+        "drop_unallocated_service_ip",
     ];
 
     /// Whether the counter is a drop reason.
     pub const fn is_drop(index: u32) -> bool {
-        (index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE) || index == DROP_SOURCE_RANGE
+        (index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE)
+            || index == DROP_SOURCE_RANGE
+            || index == DROP_UNALLOCATED_SERVICE_IP
     }
 }
 

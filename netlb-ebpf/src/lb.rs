@@ -158,6 +158,38 @@ pub fn source_allowed(fe: &Frontend, saddr_be: u32) -> bool {
     maps::SOURCE_RANGES.get(key).is_some()
 }
 
+/// What a new connection to an address without a frontend for its port
+/// and protocol meets (kube-proxy nftables' cluster-IP checks).
+pub enum NoFrontend {
+    /// Not a Service address: none of netlb's business.
+    Pass,
+    /// A cluster IP, on a port its Service does not define: REJECT.
+    Reject,
+    /// An address of the Service CIDRs that is no cluster IP: DROP.
+    Drop,
+}
+
+/// Classifies a new connection to `daddr_be` that found no frontend (the
+/// callers check only connection openers: a cost on new flows, not on
+/// every packet). With Service CIDRs configured, only addresses inside
+/// them look further.
+#[inline(always)]
+pub fn no_frontend(daddr_be: u32, cfg: &netlb_common::DatapathConfig) -> NoFrontend {
+    let cidrs = cfg.flags & netlb_common::config_flags::SERVICE_CIDRS != 0;
+    // The trie compares the address's bytes in wire order.
+    if cidrs && maps::SERVICE_CIDRS.get(Key::new(32, daddr_be)).is_none() {
+        return NoFrontend::Pass;
+    }
+    if maps::CLUSTER_IPS.get_ptr(daddr_be).is_some() {
+        return NoFrontend::Reject;
+    }
+    if cidrs {
+        NoFrontend::Drop
+    } else {
+        NoFrontend::Pass
+    }
+}
+
 /// A new connection to a frontend without usable backends: kube-proxy's
 /// DROP (a Local policy without local endpoints) or REJECT (ICMP port
 /// unreachable). Only new connections get here: established ones keep their

@@ -92,6 +92,17 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(limits::MAX_FRAGMENTS, 0);
 
+/// Every cluster IP (network order) -> 1, kept by the agent: a new
+/// connection to one on a port no Service defines is rejected.
+#[map(name = "NETLB_CLUSTER_IPS")]
+pub static CLUSTER_IPS: HashMap<u32, u8> =
+    HashMap::with_max_entries(limits::MAX_CLUSTER_IPS, NO_PREALLOC);
+
+/// The Service CIDRs (prefix of a network-order address) -> 1.
+#[map(name = "NETLB_SERVICE_CIDRS")]
+pub static SERVICE_CIDRS: LpmTrie<u32, u8> =
+    LpmTrie::with_max_entries(limits::MAX_SERVICE_CIDRS, 0);
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -16,7 +16,7 @@ use crate::{
     lb::{self, Frontend},
     maps, nat, nodeport,
     parse::{self, Packet, Parsed},
-    sock,
+    reject, sock,
     verdict::{NEXT, Reason},
 };
 
@@ -180,7 +180,14 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         return Ok(NEXT);
     }
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
-        return Ok(NEXT);
+        if !conntrack::can_open(&pkt) {
+            return Ok(NEXT);
+        }
+        return match lb::no_frontend(pkt.daddr_be, &cfg) {
+            lb::NoFrontend::Pass => Ok(NEXT),
+            lb::NoFrontend::Reject => reject::port_unreachable(ctx, &pkt),
+            lb::NoFrontend::Drop => Err(Reason::UnallocatedServiceIp),
+        };
     };
     // Only packets that change a connection's state are validated; a data
     // packet with a forged source can only join the connection it names.

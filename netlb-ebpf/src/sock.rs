@@ -77,7 +77,17 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         pad: 0,
     };
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
-        return ALLOW;
+        // A cluster IP's undefined port: refused; an unallocated Service
+        // address: as a dropped SYN would end, at once.
+        let errno = match lb::no_frontend(daddr, &cfg) {
+            lb::NoFrontend::Pass => return ALLOW,
+            lb::NoFrontend::Reject => ECONNREFUSED,
+            lb::NoFrontend::Drop => ETIMEDOUT,
+        };
+        // SAFETY: helper without preconditions for cgroup programs.
+        unsafe { bpf_set_retval(-errno) };
+        maps::count(stat::SOCK_REJECT);
+        return DENY;
     };
     // A host process's packets leave with the node's address as their
     // source (kube-proxy sees the node IP for them): that is what the

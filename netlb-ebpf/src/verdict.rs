@@ -24,6 +24,7 @@ pub enum Reason {
     CtInvalid = stat::DROP_CT_INVALID,
     SpoofedSource = stat::DROP_SPOOFED_SOURCE,
     SourceRange = stat::DROP_SOURCE_RANGE,
+    UnallocatedServiceIp = stat::DROP_UNALLOCATED_SERVICE_IP,
 }
 
 impl From<Reason> for i32 {

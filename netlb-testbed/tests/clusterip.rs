@@ -231,3 +231,51 @@ fn service_without_endpoints_is_refused_fast() {
         "timed out instead of failing inside the topology"
     );
 }
+
+/// kube-proxy nftables' cluster-IP checks, end to end: a port the Service
+/// does not define is refused at once (TCP and UDP), an address of the
+/// Service CIDR (`--service-cluster-ip-range`) without a Service is dropped
+/// (the client times out), from a pod and from a host process.
+#[test]
+fn undefined_ports_are_refused_and_unallocated_service_addresses_dropped() {
+    let mut c = Cluster::new(&["web-0"]);
+    c.expose("web", VIP, "TCP", (80, 9376), &["web-0"]);
+    c.start_agents_args(&["--service-cluster-ip-range", "10.96.0.0/16"]);
+    let client = c.client();
+    let curl_exit = |netns: &str, url: &str| -> Option<i32> {
+        c.tb.exec(netns, &["curl", "-sS", "-m", "2", "-o", "/dev/null", url])
+            .ok()
+            .and_then(|o| o.status.code())
+    };
+    assert_eq!(curl_exit(&client, &format!("http://{VIP}/")), Some(0));
+    // curl: 7 = couldn't connect (refused), 28 = timed out.
+    let started = std::time::Instant::now();
+    assert_eq!(curl_exit(&client, &format!("http://{VIP}:81/")), Some(7));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    assert_eq!(curl_exit(&client, "http://10.96.0.250/"), Some(28));
+    let (code, out) = common::echo(
+        &c.tb,
+        &client,
+        &[
+            "udp-query",
+            "--connect",
+            &format!("{VIP}:5353"),
+            "--timeout-ms",
+            "1000",
+        ],
+    );
+    assert_eq!(code, Some(3), "UDP to an undefined port: {out}");
+    // A host process of the node (socket-level programs): the same.
+    let host = |url: &str| -> Option<i32> {
+        c.tb.exec_host(0, &["curl", "-sS", "-m", "2", "-o", "/dev/null", url])
+            .ok()
+            .and_then(|o| o.status.code())
+    };
+    assert_eq!(host(&format!("http://{VIP}/")), Some(0));
+    assert_eq!(host(&format!("http://{VIP}:81/")), Some(7));
+    assert_eq!(host("http://10.96.0.250/"), Some(28));
+    assert!(common::stat(&c, 0, "drop_unallocated_service_ip") >= 1);
+}

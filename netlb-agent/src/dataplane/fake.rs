@@ -21,6 +21,8 @@ pub enum Op {
     DeleteRevNat(RevNatIndex),
     UpsertAux(Aux),
     DeleteAux(Aux),
+    UpsertClusterIp(std::net::Ipv4Addr),
+    DeleteClusterIp(std::net::Ipv4Addr),
 }
 
 impl Op {
@@ -31,6 +33,7 @@ impl Op {
                 | Self::UpsertService(_)
                 | Self::UpsertRevNat(_)
                 | Self::UpsertAux(_)
+                | Self::UpsertClusterIp(_)
         )
     }
 }
@@ -42,6 +45,7 @@ pub struct FakeDataplane {
     pub rev_nat: BTreeMap<RevNatIndex, RevNatValue>,
     pub source_ranges: BTreeSet<SourceRange>,
     pub affinity_matches: BTreeSet<netlb_common::AffinityMatchKey>,
+    pub cluster_ips: BTreeSet<std::net::Ipv4Addr>,
     pub ops: Vec<Op>,
     /// Backend ids whose counters were reset, in order.
     pub stats_reset: Vec<BackendId>,
@@ -236,6 +240,24 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
+    fn upsert_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError> {
+        for (index, ip) in items.iter().enumerate() {
+            self.attempt(Op::UpsertClusterIp(*ip))
+                .map_err(|source| BatchError { index, source })?;
+            self.cluster_ips.insert(*ip);
+        }
+        Ok(())
+    }
+
+    fn delete_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError> {
+        for (index, ip) in items.iter().enumerate() {
+            self.attempt(Op::DeleteClusterIp(*ip))
+                .map_err(|source| BatchError { index, source })?;
+            self.cluster_ips.remove(ip);
+        }
+        Ok(())
+    }
+
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
         self.stats_reset.push(id);
         Ok(())
@@ -248,6 +270,7 @@ impl Dataplane for FakeDataplane {
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
             affinity_matches: self.affinity_matches.iter().copied().collect(),
+            cluster_ips: self.cluster_ips.iter().copied().collect(),
         })
     }
 }

@@ -36,6 +36,8 @@ pub struct AyaDataplane {
     backend_stats: Array<MapData, BackendStats>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     affinity_matches: HashMap<MapData, AffinityMatchKey, u8>,
+    cluster_ips: HashMap<MapData, u32, u8>,
+    service_cidrs: LpmTrie<MapData, u32, u8>,
 }
 
 fn io_error(e: MapError) -> io::Error {
@@ -93,6 +95,11 @@ impl AyaDataplane {
                 take(ebpf, map_names::AFFINITY_MATCH)?,
                 map_names::AFFINITY_MATCH,
             )?,
+            cluster_ips: typed(take(ebpf, map_names::CLUSTER_IPS)?, map_names::CLUSTER_IPS)?,
+            service_cidrs: typed(
+                take(ebpf, map_names::SERVICE_CIDRS)?,
+                map_names::SERVICE_CIDRS,
+            )?,
         })
     }
 
@@ -114,6 +121,14 @@ impl AyaDataplane {
                 open_pinned(dir, map_names::AFFINITY_MATCH)?,
                 map_names::AFFINITY_MATCH,
             )?,
+            cluster_ips: typed(
+                open_pinned(dir, map_names::CLUSTER_IPS)?,
+                map_names::CLUSTER_IPS,
+            )?,
+            service_cidrs: typed(
+                open_pinned(dir, map_names::SERVICE_CIDRS)?,
+                map_names::SERVICE_CIDRS,
+            )?,
         })
     }
 
@@ -130,6 +145,52 @@ impl AyaDataplane {
                 source: io_error(e),
             }),
         }
+    }
+
+    /// Makes the Service CIDRs exactly `cidrs` ((network, prefix length)).
+    pub fn set_service_cidrs(
+        &mut self,
+        cidrs: &[(std::net::Ipv4Addr, u8)],
+    ) -> Result<(), DataplaneError> {
+        let want: Vec<(u32, u32)> = cidrs
+            .iter()
+            .map(|(n, len)| {
+                let mask = if *len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from((*len).min(32)))
+                };
+                (
+                    u32::from(*len),
+                    netlb_common::be_addr(std::net::Ipv4Addr::from(u32::from(*n) & mask)),
+                )
+            })
+            .collect();
+        let have: Vec<(u32, u32)> = self
+            .service_cidrs
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DataplaneError::Read {
+                map: map_names::SERVICE_CIDRS,
+                source: io_error(e),
+            })?;
+        for (len, data) in &want {
+            self.service_cidrs
+                .insert(&Key::new(*len, *data), 1, 0)
+                .map_err(write_err(
+                    map_names::SERVICE_CIDRS,
+                    format!("{data:#x}/{len}"),
+                ))?;
+        }
+        for (len, data) in have.iter().filter(|k| !want.contains(k)) {
+            delete_result(
+                self.service_cidrs.remove(&Key::new(*len, *data)),
+                map_names::SERVICE_CIDRS,
+                format!("{data:#x}/{len}"),
+            )?;
+        }
+        Ok(())
     }
 
     /// Counters of one backend.
@@ -306,6 +367,24 @@ impl Dataplane for AyaDataplane {
         Ok(())
     }
 
+    fn upsert_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError> {
+        let entries: Vec<(u32, u8)> = items
+            .iter()
+            .map(|ip| (netlb_common::be_addr(*ip), 1))
+            .collect();
+        update_batch(
+            map_fd(&self.cluster_ips),
+            map_names::CLUSTER_IPS,
+            &entries,
+            |k| std::net::Ipv4Addr::from(u32::from_be(*k)).to_string(),
+        )
+    }
+
+    fn delete_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError> {
+        let keys: Vec<u32> = items.iter().map(|ip| netlb_common::be_addr(*ip)).collect();
+        delete_batch(map_fd(&self.cluster_ips), map_names::CLUSTER_IPS, &keys)
+    }
+
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {
         let source_ranges = self
             .source_ranges
@@ -324,6 +403,10 @@ impl Dataplane for AyaDataplane {
             affinity_matches: collect(&self.affinity_matches, map_names::AFFINITY_MATCH)?
                 .into_iter()
                 .map(|(k, _)| k)
+                .collect(),
+            cluster_ips: collect(&self.cluster_ips, map_names::CLUSTER_IPS)?
+                .into_iter()
+                .map(|(k, _)| std::net::Ipv4Addr::from(u32::from_be(k)))
                 .collect(),
         })
     }

@@ -40,6 +40,7 @@ pub struct ProgrammedMaps {
     pub rev_nat: Vec<(RevNatIndex, RevNatValue)>,
     pub source_ranges: Vec<SourceRange>,
     pub affinity_matches: Vec<AffinityMatchKey>,
+    pub cluster_ips: Vec<std::net::Ipv4Addr>,
 }
 
 /// Errors of a dataplane operation.
@@ -130,6 +131,10 @@ pub trait Dataplane {
     fn upsert_aux(&mut self, items: &[Aux]) -> Result<(), BatchError>;
     /// Deletes auxiliary entries (a missing one is not an error).
     fn delete_aux(&mut self, items: &[Aux]) -> Result<(), BatchError>;
+    /// Writes cluster IPs (`CLUSTER_IPS`).
+    fn upsert_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError>;
+    /// Deletes cluster IPs (a missing one is not an error).
+    fn delete_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError>;
     /// Zeroes a backend id's counters (before the id is handed out again).
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
     /// Reads back everything programmed (adoption after a restart).

@@ -623,6 +623,7 @@ fn sync_step(
                 .or_else(|| node.zone.as_ref().map(|z| z.to_string()));
             if zone != p.node.zone {
                 // Topology hints depend on the zone: every Service again.
+                log::info!("this node's zone: {}", zone.as_deref().unwrap_or("(none)"));
                 p.node.zone = zone;
                 store.mark_all();
                 let more = store.take_changes();

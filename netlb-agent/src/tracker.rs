@@ -183,6 +183,9 @@ impl ObjectStore {
     /// Records this node's Node; a change of nothing the model uses marks
     /// nothing.
     pub fn apply_node(&mut self, node: NodeObject) {
+        // Seen by a (re)list: the sweep at its end must keep it.
+        let key = self.key("", "node");
+        self.seen(Kind::Node, &key);
         if self.node.as_ref() != Some(&node) {
             self.node = Some(node);
             self.node_changed = true;
@@ -461,6 +464,24 @@ mod tests {
         s.end_list(Kind::Service);
         assert_eq!(dirty(&mut s), ["b (gone)", "c"]);
         assert_eq!(s.counts().0, 2);
+    }
+
+    #[test]
+    fn a_listed_node_survives_the_end_of_its_list() {
+        let mut s = ObjectStore::default();
+        let zone = Some(s.names().intern("zone-a"));
+        s.begin_list(Kind::Node);
+        s.apply_node(NodeObject {
+            zone: zone.clone(),
+            deleting: false,
+        });
+        s.end_list(Kind::Node);
+        assert_eq!(s.node().and_then(|n| n.zone.clone()), zone);
+        assert_eq!(s.take_changes().node.and_then(|n| n.zone), zone);
+        // A relist without it: gone.
+        s.begin_list(Kind::Node);
+        s.end_list(Kind::Node);
+        assert!(s.node().is_none());
     }
 
     #[test]

@@ -297,3 +297,150 @@ fn should_be_able_to_handle_large_requests_http() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200 1000000");
 }
+
+/// Three nodes in the zones given, one backend `td-<i>` on each node in
+/// `with_backends`, a client pod on every node, the API-server double
+/// (serving the Nodes with their zone labels) and an agent per node.
+struct ZonedCluster {
+    c: Cluster,
+    api: netlb_testbed::apiserver::FakeApiServer,
+    clients: Vec<Pod>,
+}
+
+fn zoned_cluster(zones: [&str; 3], with_backends: &[usize]) -> ZonedCluster {
+    use netlb_testbed::{agent::AgentSource, apiserver::FakeApiServer, topology::bind_in_netns};
+    let backends: Vec<(String, usize)> = with_backends
+        .iter()
+        .map(|n| (format!("td-{n}"), *n))
+        .collect();
+    let refs: Vec<(&str, usize)> = backends.iter().map(|(n, i)| (n.as_str(), *i)).collect();
+    let mut c = Cluster::multi(3, &refs);
+    let clients: Vec<Pod> = (0..3)
+        .map(|n| c.tb.add_pod(n, &format!("cl-{n}")).unwrap())
+        .collect();
+    let listener = bind_in_netns(&c.tb.nodes[0].netns, "0.0.0.0:0").expect("listener");
+    let api = FakeApiServer::start(listener).expect("api server");
+    let reachable = format!("{}:{}", c.tb.nodes[0].uplink_ip, api.addr().port());
+    let kubeconfig = c.tb.dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        api.kubeconfig()
+            .replace(&api.addr().to_string(), &reachable),
+    )
+    .unwrap();
+    for (i, zone) in zones.iter().enumerate() {
+        api.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("node{i}"), "labels": {"topology.kubernetes.io/zone": zone}},
+        }))
+        .unwrap();
+    }
+    c.start_agents_with(AgentSource::Kubeconfig(kubeconfig));
+    ZonedCluster { c, api, clients }
+}
+
+/// The Service `td` with `traffic_distribution`, and the slice the
+/// EndpointSlice controller writes for it: each endpoint hinted for its own
+/// zone, and for PreferSameNode also for its own node.
+fn apply_traffic_distribution(z: &ZonedCluster, zones: [&str; 3], mode: &str) {
+    use serde_json::json;
+    z.api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "td", "namespace": "default"},
+            "spec": {
+                "clusterIP": "10.96.0.63", "trafficDistribution": mode,
+                "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 9376}],
+            },
+        }))
+        .unwrap();
+    let endpoints: Vec<serde_json::Value> =
+        z.c.tb
+            .pods()
+            .iter()
+            .filter(|p| p.name.starts_with("td-"))
+            .map(|p| {
+                let mut hints = json!({"forZones": [{"name": zones[p.node]}]});
+                if mode == "PreferSameNode" {
+                    hints["forNodes"] = json!([{"name": format!("node{}", p.node)}]);
+                }
+                json!({
+                    "addresses": [p.ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": format!("node{}", p.node),
+                    "zone": zones[p.node],
+                    "hints": hints,
+                })
+            })
+            .collect();
+    z.api
+        .apply(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "td-abc12", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "td"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": 9376}],
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+}
+
+/// The backends each client pod reaches with 12 new connections.
+fn reached_per_client(z: &ZonedCluster) -> Vec<BTreeSet<String>> {
+    z.clients
+        .iter()
+        .map(|client| {
+            (0..12)
+                .filter_map(|_| common::curl(&z.c.tb, &client.netns, "http://10.96.0.63/", 2))
+                .filter_map(|body| body.split_whitespace().next().map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+fn same_zone(mode: &str) {
+    let zones = ["zone-a", "zone-b", "zone-c"];
+    let z = zoned_cluster(zones, &[0, 1, 2]);
+    apply_traffic_distribution(&z, zones, mode);
+    let want: Vec<BTreeSet<String>> = (0..3).map(|n| [format!("td-{n}")].into()).collect();
+    wait_until(Duration::from_secs(10), || {
+        (reached_per_client(&z) == want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", reached_per_client(&z), z.c.agent_logs()));
+}
+
+/// Upstream (traffic_distribution.go): `should route traffic to an endpoint
+/// in the same zone when using PreferClose`. Every client reaches the
+/// backend of its own zone only.
+#[test]
+fn should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_preferclose() {
+    same_zone("PreferClose");
+}
+
+/// Upstream: `should route traffic to an endpoint in the same zone when
+/// using PreferSameZone`.
+#[test]
+fn should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_prefersamezone() {
+    same_zone("PreferSameZone");
+}
+
+/// Upstream: `should route traffic correctly between pods on multiple nodes
+/// when using PreferSameNode`. Nodes 0 and 2 share zone-a, node 1 is in
+/// zone-b; backends run on nodes 0 and 1. Clients on nodes 0 and 1 reach
+/// their own node's backend; the client on node 2, whose node has none,
+/// falls back to its zone's (node 0's).
+#[test]
+fn should_route_traffic_correctly_between_pods_on_multiple_nodes_when_using_prefersamenode() {
+    let zones = ["zone-a", "zone-b", "zone-a"];
+    let z = zoned_cluster(zones, &[0, 1]);
+    apply_traffic_distribution(&z, zones, "PreferSameNode");
+    let want: Vec<BTreeSet<String>> = vec![
+        ["td-0".to_owned()].into(),
+        ["td-1".to_owned()].into(),
+        ["td-0".to_owned()].into(),
+    ];
+    wait_until(Duration::from_secs(10), || {
+        (reached_per_client(&z) == want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", reached_per_client(&z), z.c.agent_logs()));
+}

@@ -380,7 +380,7 @@ fn ipv4s<'a>(
 ) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     for v in values {
-        match v.parse::<std::net::IpAddr>() {
+        match parse_ip_sloppy(v) {
             Ok(std::net::IpAddr::V4(ip)) => {
                 if !out.contains(&ip) {
                     out.push(ip);
@@ -391,6 +391,29 @@ fn ipv4s<'a>(
         }
     }
     out
+}
+
+/// kube-proxy's `netutils.ParseIPSloppy`: an IPv4 dotted quad may carry
+/// leading zeros, read as decimal ("010" is 10, never octal 8: the
+/// CVE-2021-29923 confusion); anything else parses as usual.
+fn parse_ip_sloppy(text: &str) -> Result<std::net::IpAddr, std::net::AddrParseError> {
+    match text.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ip),
+        Err(e) => {
+            let octets: Vec<&str> = text.split('.').collect();
+            let decimal = |o: &&str| -> Option<u8> {
+                (!o.is_empty() && o.len() <= 3 && o.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| o.parse::<u8>().ok())
+                    .flatten()
+            };
+            match octets.iter().map(decimal).collect::<Option<Vec<u8>>>() {
+                Some(v) if v.len() == 4 => {
+                    Ok(std::net::IpAddr::V4(Ipv4Addr::new(v[0], v[1], v[2], v[3])))
+                }
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 /// Parses CIDRs as kube-proxy takes loadBalancerSourceRanges: padding
@@ -845,6 +868,21 @@ mod tests {
         assert_eq!(svc.ports[0].node_port, Some(30080));
         assert_eq!(svc.health_check_node_port, Some(32000));
         assert_eq!(svc.issues.len(), 2, "{:?}", svc.issues);
+    }
+
+    #[test]
+    fn service_addresses_with_leading_zeros_are_decimal() {
+        assert_eq!(
+            parse_ip_sloppy("10.096.000.010").unwrap(),
+            std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))
+        );
+        assert!(parse_ip_sloppy("10.96.0.256").is_err());
+        assert!(parse_ip_sloppy("10.96.0").is_err());
+        assert!(parse_ip_sloppy("10.96.0.0x1").is_err());
+        assert_eq!(
+            parse_ip_sloppy("fd00::1").unwrap(),
+            "fd00::1".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 
     #[test]

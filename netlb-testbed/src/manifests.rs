@@ -11,6 +11,8 @@ pub enum EndpointState {
     Unready,
     /// Being deleted but still serving (graceful termination).
     Terminating,
+    /// Being deleted and no longer serving.
+    TerminatingNotServing,
 }
 
 impl EndpointState {
@@ -19,6 +21,7 @@ impl EndpointState {
             Self::Ready => "{ready: true, serving: true, terminating: false}",
             Self::Unready => "{ready: false, serving: false, terminating: false}",
             Self::Terminating => "{ready: false, serving: true, terminating: true}",
+            Self::TerminatingNotServing => "{ready: false, serving: false, terminating: true}",
         }
     }
 }

@@ -197,6 +197,77 @@ fn a_syn_after_a_server_reset_replaces_the_whole_connection() {
     assert_eq!(out, late);
 }
 
+/// Found by the comparison bench: a client reaching two Services from the
+/// same source port (its kernel picks source ports per destination), both
+/// DNATed to the same backend, would give both connections one reply
+/// tuple; the second SYN took the first's REPLY link over and the backend
+/// answered it from the first's socket, whose connection the client's RST
+/// then killed. The second connection gets another backend, or, with a
+/// single one, its SYN is dropped (the client retransmits) until the first
+/// closes; the first keeps its translation throughout.
+#[test]
+fn a_second_frontend_never_takes_over_a_live_connections_reply_tuple() {
+    let mut dp = Datapath::load();
+    let vip2 = Ipv4Addr::new(10, 96, 0, 20);
+    let two = [(BACKENDS[0], 9376), (BACKENDS[1], 9376)];
+    dp.add_frontend(Frontend::cluster_ip(VIP, 80, proto::TCP, 7), &two, 0);
+    dp.add_frontend(Frontend::cluster_ip(vip2, 80, proto::TCP, 8), &two, 0);
+    for sport in 43000..43020 {
+        let first = handshake(&dp, CLIENT, sport, VIP, 80);
+        let syn = PacketBuilder::tcp(CLIENT, sport, vip2, 80).syn().build();
+        let (verdict, out) = dp.run(program_names::FROM_POD, &syn);
+        assert_eq!(verdict, TCX_NEXT);
+        let second = Ipv4Packet::parse(&out).unwrap().daddr();
+        assert_ne!(
+            second, first,
+            "sport {sport}: both connections on one backend tuple"
+        );
+        // Each backend's replies go back as their own frontend.
+        for (backend, vip) in [(first, VIP), (second, vip2)] {
+            let (_, out) = dp.run(program_names::TO_POD, &data(backend, 9376, CLIENT, sport));
+            assert_eq!(
+                Ipv4Packet::parse(&out).unwrap().saddr(),
+                vip,
+                "sport {sport}"
+            );
+        }
+    }
+    // Half of the second frontend's first choices collided (the hash
+    // spreads them); none was dropped.
+    let avoided = dp.stat(stat::CT_TUPLE_AVOIDED);
+    assert!((3..=17).contains(&avoided), "{avoided}");
+    assert_eq!(dp.stat(stat::DROP_TUPLE_COLLISION), 0);
+
+    // One backend for both: the second SYN is dropped while the first
+    // connection lives, and opens once it is closing.
+    let (vip3, vip4) = (Ipv4Addr::new(10, 96, 0, 30), Ipv4Addr::new(10, 96, 0, 40));
+    let one = [(BACKENDS[2], 9376)];
+    dp.add_frontend(Frontend::cluster_ip(vip3, 80, proto::TCP, 9), &one, 0);
+    dp.add_frontend(Frontend::cluster_ip(vip4, 80, proto::TCP, 10), &one, 0);
+    handshake(&dp, CLIENT, 44000, vip3, 80);
+    let syn = PacketBuilder::tcp(CLIENT, 44000, vip4, 80).syn().build();
+    let (verdict, _) = dp.run(program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::DROP_TUPLE_COLLISION), 1);
+    let (_, out) = dp.run(
+        program_names::TO_POD,
+        &data(BACKENDS[2], 9376, CLIENT, 44000),
+    );
+    assert_eq!(
+        Ipv4Packet::parse(&out).unwrap().saddr(),
+        vip3,
+        "the first keeps its link"
+    );
+    let rst = PacketBuilder::tcp(CLIENT, 44000, vip3, 80)
+        .rst()
+        .ack()
+        .build();
+    let (verdict, _) = dp.run(program_names::FROM_POD, &rst);
+    assert_eq!(verdict, TCX_NEXT);
+    handshake(&dp, CLIENT, 44000, vip4, 80);
+    assert_eq!(dp.stat(stat::DROP_TUPLE_COLLISION), 1);
+}
+
 /// 4a/4c and the "small table under churn" case: the table is a hash that
 /// the kernel never evicts from, so a full table refuses new connections
 /// and leaves every entry of a live connection (and its NAT port) alone.

@@ -834,8 +834,16 @@ pub mod stat {
     /// of the Service CIDRs that no Service has (kube-proxy nftables'
     /// "drop traffic to unallocated ClusterIPs").
     pub const DROP_UNALLOCATED_SERVICE_IP: u32 = 29;
+    /// A new connection's first backend was passed over: another live
+    /// connection of the same client tuple (the client reached that backend
+    /// through another frontend from the same source port) already has the
+    /// reply tuple it would have.
+    pub const CT_TUPLE_AVOIDED: u32 = 30;
+    /// Dropped: a new connection whose reply tuple is another live
+    /// connection's with every backend tried (the client retransmits).
+    pub const DROP_TUPLE_COLLISION: u32 = 31;
     /// Number of counters.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -869,6 +877,8 @@ pub mod stat {
         "sock_rev_nat",
         "drop_source_range",
         "drop_unallocated_service_ip",
+        "ct_tuple_avoided",
+        "drop_tuple_collision",
     ];
 
     /// Whether the counter is a drop reason.
@@ -876,6 +886,7 @@ pub mod stat {
         (index >= DROP_MALFORMED_L3 && index <= DROP_SPOOFED_SOURCE)
             || index == DROP_SOURCE_RANGE
             || index == DROP_UNALLOCATED_SERVICE_IP
+            || index == DROP_TUPLE_COLLISION
     }
 }
 

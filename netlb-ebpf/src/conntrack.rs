@@ -233,6 +233,46 @@ pub fn link_value(conn: &CtEntry4, flags: u16, now: u32) -> CtEntry4 {
     }
 }
 
+/// Whether the new connection `conn_key` with backend `addr:port` would
+/// share its link of `kind` (REPLY, or EGRESS normalised) with another
+/// live, not closing connection. Two connections of one client tuple to
+/// different frontends (a client's kernel picks source ports per
+/// destination) DNATed to the same backend have one reply tuple: the
+/// second would take the first's link over, the backend would answer the
+/// second SYN from the first's socket (a challenge ACK), and the client's
+/// RST would kill the first. kube-proxy's conntrack remaps the source port
+/// then; here the caller picks another backend or drops the SYN.
+#[inline(always)]
+pub fn tuple_taken(conn_key: &CtKey4, addr_be: u32, port_be: u16, kind: u8) -> bool {
+    let mut key = tuple(
+        addr_be,
+        port_be,
+        conn_key.saddr,
+        conn_key.sport_be,
+        conn_key.proto,
+        kind,
+    );
+    if kind == netlb_common::ct_kind::EGRESS {
+        netlb_common::ct_normalize(&mut key);
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(link) = (unsafe { maps::CONNTRACK.get(&key) }).copied() else {
+        return false;
+    };
+    let owner = netlb_common::ct_link_owner(&key, &link);
+    if owner == *conn_key {
+        // This connection's own link (a replaced connection).
+        return false;
+    }
+    match peek_conn(&owner) {
+        Some(other) => {
+            CtState::of(owner.proto, other.flags) != CtState::Closing
+                && link_key(&owner, &other, kind) == key
+        }
+        None => false,
+    }
+}
+
 /// Writes a new connection: its links first (so that no reply can arrive
 /// before its translation exists), the SERVICE entry last. If the SERVICE
 /// entry cannot be written (the table is full), the links go again.

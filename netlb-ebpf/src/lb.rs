@@ -121,13 +121,30 @@ fn remember(key: &AffinityKey, backend_id: u32, now: u32) {
 /// Picks a backend slot from the flow hash and resolves it to a backend.
 #[inline(always)]
 fn select_by_hash(fe: &Frontend, pkt: &Packet) -> Result<(u32, BackendValue), Reason> {
+    slot_backend(fe, flow_hash(pkt))
+}
+
+/// The backend of the slot after the flow hash's (for a new connection
+/// whose first choice collides, see `conntrack::link_taken`); none with a
+/// single slot.
+#[inline(always)]
+pub fn next_backend(fe: &Frontend, pkt: &Packet) -> Result<(u32, BackendValue), Reason> {
+    if fe.value.count < 2 {
+        return Err(Reason::TupleCollision);
+    }
+    slot_backend(fe, flow_hash(pkt).wrapping_add(1))
+}
+
+/// The backend of slot `hash % count + 1`.
+#[inline(always)]
+fn slot_backend(fe: &Frontend, hash: u32) -> Result<(u32, BackendValue), Reason> {
     let count = fe.value.count as u32;
     if count == 0 {
         return Err(Reason::NoBackendEntry);
     }
     let mut slot_key = fe.key;
     // `count` fits u16 (checked by the agent), so the slot does too.
-    slot_key.backend_slot = (flow_hash(pkt) % count + 1) as u16;
+    slot_key.backend_slot = (hash % count + 1) as u16;
     // SAFETY: values are copied out immediately.
     let slot = unsafe { maps::SERVICES.get(slot_key) }.ok_or(Reason::NoBackendEntry)?;
     let id = slot.backend_id;

@@ -107,7 +107,9 @@ enum Flow {
 /// connection; otherwise (nothing tracked, or an entry that must be
 /// replaced) open a new one if the packet may, with the new-connection-only
 /// rules (reject, drop, source validation) first. `not_new`: the verdict for
-/// a packet that can neither use nor open a connection. `create` writes the
+/// a packet that can neither use nor open a connection. `link_kind`: the
+/// link (REPLY or EGRESS) that holds the backend's side of the tuple on
+/// this path. `create` writes the
 /// new connection's entries for backend `(id, backend)` and returns its
 /// SERVICE value.
 #[inline(always)]
@@ -117,6 +119,7 @@ fn to_frontend(
     fe: &Frontend,
     cfg: &DatapathConfig,
     not_new: impl FnOnce() -> Result<i32, Reason>,
+    link_kind: u8,
     create: impl FnOnce(&CtKey4, u32, &netlb_common::BackendValue, u32) -> Result<CtEntry4, Reason>,
 ) -> Result<Result<Flow, i32>, Reason> {
     let conn_key = conntrack::key(pkt, ct_kind::SERVICE);
@@ -150,7 +153,23 @@ fn to_frontend(
         conntrack::delete_links(&conn_key, &old);
     }
     let (id, backend) = lb::select_backend(fe, pkt, pkt.saddr_be)?;
-    let conn = create(&conn_key, id, &backend, conntrack::now_s())?;
+    let now = conntrack::now_s();
+    // The client may already have a live connection to that backend from
+    // this source port, through another frontend: the two would share a
+    // reply tuple (see `conntrack::tuple_taken`). Then the next slot, once;
+    // if that collides too, the SYN is dropped (counted) and the client
+    // retransmits. The check comes before `create`, which keeps a single
+    // call site (two would leave the closure out of line, and a BPF call
+    // cannot take its six arguments).
+    let (mut id, mut backend) = (id, backend);
+    if conntrack::tuple_taken(&conn_key, backend.address_be, backend.port_be, link_kind) {
+        (id, backend) = lb::next_backend(fe, pkt)?;
+        if conntrack::tuple_taken(&conn_key, backend.address_be, backend.port_be, link_kind) {
+            return Err(Reason::TupleCollision);
+        }
+        maps::count(stat::CT_TUPLE_AVOIDED);
+    }
+    let conn = create(&conn_key, id, &backend, now)?;
     maps::count(stat::NEW_FLOW);
     Ok(Ok(Flow::New(conn)))
 }
@@ -200,6 +219,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         &fe,
         &cfg,
         || Err(Reason::CtInvalid),
+        ct_kind::REPLY,
         |conn_key, id, backend, now| {
             // Hairpin: the client is its own backend. Without SNAT the
             // backend would answer itself directly and the client socket
@@ -313,6 +333,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Reason> {
                 Err(Reason::CtInvalid)
             }
         },
+        ct_kind::EGRESS,
         |conn_key, id, backend, now| {
             nodeport::create_flow(&pkt, conn_key, &fe, id, backend, &cfg, now)
         },

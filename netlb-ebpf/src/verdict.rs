@@ -10,7 +10,7 @@ use netlb_common::stat;
 use crate::maps;
 
 /// Why a packet is dropped. The discriminant is the `STATS` index.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Reason {
     MalformedL3 = stat::DROP_MALFORMED_L3,
@@ -25,6 +25,7 @@ pub enum Reason {
     SpoofedSource = stat::DROP_SPOOFED_SOURCE,
     SourceRange = stat::DROP_SOURCE_RANGE,
     UnallocatedServiceIp = stat::DROP_UNALLOCATED_SERVICE_IP,
+    TupleCollision = stat::DROP_TUPLE_COLLISION,
 }
 
 impl From<Reason> for i32 {

@@ -6,6 +6,8 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod compare;
+pub mod load;
 pub mod manifests;
 pub mod process;
 pub mod realistic;

@@ -31,10 +31,23 @@ enum Task {
     /// The whole test suite: unit tests, BPF_PROG_TEST_RUN datapath tests,
     /// network-namespace end-to-end tests.
     Test,
-    /// Benchmarks (figures, no assertions): all, or the one named.
+    /// Benchmarks (figures, no assertions). Without a name: netlb beside
+    /// the direct pod IP and kube-proxy's iptables and nftables modes
+    /// (profiles: `--quick`, default, `--full`; further arguments after
+    /// `--`, e.g. `-- --services 1,1000 --rounds 2`); `all` runs every bench.
     Bench {
         #[arg(value_enum)]
         which: Option<BenchKind>,
+        /// The comparison's CI profile: a tiny sweep.
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// The comparison with 100k Services and more rounds.
+        #[arg(long)]
+        full: bool,
+        /// Arguments for the comparison (`--services`, `--endpoints`,
+        /// `--rounds`, `--iptables-backend`, `--out`).
+        #[arg(last = true)]
+        rest: Vec<String>,
     },
     /// The agent's container image (FROM scratch, buildah, an OCI archive).
     Image(image::ImageArgs),
@@ -42,6 +55,11 @@ enum Task {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchKind {
+    /// netlb, direct, kube-proxy iptables and nftables side by side (the
+    /// default).
+    Compare,
+    /// Every bench below, and the comparison.
+    All,
     /// Per-packet cost of the programs (BPF_PROG_TEST_RUN), before/after.
     Datapath,
     /// Connection rates and throughput through a node, against kube-proxy.
@@ -137,10 +155,17 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(which: Option<BenchKind>) -> anyhow::Result<()> {
+fn bench(which: Option<BenchKind>, quick: bool, full: bool, rest: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("bench")?;
-    let wanted = |kind: BenchKind| which.is_none_or(|w| w == kind);
+    let which = which.unwrap_or(BenchKind::Compare);
+    if matches!(which, BenchKind::Compare | BenchKind::All) {
+        compare(quick, full, rest)?;
+        if which == BenchKind::Compare {
+            return Ok(());
+        }
+    }
+    let wanted = |kind: BenchKind| which == BenchKind::All || which == kind;
     if wanted(BenchKind::Datapath) {
         cmd(
             "cargo",
@@ -185,6 +210,85 @@ fn bench(which: Option<BenchKind>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The comparison: the topology bench writes its files, then netlb's
+/// per-packet cost (the datapath bench) is added to its summary.
+fn compare(quick: bool, full: bool, rest: &[String]) -> anyhow::Result<()> {
+    build_release_bins()?;
+    let profile = if quick {
+        "quick"
+    } else if full {
+        "full"
+    } else {
+        "default"
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut rest = rest.to_vec();
+    let out = match rest.iter().position(|a| a == "--out") {
+        Some(i) if i + 1 < rest.len() => PathBuf::from(&rest[i + 1]),
+        _ => {
+            let out = root().join(format!("target/bench/compare-{profile}-{stamp}"));
+            rest.extend(["--out".to_owned(), out.display().to_string()]);
+            out
+        }
+    };
+    let mut args = vec![
+        "bench",
+        "-p",
+        "netlb-testbed",
+        "--features",
+        "privileged-tests",
+        "--bench",
+        "compare",
+        "--",
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    if full {
+        args.push("--full");
+    }
+    args.extend(rest.iter().map(String::as_str));
+    cmd("cargo", &args)?;
+    eprintln!("+ cargo bench -p netlb-agent --features privileged-tests --bench datapath");
+    let datapath = Command::new("cargo")
+        .args([
+            "bench",
+            "-p",
+            "netlb-agent",
+            "--features",
+            "privileged-tests",
+            "--bench",
+            "datapath",
+        ])
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the datapath bench")?;
+    if !datapath.status.success() {
+        bail!("the datapath bench failed: {}", datapath.status);
+    }
+    let text = String::from_utf8_lossy(&datapath.stdout);
+    std::fs::write(out.join("datapath.txt"), text.as_bytes())?;
+    let figures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("first packet"))
+        .collect();
+    let summary = out.join("summary.md");
+    let mut md = std::fs::read_to_string(&summary).context("reading summary.md")?;
+    md.push_str("\nnetlb per packet (`BPF_PROG_TEST_RUN` medians, from pod program; `cargo bench -p netlb-agent --features privileged-tests --bench datapath`, same run):\n\n```\n");
+    for l in figures {
+        md.push_str(l.trim());
+        md.push('\n');
+    }
+    md.push_str("```\n");
+    std::fs::write(&summary, &md)?;
+    println!("{md}\nfiles: {}", out.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
@@ -194,7 +298,12 @@ fn main() -> anyhow::Result<()> {
             run::run(args)
         }
         Task::Test => test(),
-        Task::Bench { which } => bench(which),
+        Task::Bench {
+            which,
+            quick,
+            full,
+            rest,
+        } => bench(which, quick, full, &rest),
         Task::Image(args) => {
             setup::setup()?;
             require_root("image")?;

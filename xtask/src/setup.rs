@@ -126,6 +126,13 @@ fn packages() -> anyhow::Result<()> {
         ("dig", "dnsutils"),
         ("iperf3", "iperf3"),
         ("wrk", "wrk"),
+        // The benchmark's kube-proxy modes (`cargo xtask bench`, and its
+        // quick profile in the test suite): rules loaded in the node
+        // namespace, its conntrack table flushed between modes.
+        ("iptables-restore", "iptables"),
+        ("iptables-legacy-restore", "iptables"),
+        ("nft", "nftables"),
+        ("conntrack", "conntrack"),
         ("bpftool", "bpftool"),
         ("buildah", "buildah"),
         ("nsenter", "util-linux"),

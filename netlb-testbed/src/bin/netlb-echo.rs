@@ -32,6 +32,7 @@
 //! `--unconnected`: `sendto` and `recvfrom` on an unconnected socket,
 //! printing `ANSWER from SOURCE`.
 
+use netlb_testbed::load::Close;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -318,100 +319,6 @@ fn tcp_client(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// How a load-generator connection ends.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Close {
-    /// `Connection: close`; the client resets once the server closed.
-    Rst,
-    /// Keep-alive; the client reads the response and closes first.
-    Fin,
-}
-
-/// One connection from `source` (any address when `None`) with one
-/// request; whether a 200 came back.
-fn one_request(addr: &SocketAddr, source: Option<Ipv4Addr>, close: Close) -> bool {
-    let socket = match socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    ) {
-        Ok(s) => s,
-        Err(_) => return false,
-    };
-    if let Some(ip) = source
-        && socket.bind(&SocketAddr::from((ip, 0)).into()).is_err()
-    {
-        return false;
-    }
-    if socket
-        .connect_timeout(&(*addr).into(), Duration::from_secs(5))
-        .is_err()
-    {
-        return false;
-    }
-    let mut stream: TcpStream = socket.into();
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let request: &[u8] = match close {
-        Close::Rst => b"GET / HTTP/1.1\r\nHost: netlb\r\nConnection: close\r\n\r\n",
-        Close::Fin => b"GET / HTTP/1.1\r\nHost: netlb\r\n\r\n",
-    };
-    if stream.write_all(request).is_err() {
-        return false;
-    }
-    let ok = match close {
-        // The server closes after the response: read to EOF.
-        Close::Rst => {
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.1 200")
-        }
-        Close::Fin => read_one_response(&stream),
-    };
-    if close == Close::Rst {
-        // Close with RST (SO_LINGER 0): neither side keeps the 4-tuple in
-        // TIME_WAIT, so the client's ports can be reused at once, as a load
-        // generator needs at thousands of connections per second.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a socket we own, with a correctly sized value.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&stream),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            );
-        }
-    }
-    ok
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length; whether it was a 200.
-fn read_one_response(stream: &TcpStream) -> bool {
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    if reader.read_line(&mut status).is_err() || !status.starts_with("HTTP/1.1 200") {
-        return false;
-    }
-    let mut length = 0u64;
-    loop {
-        let mut header = String::new();
-        match reader.read_line(&mut header) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
-        }
-        if header == "\r\n" {
-            break;
-        }
-        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    matches!(std::io::copy(&mut reader.take(length), &mut std::io::sink()), Ok(n) if n == length)
-}
-
 fn connect_rate(args: &[String]) -> ExitCode {
     let Some(addr) = values(args, "--connect")
         .first()
@@ -469,7 +376,7 @@ fn connect_rate(args: &[String]) -> ExitCode {
                         _ => Close::Rst,
                     };
                     let source = sources[(n % sources.len() as u64) as usize];
-                    if one_request(&addr, source, close) {
+                    if netlb_testbed::load::one_request(&addr, source, close) {
                         ok += 1;
                     } else {
                         failed += 1;

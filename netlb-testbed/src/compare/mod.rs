@@ -1,0 +1,950 @@
+//! netlb side by side with the direct pod IP and kube-proxy's iptables and
+//! nftables datapaths, on one topology, in one run (`cargo xtask bench`;
+//! its quick profile is a test).
+//!
+//! One node namespace with backend pods and a client pod behind veths, and
+//! the outside client beyond the fabric. Every mode serves the same
+//! Services ([`model`]): `direct` connects to the pod IPs; `netlb` runs the
+//! real agent against the API-server double holding the objects;
+//! `iptables` and `nftables` load the rules kube-proxy writes for the same
+//! objects ([`kube_proxy`]) into the node namespace. At each scale the modes
+//! take turns, round after round (the order rotating), and ratios to
+//! `direct` are taken within a round, so machine drift cancels out.
+
+pub mod kube_proxy;
+pub mod model;
+pub mod report;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    agent::{AgentOptions, AgentProcess, AgentSource},
+    apiserver::{FakeApiError, FakeApiServer},
+    find_binary,
+    load::LoadReport,
+    process::{ChildGuard, ProcessError},
+    topology::{Testbed, TestbedError, TestbedSpec, bind_in_netns},
+};
+use kube_proxy::ProxierParams;
+use model::ServicePort;
+
+/// The pod network of the topology (kube-proxy's `--cluster-cidr`).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The Service CIDR (kube-apiserver's `--service-cluster-ip-range`).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The Service whose endpoint the programming-latency probe moves.
+const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The Service in front of the iperf3 server.
+const IPERF_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const HTTP_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+
+/// A datapath under comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Clients connect to the pod IPs: the limit of the topology.
+    Direct,
+    Netlb,
+    /// kube-proxy's iptables rules for the same objects.
+    Iptables,
+    /// kube-proxy's nftables rules for the same objects.
+    Nftables,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Netlb, Mode::Iptables, Mode::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Netlb => "netlb",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+/// Which `iptables-restore` loads the iptables mode's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesBackend {
+    /// `iptables-nft-restore`: what current distributions and kube-proxy's
+    /// image (iptables-wrapper, on a node without legacy rules) use.
+    Nft,
+    /// `iptables-legacy-restore` (x_tables).
+    Legacy,
+}
+
+/// How much to measure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Profile {
+    pub name: String,
+    /// Numbers of bench Services (besides the probe and iperf Services).
+    pub scales: Vec<usize>,
+    pub endpoints: usize,
+    pub rounds: usize,
+    pub modes: Vec<Mode>,
+    /// Seconds of each TCP_CRR run (from the pod, from outside).
+    pub crr_seconds: f64,
+    /// Seconds of the kept-alive run.
+    pub rr_seconds: f64,
+    /// Seconds of the iperf3 stream.
+    pub iperf_seconds: u32,
+    /// Load-generator workers.
+    pub concurrency: usize,
+    /// Endpoint changes per mode and round for the programming latency.
+    pub changes: usize,
+    /// NodePort Services among the bench Services (at most 2,768).
+    pub node_ports: usize,
+    pub iptables_backend: IptablesBackend,
+}
+
+impl Profile {
+    /// CI: every mode, a tiny sweep, about a minute.
+    pub fn quick() -> Self {
+        Self {
+            name: "quick".into(),
+            scales: vec![1, 100],
+            endpoints: 4,
+            rounds: 1,
+            modes: Mode::ALL.to_vec(),
+            crr_seconds: 1.0,
+            rr_seconds: 0.5,
+            iperf_seconds: 1,
+            concurrency: 4,
+            changes: 3,
+            node_ports: 100,
+            iptables_backend: IptablesBackend::Nft,
+        }
+    }
+
+    /// Under 20 minutes on 2 cores.
+    pub fn default_profile() -> Self {
+        Self {
+            name: "default".into(),
+            scales: vec![1, 1_000, 10_000, 30_000],
+            rounds: 3,
+            crr_seconds: 3.0,
+            rr_seconds: 2.0,
+            iperf_seconds: 2,
+            changes: 10,
+            node_ports: 2_000,
+            ..Self::quick()
+        }
+    }
+
+    /// Adds 100k Services and rounds.
+    pub fn full() -> Self {
+        Self {
+            name: "full".into(),
+            scales: vec![1, 1_000, 10_000, 30_000, 100_000],
+            rounds: 5,
+            crr_seconds: 5.0,
+            rr_seconds: 3.0,
+            iperf_seconds: 3,
+            changes: 20,
+            ..Self::default_profile()
+        }
+    }
+}
+
+/// The figures of one mode in one round at one scale.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub services: usize,
+    pub mode: Mode,
+    pub round: usize,
+    /// New connections from the client pod to random Services' cluster IPs.
+    pub pod_crr: LoadReport,
+    /// New connections from the outside client to random node ports.
+    pub nodeport_crr: LoadReport,
+    /// Requests on kept-alive connections from the client pod.
+    pub pod_rr: LoadReport,
+    /// One iperf3 stream from the client pod, Gbit/s.
+    pub iperf_gbps: f64,
+    /// From nothing programmed to every Service programmed, seconds.
+    pub program_seconds: Option<f64>,
+    /// The proxy's CPU seconds and peak RSS to get there (netlb: the agent;
+    /// reproduced kube-proxy modes: the restore tool).
+    pub program_cpu_seconds: Option<f64>,
+    pub proxy_rss_kib: Option<u64>,
+    /// Endpoint change to the first connection served by the new backend.
+    pub programming_latency_ms: Vec<f64>,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub profile: Profile,
+    pub machine: report::Machine,
+    pub samples: Vec<Sample>,
+    pub started: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error("topology: {source}")]
+    Testbed {
+        #[source]
+        source: TestbedError,
+    },
+    #[error("process: {source}")]
+    Process {
+        #[source]
+        source: ProcessError,
+    },
+    #[error("API-server double: {source}")]
+    Api {
+        #[source]
+        source: FakeApiError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{mode:?} at {services} Services: {what}")]
+    Mode {
+        mode: Mode,
+        services: usize,
+        what: String,
+    },
+    #[error("writing {what}: {detail}")]
+    Output { what: String, detail: String },
+}
+
+impl From<TestbedError> for CompareError {
+    fn from(source: TestbedError) -> Self {
+        Self::Testbed { source }
+    }
+}
+impl From<ProcessError> for CompareError {
+    fn from(source: ProcessError) -> Self {
+        Self::Process { source }
+    }
+}
+impl From<FakeApiError> for CompareError {
+    fn from(source: FakeApiError) -> Self {
+        Self::Api { source }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
+    let what = what.into();
+    move |source| CompareError::Io { what, source }
+}
+
+/// CPU seconds, peak RSS (KiB) and wall time of a finished child.
+struct Measured {
+    success: bool,
+    stderr: String,
+    cpu_seconds: f64,
+    maxrss_kib: u64,
+    wall: Duration,
+}
+
+/// Runs `args` in `netns` with `input` on stdin and reaps it with wait4(2)
+/// for its own CPU time and peak RSS (`ip netns exec` execs the command,
+/// so the PID is the tool's).
+fn run_measured(netns: &str, args: &[&str], input: &[u8]) -> Result<Measured, CompareError> {
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(format!("starting {}", args.join(" "))))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let (written, stderr) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let written = stdin.write_all(input);
+        drop(stdin);
+        (written, reader.join().unwrap_or_default())
+    });
+    let mut status = 0i32;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child's PID, which std has not reaped (we
+    // never call `wait` on `child`), with valid out-pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        return Err(CompareError::Io {
+            what: format!("waiting for {}", args.join(" ")),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Measured {
+        success: written.is_ok() && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stderr,
+        cpu_seconds: tv(usage.ru_utime) + tv(usage.ru_stime),
+        maxrss_kib: usage.ru_maxrss as u64,
+        wall: started.elapsed(),
+    })
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User + system CPU seconds of a running process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces).
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of /proc/pid/stat, 12 and 13 after
+    // the state field.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// A new TCP connection and one HTTP request: the answering backend's name.
+fn ask(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split("\r\n\r\n")
+        .nth(1)?
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+}
+
+/// The running topology and the objects of the current scale.
+struct Bench<'a> {
+    profile: &'a Profile,
+    tb: Testbed,
+    backends: Vec<crate::topology::Pod>,
+    client: crate::topology::Pod,
+    api: FakeApiServer,
+    kubeconfig: PathBuf,
+    params: ProxierParams,
+    /// The probe Service (endpoint moves between backends 0 and 1), the
+    /// iperf Service, then the bench Services.
+    services: Vec<ServicePort>,
+    log: &'a mut dyn FnMut(&str),
+    _servers: Vec<ChildGuard>,
+}
+
+/// What a mode leaves running while it is measured.
+enum Programmed {
+    None,
+    Agent(AgentProcess),
+    Rules,
+}
+
+impl Bench<'_> {
+    fn node_netns(&self) -> String {
+        self.tb.nodes[0].netns.clone()
+    }
+
+    fn mode_error(&self, mode: Mode, what: impl Into<String>) -> CompareError {
+        CompareError::Mode {
+            mode,
+            services: self.services.len().saturating_sub(2),
+            what: what.into(),
+        }
+    }
+
+    /// Replaces the objects in the double with `count` bench Services.
+    fn load_scale(&mut self, count: usize) -> Result<(), CompareError> {
+        for old in &self.services {
+            self.api.delete(
+                crate::apiserver::Resource::Services,
+                &old.namespace,
+                &old.name,
+            );
+            self.api.delete(
+                crate::apiserver::Resource::EndpointSlices,
+                &old.namespace,
+                &format!("{}-abcde", old.name),
+            );
+        }
+        let b: Vec<Ipv4Addr> = self.backends.iter().map(|p| p.ip).collect();
+        let mut services = vec![
+            ServicePort {
+                namespace: "bench".into(),
+                name: "probe".into(),
+                port_name: "http".into(),
+                protocol: "TCP".into(),
+                cluster_ip: PROBE_IP,
+                port: 80,
+                target_port: HTTP_PORT,
+                node_port: None,
+                endpoints: vec![b[0]],
+            },
+            ServicePort {
+                namespace: "bench".into(),
+                name: "iperf".into(),
+                port_name: "iperf".into(),
+                protocol: "TCP".into(),
+                cluster_ip: IPERF_IP,
+                port: IPERF_PORT,
+                target_port: IPERF_PORT,
+                node_port: None,
+                endpoints: vec![b[0]],
+            },
+        ];
+        services.extend(model::bench_services(
+            count,
+            &b[..self.profile.endpoints.min(b.len())],
+            self.profile.node_ports,
+        ));
+        for s in &services {
+            self.api.apply(s.service_json())?;
+            self.api.apply(s.slice_json("node0"))?;
+        }
+        self.services = services;
+        Ok(())
+    }
+
+    fn targets_file(&self, name: &str, lines: &[String]) -> Result<PathBuf, CompareError> {
+        let path = self.tb.dir.join(name);
+        std::fs::write(&path, lines.join("\n"))
+            .map_err(io(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
+    fn flush_conntrack(&self) {
+        let _ = self.tb.exec(&self.node_netns(), &["conntrack", "-F"]);
+    }
+
+    /// Programs `mode` from nothing; the time, CPU and RSS it took.
+    fn program(&mut self, mode: Mode, sample: &mut Sample) -> Result<Programmed, CompareError> {
+        self.flush_conntrack();
+        match mode {
+            Mode::Direct => Ok(Programmed::None),
+            Mode::Netlb => {
+                let started = Instant::now();
+                // A log per start: the wait below looks for its first
+                // "initial sync complete".
+                let log = self
+                    .tb
+                    .dir
+                    .join(format!("agent-{}-{}.log", sample.services, sample.round));
+                let agent = AgentProcess::start(
+                    &self.tb.nodes[0],
+                    &AgentOptions {
+                        binary: find_binary("netlb-agent"),
+                        source: AgentSource::Kubeconfig(self.kubeconfig.clone()),
+                        extra_args: vec!["--cluster-cidr".into(), CLUSTER_CIDR.into()],
+                        cleanup_on_exit: true,
+                        capabilities: None,
+                    },
+                    &log,
+                )?;
+                if !agent.wait_for_log("initial sync complete", 1, Duration::from_secs(600)) {
+                    let tail: String = agent
+                        .log()
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join(" | ");
+                    return Err(self.mode_error(mode, format!("not programmed in 600 s: {tail}")));
+                }
+                sample.program_seconds = Some(started.elapsed().as_secs_f64());
+                sample.program_cpu_seconds = cpu_seconds(agent.pid());
+                sample.proxy_rss_kib = proc_status_kib(agent.pid(), "VmRSS:");
+                Ok(Programmed::Agent(agent))
+            }
+            Mode::Iptables | Mode::Nftables => {
+                let started = Instant::now();
+                let (text, tool): (String, &[&str]) = if mode == Mode::Iptables {
+                    (
+                        kube_proxy::iptables::full_restore(&self.services, &self.params),
+                        match self.profile.iptables_backend {
+                            IptablesBackend::Nft => &["iptables-nft-restore", "-w"],
+                            IptablesBackend::Legacy => &["iptables-legacy-restore", "-w"],
+                        },
+                    )
+                } else {
+                    (
+                        kube_proxy::nftables::full_ruleset(&self.services, &self.params),
+                        &["nft", "-f", "-"],
+                    )
+                };
+                let run = run_measured(&self.node_netns(), tool, text.as_bytes())?;
+                if !run.success {
+                    let path = self.tb.dir.join(format!("{}.rules", mode.name()));
+                    let _ = std::fs::write(&path, &text);
+                    return Err(self.mode_error(
+                        mode,
+                        format!(
+                            "{} failed: {}",
+                            tool[0],
+                            run.stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
+                        ),
+                    ));
+                }
+                sample.program_seconds = Some(started.elapsed().as_secs_f64());
+                sample.program_cpu_seconds = Some(run.cpu_seconds);
+                sample.proxy_rss_kib = Some(run.maxrss_kib);
+                let _ = run.wall;
+                Ok(Programmed::Rules)
+            }
+        }
+    }
+
+    /// Removes what `program` made.
+    fn unprogram(&mut self, mode: Mode, programmed: Programmed) {
+        match programmed {
+            Programmed::None => {}
+            Programmed::Agent(mut agent) => {
+                agent.stop();
+            }
+            Programmed::Rules => {
+                let ns = self.node_netns();
+                if mode == Mode::Iptables {
+                    let tool = match self.profile.iptables_backend {
+                        IptablesBackend::Nft => "iptables-nft-restore",
+                        IptablesBackend::Legacy => "iptables-legacy-restore",
+                    };
+                    // Empty tables: every chain and rule kube-proxy made goes.
+                    let _ = run_measured(&ns, &[tool, "-w"], b"*filter\nCOMMIT\n*nat\nCOMMIT\n");
+                } else {
+                    let _ = self
+                        .tb
+                        .exec(&ns, &["nft", "delete", "table", "ip", "kube-proxy"]);
+                }
+            }
+        }
+        self.flush_conntrack();
+    }
+
+    /// The load files of a mode: cluster IPs (pods), node ports (outside),
+    /// or the pod IPs for `direct`.
+    fn load_targets(&self, mode: Mode) -> Result<(PathBuf, PathBuf), CompareError> {
+        let bench = &self.services[2..];
+        let (pod, outside): (Vec<String>, Vec<String>) = if mode == Mode::Direct {
+            let pods: Vec<String> = bench[0]
+                .endpoints
+                .iter()
+                .map(|ip| format!("{ip}:{HTTP_PORT}"))
+                .collect();
+            (pods.clone(), pods)
+        } else {
+            let node = self.tb.nodes[0].uplink_ip;
+            (
+                bench
+                    .iter()
+                    .map(|s| format!("{}:{}", s.cluster_ip, s.port))
+                    .collect(),
+                bench
+                    .iter()
+                    .filter_map(|s| s.node_port.map(|p| format!("{node}:{p}")))
+                    .collect(),
+            )
+        };
+        Ok((
+            self.targets_file(&format!("targets-pod-{}.txt", mode.name()), &pod)?,
+            self.targets_file(&format!("targets-outside-{}.txt", mode.name()), &outside)?,
+        ))
+    }
+
+    fn load(
+        &self,
+        mode: Mode,
+        netns: &str,
+        kind: &str,
+        targets: &Path,
+        seconds: f64,
+        seed: u64,
+    ) -> Result<LoadReport, CompareError> {
+        let load = find_binary("netlb-load");
+        let out = self
+            .tb
+            .exec(
+                netns,
+                &[
+                    load.to_str().unwrap_or("netlb-load"),
+                    kind,
+                    "--targets",
+                    targets.to_str().unwrap_or(""),
+                    "--concurrency",
+                    &self.profile.concurrency.to_string(),
+                    "--duration-s",
+                    &seconds.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                ],
+            )
+            .map_err(io("running netlb-load"))?;
+        let report: LoadReport = serde_json::from_slice(&out.stdout).map_err(|e| {
+            self.mode_error(
+                mode,
+                format!(
+                    "netlb-load {kind} printed no report ({e}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })?;
+        // A mode that does not serve fails the run: no request at all, or
+        // more than 1 % of the attempts failing.
+        let attempts = report.requests + report.failures;
+        if report.requests == 0 || report.failures * 100 > attempts {
+            return Err(self.mode_error(
+                mode,
+                format!(
+                    "{kind} from {netns}: {} of {attempts} attempts failed{}",
+                    report.failures,
+                    self.diagnose(mode)
+                ),
+            ));
+        }
+        Ok(report)
+    }
+
+    /// What a failing mode's datapath shows: netlb's non-zero counters.
+    fn diagnose(&self, mode: Mode) -> String {
+        if mode != Mode::Netlb {
+            return String::new();
+        }
+        let agent = find_binary("netlb-agent");
+        let bpffs = self.tb.nodes[0].bpffs.display().to_string();
+        match Command::new(agent)
+            .args(["list", "stats", "--bpffs", &bpffs])
+            .output()
+        {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let counters: Vec<&str> = text
+                    .lines()
+                    .skip(1)
+                    .filter(|l| !l.trim_end().ends_with(" 0"))
+                    .collect();
+                format!("; netlb counters: {}", counters.join(", "))
+            }
+            Err(e) => format!("; netlb counters unreadable: {e}"),
+        }
+    }
+
+    fn iperf(&self, mode: Mode) -> Result<f64, CompareError> {
+        let target = if mode == Mode::Direct {
+            self.backends[0].ip
+        } else {
+            IPERF_IP
+        };
+        let out = self
+            .tb
+            .exec(
+                &self.client.netns,
+                &[
+                    "iperf3",
+                    "-c",
+                    &target.to_string(),
+                    "-p",
+                    &IPERF_PORT.to_string(),
+                    "-t",
+                    &self.profile.iperf_seconds.to_string(),
+                    "-J",
+                ],
+            )
+            .map_err(io("running iperf3"))?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .ok_or_else(|| {
+                self.mode_error(
+                    mode,
+                    format!(
+                        "iperf3 to {target}: {}",
+                        json["error"].as_str().unwrap_or("no result")
+                    ),
+                )
+            })
+    }
+
+    /// Moves the probe Service's endpoint between backends 0 and 1
+    /// `changes` times; the time from each change to the first new
+    /// connection served by the new backend.
+    fn programming_latency(&mut self, mode: Mode) -> Result<Vec<f64>, CompareError> {
+        if mode == Mode::Direct || self.profile.changes == 0 {
+            return Ok(Vec::new());
+        }
+        let netns = std::fs::File::open(format!("/run/netns/{}", self.client.netns))
+            .map_err(io("opening the client's namespace"))?;
+        let vip = SocketAddr::from((PROBE_IP, 80));
+        let names = [self.backends[0].name.clone(), self.backends[1].name.clone()];
+        let ips = [self.backends[0].ip, self.backends[1].ip];
+        let changes = self.profile.changes;
+        let node = self.node_netns();
+        let (api, services, params) = (&self.api, &self.services, &self.params);
+        let backend = self.profile.iptables_backend;
+        let result: Result<Vec<f64>, String> = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns in this thread only, on a namespace fd we own.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err("entering the client's namespace".to_owned());
+                }
+                let mut current = services[0].clone();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while ask(vip).as_deref() != Some(names[0].as_str()) {
+                    if Instant::now() > deadline {
+                        return Err("the probe Service never served".to_owned());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let mut samples = Vec::with_capacity(changes);
+                for k in 0..changes {
+                    let next = (k + 1) % 2;
+                    let mut moved = current.clone();
+                    moved.endpoints = vec![ips[next]];
+                    let written = Instant::now();
+                    match mode {
+                        Mode::Netlb => {
+                            api.apply(moved.slice_json("node0"))
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Mode::Iptables | Mode::Nftables => {
+                            // What kube-proxy writes for one changed Service
+                            // (a partial sync), applied at once: no watch
+                            // and no minSyncPeriod, a lower bound for it.
+                            let (text, tool): (String, Vec<&str>) = if mode == Mode::Iptables {
+                                (
+                                    kube_proxy::iptables::partial_restore(
+                                        services, &current, &moved, params,
+                                    ),
+                                    match backend {
+                                        IptablesBackend::Nft => {
+                                            vec!["iptables-nft-restore", "-w", "--noflush"]
+                                        }
+                                        IptablesBackend::Legacy => {
+                                            vec!["iptables-legacy-restore", "-w", "--noflush"]
+                                        }
+                                    },
+                                )
+                            } else {
+                                (
+                                    kube_proxy::nftables::endpoints_changed(
+                                        services, &current, &moved,
+                                    ),
+                                    vec!["nft", "-f", "-"],
+                                )
+                            };
+                            let run = run_measured(&node, &tool, text.as_bytes())
+                                .map_err(|e| e.to_string())?;
+                            if !run.success {
+                                return Err(format!("{} failed: {}", tool[0], run.stderr));
+                            }
+                        }
+                        Mode::Direct => unreachable!("no probe in direct mode"),
+                    }
+                    loop {
+                        if ask(vip).as_deref() == Some(names[next].as_str()) {
+                            samples.push(written.elapsed().as_secs_f64() * 1000.0);
+                            break;
+                        }
+                        if written.elapsed() > Duration::from_secs(10) {
+                            return Err(format!("change {k} not served within 10 s"));
+                        }
+                    }
+                    current = moved;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // Leave the probe where the next mode expects it.
+                if let Mode::Netlb = mode {
+                    let mut back = current.clone();
+                    back.endpoints = vec![ips[0]];
+                    api.apply(back.slice_json("node0"))
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(samples)
+            })
+            .join()
+            .unwrap_or_else(|_| Err("probe thread panicked".to_owned()))
+        });
+        // Whatever the probe ended on, the model holds the original: the
+        // next mode programs from it.
+        result.map_err(|what| self.mode_error(mode, what))
+    }
+
+    fn measure(&mut self, mode: Mode, round: usize) -> Result<Sample, CompareError> {
+        let services = self.services.len() - 2;
+        let mut sample = Sample {
+            services,
+            mode,
+            round,
+            pod_crr: LoadReport::default(),
+            nodeport_crr: LoadReport::default(),
+            pod_rr: LoadReport::default(),
+            iperf_gbps: 0.0,
+            program_seconds: None,
+            program_cpu_seconds: None,
+            proxy_rss_kib: None,
+            programming_latency_ms: Vec::new(),
+        };
+        (self.log)(&format!(
+            "{services} Services, round {}: {}",
+            round + 1,
+            mode.name()
+        ));
+        let programmed = self.program(mode, &mut sample)?;
+        if let Some(secs) = std::env::var("NETLB_COMPARE_HOLD")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Debugging: time to look at a programmed mode by hand.
+            (self.log)(&format!(
+                "holding {secs} s; topology in {}",
+                self.tb.dir.display()
+            ));
+            std::thread::sleep(Duration::from_secs(secs));
+        }
+        let result = (|| {
+            let (pod_targets, outside_targets) = self.load_targets(mode)?;
+            let seed = (services * 31 + round) as u64;
+            let client = self.client.netns.clone();
+            let ext = self.tb.ext.clone();
+            sample.pod_crr = self.load(
+                mode,
+                &client,
+                "crr",
+                &pod_targets,
+                self.profile.crr_seconds,
+                seed,
+            )?;
+            sample.nodeport_crr = self.load(
+                mode,
+                &ext,
+                "crr",
+                &outside_targets,
+                self.profile.crr_seconds,
+                seed,
+            )?;
+            sample.pod_rr = self.load(
+                mode,
+                &client,
+                "rr",
+                &pod_targets,
+                self.profile.rr_seconds,
+                seed,
+            )?;
+            sample.iperf_gbps = self.iperf(mode)?;
+            sample.programming_latency_ms = self.programming_latency(mode)?;
+            Ok::<_, CompareError>(())
+        })();
+        self.unprogram(mode, programmed);
+        result?;
+        Ok(sample)
+    }
+}
+
+/// Runs the comparison of `profile`, writing every output file into `out`;
+/// `log` receives progress lines. A mode that fails to program or to serve
+/// fails the run.
+pub fn run(
+    profile: &Profile,
+    out: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<Results, CompareError> {
+    let started = Instant::now();
+    let started_at = report::now_rfc3339();
+    std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
+    let mut tb = Testbed::new(TestbedSpec { nodes: 1 })?;
+    let mut backends = Vec::new();
+    for i in 0..profile.endpoints.max(2) {
+        backends.push(tb.add_pod(0, &format!("b{i}"))?);
+    }
+    let client = tb.add_pod(0, "client")?;
+    let echo = find_binary("netlb-echo");
+    let mut servers = Vec::new();
+    for b in &backends {
+        servers.push(ChildGuard::spawn_in(
+            &b.netns,
+            &[
+                echo.to_str().unwrap_or("netlb-echo"),
+                "serve",
+                "--name",
+                &b.name,
+                "--http",
+                &HTTP_PORT.to_string(),
+            ],
+            None,
+        )?);
+    }
+    servers.push(ChildGuard::spawn_in(
+        &backends[0].netns,
+        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+        None,
+    )?);
+    let api = FakeApiServer::start(bind_in_netns(&tb.nodes[0].netns, "127.0.0.1:0")?)?;
+    let kubeconfig = tb.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).map_err(io("writing the kubeconfig"))?;
+    let params = ProxierParams {
+        cluster_cidr: CLUSTER_CIDR.into(),
+        node_ips: vec![tb.nodes[0].uplink_ip],
+        service_cidrs: vec![SERVICE_CIDR.into()],
+        node_name: "node0".into(),
+    };
+    let mut bench = Bench {
+        profile,
+        tb,
+        backends,
+        client,
+        api,
+        kubeconfig,
+        params,
+        services: Vec::new(),
+        log,
+        _servers: servers,
+    };
+    // The servers listen before the first mode measures.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut samples = Vec::new();
+    for &scale in &profile.scales {
+        let loaded = Instant::now();
+        bench.load_scale(scale)?;
+        (bench.log)(&format!(
+            "{scale} Services written to the double in {:.1?}",
+            loaded.elapsed()
+        ));
+        for round in 0..profile.rounds {
+            let n = profile.modes.len();
+            for k in 0..n {
+                // Rotate the order every round: no mode always goes first.
+                let mode = profile.modes[(k + round) % n];
+                samples.push(bench.measure(mode, round)?);
+            }
+        }
+    }
+    let results = Results {
+        profile: profile.clone(),
+        machine: report::Machine::read(),
+        samples,
+        started: started_at,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    report::write_all(&results, out)?;
+    Ok(results)
+}

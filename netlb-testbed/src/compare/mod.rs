@@ -7,9 +7,12 @@
 //! Services ([`model`]): `direct` connects to the pod IPs; `netlb` runs the
 //! real agent against the API-server double holding the objects;
 //! `iptables` and `nftables` load the rules kube-proxy writes for the same
-//! objects ([`kube_proxy`]) into the node namespace. At each scale the modes
-//! take turns, round after round (the order rotating), and ratios to
-//! `direct` are taken within a round, so machine drift cancels out.
+//! objects ([`kube_proxy`]) into the node namespace. Each mode has its own
+//! copy of the topology (a lane: same addresses), so its state stays put
+//! between rounds. At each scale every mode is programmed from nothing
+//! once, then the modes take turns, round after round (the order
+//! rotating), and ratios to `direct` are taken within a round, so machine
+//! drift cancels out.
 
 pub mod kube_proxy;
 pub mod model;
@@ -102,7 +105,8 @@ pub struct Profile {
     pub iperf_seconds: u32,
     /// Load-generator workers.
     pub concurrency: usize,
-    /// Endpoint changes per mode and round for the programming latency.
+    /// Endpoint changes per mode and round for the programming latency
+    /// (the probe Service's endpoint moves between two backends).
     pub changes: usize,
     /// NodePort Services among the bench Services (at most 2,768).
     pub node_ports: usize,
@@ -134,10 +138,10 @@ impl Profile {
             name: "default".into(),
             scales: vec![1, 1_000, 10_000, 30_000],
             rounds: 3,
-            crr_seconds: 3.0,
-            rr_seconds: 2.0,
-            iperf_seconds: 2,
-            changes: 10,
+            crr_seconds: 2.0,
+            rr_seconds: 1.0,
+            iperf_seconds: 1,
+            changes: 4,
             node_ports: 2_000,
             ..Self::quick()
         }
@@ -149,10 +153,10 @@ impl Profile {
             name: "full".into(),
             scales: vec![1, 1_000, 10_000, 30_000, 100_000],
             rounds: 5,
-            crr_seconds: 5.0,
-            rr_seconds: 3.0,
-            iperf_seconds: 3,
-            changes: 20,
+            crr_seconds: 4.0,
+            rr_seconds: 2.0,
+            iperf_seconds: 2,
+            changes: 6,
             ..Self::default_profile()
         }
     }
@@ -246,20 +250,18 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
     move |source| CompareError::Io { what, source }
 }
 
-/// CPU seconds, peak RSS (KiB) and wall time of a finished child.
+/// Exit, CPU seconds and peak RSS (KiB) of a finished child.
 struct Measured {
     success: bool,
     stderr: String,
     cpu_seconds: f64,
     maxrss_kib: u64,
-    wall: Duration,
 }
 
 /// Runs `args` in `netns` with `input` on stdin and reaps it with wait4(2)
 /// for its own CPU time and peak RSS (`ip netns exec` execs the command,
 /// so the PID is the tool's).
 fn run_measured(netns: &str, args: &[&str], input: &[u8]) -> Result<Measured, CompareError> {
-    let started = Instant::now();
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns])
         .args(args)
@@ -298,7 +300,6 @@ fn run_measured(netns: &str, args: &[&str], input: &[u8]) -> Result<Measured, Co
         stderr,
         cpu_seconds: tv(usage.ru_utime) + tv(usage.ru_stime),
         maxrss_kib: usage.ru_maxrss as u64,
-        wall: started.elapsed(),
     })
 }
 
@@ -339,12 +340,138 @@ fn ask(addr: SocketAddr) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The running topology and the objects of the current scale.
-struct Bench<'a> {
-    profile: &'a Profile,
+/// What moving the probe needs (shareable with the probing thread).
+struct Probe<'a> {
+    lane: &'a Lane,
+    api: &'a FakeApiServer,
+    services: &'a [ServicePort],
+    params: &'a ProxierParams,
+    backend: IptablesBackend,
+}
+
+impl Probe<'_> {
+    /// Moves the probe Service's endpoint between backends 0 and 1: one
+    /// step, applied the way `mode` gets it (the double for netlb, a
+    /// partial sync of kube-proxy's rules otherwise).
+    fn move_probe(&self, mode: Mode, from: usize, to: usize) -> Result<(), String> {
+        let lane = self.lane;
+        let mut current = self.services[0].clone();
+        current.endpoints = vec![lane.backends[from].ip];
+        let mut moved = current.clone();
+        moved.endpoints = vec![lane.backends[to].ip];
+        match mode {
+            Mode::Netlb => self
+                .api
+                .apply(moved.slice_json("node0"))
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Mode::Iptables | Mode::Nftables => {
+                // What kube-proxy writes for one changed Service (a partial
+                // sync), applied at once: no watch and no minSyncPeriod, a
+                // lower bound for it.
+                let (text, tool): (String, Vec<&str>) = if mode == Mode::Iptables {
+                    (
+                        kube_proxy::iptables::partial_restore(
+                            self.services,
+                            &self.services[0],
+                            &moved,
+                            self.params,
+                        ),
+                        match self.backend {
+                            IptablesBackend::Nft => {
+                                vec!["iptables-nft-restore", "-w", "--noflush"]
+                            }
+                            IptablesBackend::Legacy => {
+                                vec!["iptables-legacy-restore", "-w", "--noflush"]
+                            }
+                        },
+                    )
+                } else {
+                    (
+                        kube_proxy::nftables::endpoints_changed(self.services, &current, &moved),
+                        vec!["nft", "-f", "-"],
+                    )
+                };
+                let run = run_measured(&lane.tb.nodes[0].netns, &tool, text.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                if run.success {
+                    Ok(())
+                } else {
+                    Err(format!("{} failed: {}", tool[0], run.stderr))
+                }
+            }
+            Mode::Direct => Err("no probe in direct mode".into()),
+        }
+    }
+}
+
+/// The running lanes and the objects of the current scale.
+/// One mode's own copy of the topology (identical in every lane: same
+/// addresses), so a mode's state (rules, conntrack, an agent) stays put
+/// between rounds without touching the others'.
+struct Lane {
+    mode: Mode,
     tb: Testbed,
     backends: Vec<crate::topology::Pod>,
     client: crate::topology::Pod,
+    programmed: Programmed,
+    /// Which of backends 0 and 1 the probe Service's endpoint is on.
+    probe_at: usize,
+    _servers: Vec<ChildGuard>,
+}
+
+impl Lane {
+    fn new(mode: Mode, profile: &Profile) -> Result<Self, CompareError> {
+        let mut tb = Testbed::new(TestbedSpec { nodes: 1 })?;
+        let mut backends = Vec::new();
+        for i in 0..profile.endpoints.max(2) {
+            backends.push(tb.add_pod(0, &format!("b{i}"))?);
+        }
+        let client = tb.add_pod(0, "client")?;
+        let echo = find_binary("netlb-echo");
+        let mut servers = Vec::new();
+        for b in &backends {
+            servers.push(ChildGuard::spawn_in(
+                &b.netns,
+                &[
+                    echo.to_str().unwrap_or("netlb-echo"),
+                    "serve",
+                    "--name",
+                    &b.name,
+                    "--http",
+                    &HTTP_PORT.to_string(),
+                ],
+                None,
+            )?);
+        }
+        servers.push(ChildGuard::spawn_in(
+            &backends[0].netns,
+            &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+            None,
+        )?);
+        Ok(Self {
+            mode,
+            tb,
+            backends,
+            client,
+            programmed: Programmed::None,
+            probe_at: 0,
+            _servers: servers,
+        })
+    }
+}
+
+/// What programming a mode from nothing took.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProgramFigures {
+    seconds: Option<f64>,
+    cpu_seconds: Option<f64>,
+    rss_kib: Option<u64>,
+}
+
+struct Bench<'a> {
+    profile: &'a Profile,
+    lanes: Vec<Lane>,
     api: FakeApiServer,
     kubeconfig: PathBuf,
     params: ProxierParams,
@@ -352,7 +479,6 @@ struct Bench<'a> {
     /// iperf Service, then the bench Services.
     services: Vec<ServicePort>,
     log: &'a mut dyn FnMut(&str),
-    _servers: Vec<ChildGuard>,
 }
 
 /// What a mode leaves running while it is measured.
@@ -363,8 +489,22 @@ enum Programmed {
 }
 
 impl Bench<'_> {
-    fn node_netns(&self) -> String {
-        self.tb.nodes[0].netns.clone()
+    fn lane(&self, mode: Mode) -> &Lane {
+        self.lanes
+            .iter()
+            .find(|l| l.mode == mode)
+            .expect("a lane per mode")
+    }
+
+    fn lane_mut(&mut self, mode: Mode) -> &mut Lane {
+        self.lanes
+            .iter_mut()
+            .find(|l| l.mode == mode)
+            .expect("a lane per mode")
+    }
+
+    fn node_netns(&self, mode: Mode) -> String {
+        self.lane(mode).tb.nodes[0].netns.clone()
     }
 
     fn mode_error(&self, mode: Mode, what: impl Into<String>) -> CompareError {
@@ -389,7 +529,8 @@ impl Bench<'_> {
                 &format!("{}-abcde", old.name),
             );
         }
-        let b: Vec<Ipv4Addr> = self.backends.iter().map(|p| p.ip).collect();
+        // Every lane's pods have the same addresses.
+        let b: Vec<Ipv4Addr> = self.lanes[0].backends.iter().map(|p| p.ip).collect();
         let mut services = vec![
             ServicePort {
                 namespace: "bench".into(),
@@ -427,32 +568,38 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn targets_file(&self, name: &str, lines: &[String]) -> Result<PathBuf, CompareError> {
-        let path = self.tb.dir.join(name);
+    fn targets_file(
+        &self,
+        mode: Mode,
+        name: &str,
+        lines: &[String],
+    ) -> Result<PathBuf, CompareError> {
+        let path = self.lane(mode).tb.dir.join(name);
         std::fs::write(&path, lines.join("\n"))
             .map_err(io(format!("writing {}", path.display())))?;
         Ok(path)
     }
 
-    fn flush_conntrack(&self) {
-        let _ = self.tb.exec(&self.node_netns(), &["conntrack", "-F"]);
+    fn flush_conntrack(&self, mode: Mode) {
+        let lane = self.lane(mode);
+        let _ = lane.tb.exec(&lane.tb.nodes[0].netns, &["conntrack", "-F"]);
     }
 
-    /// Programs `mode` from nothing; the time, CPU and RSS it took.
-    fn program(&mut self, mode: Mode, sample: &mut Sample) -> Result<Programmed, CompareError> {
-        self.flush_conntrack();
-        match mode {
-            Mode::Direct => Ok(Programmed::None),
+    /// Programs `mode` from nothing in its lane; the time, CPU and RSS it
+    /// took.
+    fn program(&mut self, mode: Mode) -> Result<ProgramFigures, CompareError> {
+        self.flush_conntrack(mode);
+        let mut figures = ProgramFigures::default();
+        let services = self.services.len().saturating_sub(2);
+        let programmed = match mode {
+            Mode::Direct => Programmed::None,
             Mode::Netlb => {
                 let started = Instant::now();
                 // A log per start: the wait below looks for its first
                 // "initial sync complete".
-                let log = self
-                    .tb
-                    .dir
-                    .join(format!("agent-{}-{}.log", sample.services, sample.round));
+                let log = self.lane(mode).tb.dir.join(format!("agent-{services}.log"));
                 let agent = AgentProcess::start(
-                    &self.tb.nodes[0],
+                    &self.lane(mode).tb.nodes[0],
                     &AgentOptions {
                         binary: find_binary("netlb-agent"),
                         source: AgentSource::Kubeconfig(self.kubeconfig.clone()),
@@ -472,10 +619,10 @@ impl Bench<'_> {
                         .join(" | ");
                     return Err(self.mode_error(mode, format!("not programmed in 600 s: {tail}")));
                 }
-                sample.program_seconds = Some(started.elapsed().as_secs_f64());
-                sample.program_cpu_seconds = cpu_seconds(agent.pid());
-                sample.proxy_rss_kib = proc_status_kib(agent.pid(), "VmRSS:");
-                Ok(Programmed::Agent(agent))
+                figures.seconds = Some(started.elapsed().as_secs_f64());
+                figures.cpu_seconds = cpu_seconds(agent.pid());
+                figures.rss_kib = proc_status_kib(agent.pid(), "VmRSS:");
+                Programmed::Agent(agent)
             }
             Mode::Iptables | Mode::Nftables => {
                 let started = Instant::now();
@@ -493,9 +640,13 @@ impl Bench<'_> {
                         &["nft", "-f", "-"],
                     )
                 };
-                let run = run_measured(&self.node_netns(), tool, text.as_bytes())?;
+                let run = run_measured(&self.node_netns(mode), tool, text.as_bytes())?;
                 if !run.success {
-                    let path = self.tb.dir.join(format!("{}.rules", mode.name()));
+                    let path = self
+                        .lane(mode)
+                        .tb
+                        .dir
+                        .join(format!("{}.rules", mode.name()));
                     let _ = std::fs::write(&path, &text);
                     return Err(self.mode_error(
                         mode,
@@ -506,24 +657,28 @@ impl Bench<'_> {
                         ),
                     ));
                 }
-                sample.program_seconds = Some(started.elapsed().as_secs_f64());
-                sample.program_cpu_seconds = Some(run.cpu_seconds);
-                sample.proxy_rss_kib = Some(run.maxrss_kib);
-                let _ = run.wall;
-                Ok(Programmed::Rules)
+                figures.seconds = Some(started.elapsed().as_secs_f64());
+                figures.cpu_seconds = Some(run.cpu_seconds);
+                figures.rss_kib = Some(run.maxrss_kib);
+                Programmed::Rules
             }
-        }
+        };
+        let lane = self.lane_mut(mode);
+        lane.programmed = programmed;
+        lane.probe_at = 0;
+        Ok(figures)
     }
 
     /// Removes what `program` made.
-    fn unprogram(&mut self, mode: Mode, programmed: Programmed) {
+    fn unprogram(&mut self, mode: Mode) {
+        let programmed = std::mem::replace(&mut self.lane_mut(mode).programmed, Programmed::None);
         match programmed {
             Programmed::None => {}
             Programmed::Agent(mut agent) => {
                 agent.stop();
             }
             Programmed::Rules => {
-                let ns = self.node_netns();
+                let ns = self.node_netns(mode);
                 if mode == Mode::Iptables {
                     let tool = match self.profile.iptables_backend {
                         IptablesBackend::Nft => "iptables-nft-restore",
@@ -533,12 +688,13 @@ impl Bench<'_> {
                     let _ = run_measured(&ns, &[tool, "-w"], b"*filter\nCOMMIT\n*nat\nCOMMIT\n");
                 } else {
                     let _ = self
+                        .lane(mode)
                         .tb
                         .exec(&ns, &["nft", "delete", "table", "ip", "kube-proxy"]);
                 }
             }
         }
-        self.flush_conntrack();
+        self.flush_conntrack(mode);
     }
 
     /// The load files of a mode: cluster IPs (pods), node ports (outside),
@@ -553,7 +709,7 @@ impl Bench<'_> {
                 .collect();
             (pods.clone(), pods)
         } else {
-            let node = self.tb.nodes[0].uplink_ip;
+            let node = self.lane(mode).tb.nodes[0].uplink_ip;
             (
                 bench
                     .iter()
@@ -566,11 +722,16 @@ impl Bench<'_> {
             )
         };
         Ok((
-            self.targets_file(&format!("targets-pod-{}.txt", mode.name()), &pod)?,
-            self.targets_file(&format!("targets-outside-{}.txt", mode.name()), &outside)?,
+            self.targets_file(mode, &format!("targets-pod-{}.txt", mode.name()), &pod)?,
+            self.targets_file(
+                mode,
+                &format!("targets-outside-{}.txt", mode.name()),
+                &outside,
+            )?,
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         mode: Mode,
@@ -582,6 +743,7 @@ impl Bench<'_> {
     ) -> Result<LoadReport, CompareError> {
         let load = find_binary("netlb-load");
         let out = self
+            .lane(mode)
             .tb
             .exec(
                 netns,
@@ -630,7 +792,7 @@ impl Bench<'_> {
             return String::new();
         }
         let agent = find_binary("netlb-agent");
-        let bpffs = self.tb.nodes[0].bpffs.display().to_string();
+        let bpffs = self.lane(mode).tb.nodes[0].bpffs.display().to_string();
         match Command::new(agent)
             .args(["list", "stats", "--bpffs", &bpffs])
             .output()
@@ -649,15 +811,16 @@ impl Bench<'_> {
     }
 
     fn iperf(&self, mode: Mode) -> Result<f64, CompareError> {
+        let lane = self.lane(mode);
         let target = if mode == Mode::Direct {
-            self.backends[0].ip
+            lane.backends[0].ip
         } else {
             IPERF_IP
         };
-        let out = self
+        let out = lane
             .tb
             .exec(
-                &self.client.netns,
+                &lane.client.netns,
                 &[
                     "iperf3",
                     "-c",
@@ -685,110 +848,79 @@ impl Bench<'_> {
             })
     }
 
-    /// Moves the probe Service's endpoint between backends 0 and 1
-    /// `changes` times; the time from each change to the first new
-    /// connection served by the new backend.
+    /// Moves the probe Service's endpoint `changes` times; the time from
+    /// each change to the first new connection served by the new backend.
+    /// The probe is left on backend 0.
     fn programming_latency(&mut self, mode: Mode) -> Result<Vec<f64>, CompareError> {
         if mode == Mode::Direct || self.profile.changes == 0 {
             return Ok(Vec::new());
         }
-        let netns = std::fs::File::open(format!("/run/netns/{}", self.client.netns))
+        let lane = self.lane(mode);
+        let netns = std::fs::File::open(format!("/run/netns/{}", lane.client.netns))
             .map_err(io("opening the client's namespace"))?;
         let vip = SocketAddr::from((PROBE_IP, 80));
-        let names = [self.backends[0].name.clone(), self.backends[1].name.clone()];
-        let ips = [self.backends[0].ip, self.backends[1].ip];
+        let names = [lane.backends[0].name.clone(), lane.backends[1].name.clone()];
+        let start = lane.probe_at;
         let changes = self.profile.changes;
-        let node = self.node_netns();
-        let (api, services, params) = (&self.api, &self.services, &self.params);
-        let backend = self.profile.iptables_backend;
-        let result: Result<Vec<f64>, String> = std::thread::scope(|s| {
+        let this = Probe {
+            lane,
+            api: &self.api,
+            services: &self.services,
+            params: &self.params,
+            backend: self.profile.iptables_backend,
+        };
+        let this = &this;
+        let result: Result<(Vec<f64>, usize), String> = std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: setns in this thread only, on a namespace fd we own.
                 if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err("entering the client's namespace".to_owned());
                 }
-                let mut current = services[0].clone();
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while ask(vip).as_deref() != Some(names[0].as_str()) {
+                while ask(vip).as_deref() != Some(names[start].as_str()) {
                     if Instant::now() > deadline {
                         return Err("the probe Service never served".to_owned());
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                let mut at = start;
                 let mut samples = Vec::with_capacity(changes);
                 for k in 0..changes {
-                    let next = (k + 1) % 2;
-                    let mut moved = current.clone();
-                    moved.endpoints = vec![ips[next]];
+                    let next = 1 - at;
                     let written = Instant::now();
-                    match mode {
-                        Mode::Netlb => {
-                            api.apply(moved.slice_json("node0"))
-                                .map_err(|e| e.to_string())?;
-                        }
-                        Mode::Iptables | Mode::Nftables => {
-                            // What kube-proxy writes for one changed Service
-                            // (a partial sync), applied at once: no watch
-                            // and no minSyncPeriod, a lower bound for it.
-                            let (text, tool): (String, Vec<&str>) = if mode == Mode::Iptables {
-                                (
-                                    kube_proxy::iptables::partial_restore(
-                                        services, &current, &moved, params,
-                                    ),
-                                    match backend {
-                                        IptablesBackend::Nft => {
-                                            vec!["iptables-nft-restore", "-w", "--noflush"]
-                                        }
-                                        IptablesBackend::Legacy => {
-                                            vec!["iptables-legacy-restore", "-w", "--noflush"]
-                                        }
-                                    },
-                                )
-                            } else {
-                                (
-                                    kube_proxy::nftables::endpoints_changed(
-                                        services, &current, &moved,
-                                    ),
-                                    vec!["nft", "-f", "-"],
-                                )
-                            };
-                            let run = run_measured(&node, &tool, text.as_bytes())
-                                .map_err(|e| e.to_string())?;
-                            if !run.success {
-                                return Err(format!("{} failed: {}", tool[0], run.stderr));
-                            }
-                        }
-                        Mode::Direct => unreachable!("no probe in direct mode"),
-                    }
+                    this.move_probe(mode, at, next)?;
                     loop {
                         if ask(vip).as_deref() == Some(names[next].as_str()) {
                             samples.push(written.elapsed().as_secs_f64() * 1000.0);
                             break;
                         }
-                        if written.elapsed() > Duration::from_secs(10) {
-                            return Err(format!("change {k} not served within 10 s"));
+                        if written.elapsed() > Duration::from_secs(30) {
+                            return Err(format!("change {k} not served within 30 s"));
                         }
                     }
-                    current = moved;
+                    at = next;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                // Leave the probe where the next mode expects it.
-                if let Mode::Netlb = mode {
-                    let mut back = current.clone();
-                    back.endpoints = vec![ips[0]];
-                    api.apply(back.slice_json("node0"))
-                        .map_err(|e| e.to_string())?;
+                // Leave the probe on backend 0 (not measured).
+                if at != 0 {
+                    this.move_probe(mode, at, 0)?;
+                    at = 0;
                 }
-                Ok(samples)
+                Ok((samples, at))
             })
             .join()
             .unwrap_or_else(|_| Err("probe thread panicked".to_owned()))
         });
-        // Whatever the probe ended on, the model holds the original: the
-        // next mode programs from it.
-        result.map_err(|what| self.mode_error(mode, what))
+        match result {
+            Ok((samples, at)) => {
+                self.lane_mut(mode).probe_at = at;
+                Ok(samples)
+            }
+            Err(what) => Err(self.mode_error(mode, what)),
+        }
     }
 
+    /// One round of `mode` on its programmed lane.
     fn measure(&mut self, mode: Mode, round: usize) -> Result<Sample, CompareError> {
         let services = self.services.len() - 2;
         let mut sample = Sample {
@@ -809,53 +941,26 @@ impl Bench<'_> {
             round + 1,
             mode.name()
         ));
-        let programmed = self.program(mode, &mut sample)?;
         if let Some(secs) = std::env::var("NETLB_COMPARE_HOLD")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
         {
             // Debugging: time to look at a programmed mode by hand.
-            (self.log)(&format!(
-                "holding {secs} s; topology in {}",
-                self.tb.dir.display()
-            ));
+            let dir = self.lane(mode).tb.dir.display().to_string();
+            (self.log)(&format!("holding {secs} s; topology in {dir}"));
             std::thread::sleep(Duration::from_secs(secs));
         }
-        let result = (|| {
-            let (pod_targets, outside_targets) = self.load_targets(mode)?;
-            let seed = (services * 31 + round) as u64;
-            let client = self.client.netns.clone();
-            let ext = self.tb.ext.clone();
-            sample.pod_crr = self.load(
-                mode,
-                &client,
-                "crr",
-                &pod_targets,
-                self.profile.crr_seconds,
-                seed,
-            )?;
-            sample.nodeport_crr = self.load(
-                mode,
-                &ext,
-                "crr",
-                &outside_targets,
-                self.profile.crr_seconds,
-                seed,
-            )?;
-            sample.pod_rr = self.load(
-                mode,
-                &client,
-                "rr",
-                &pod_targets,
-                self.profile.rr_seconds,
-                seed,
-            )?;
-            sample.iperf_gbps = self.iperf(mode)?;
-            sample.programming_latency_ms = self.programming_latency(mode)?;
-            Ok::<_, CompareError>(())
-        })();
-        self.unprogram(mode, programmed);
-        result?;
+        let (pod_targets, outside_targets) = self.load_targets(mode)?;
+        let seed = (services * 31 + round) as u64;
+        let client = self.lane(mode).client.netns.clone();
+        let ext = self.lane(mode).tb.ext.clone();
+        let crr = self.profile.crr_seconds;
+        sample.pod_crr = self.load(mode, &client, "crr", &pod_targets, crr, seed)?;
+        sample.nodeport_crr = self.load(mode, &ext, "crr", &outside_targets, crr, seed)?;
+        let rr = self.profile.rr_seconds;
+        sample.pod_rr = self.load(mode, &client, "rr", &pod_targets, rr, seed)?;
+        sample.iperf_gbps = self.iperf(mode)?;
+        sample.programming_latency_ms = self.programming_latency(mode)?;
         Ok(sample)
     }
 }
@@ -871,72 +976,78 @@ pub fn run(
     let started = Instant::now();
     let started_at = report::now_rfc3339();
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
-    let mut tb = Testbed::new(TestbedSpec { nodes: 1 })?;
-    let mut backends = Vec::new();
-    for i in 0..profile.endpoints.max(2) {
-        backends.push(tb.add_pod(0, &format!("b{i}"))?);
+    let mut lanes = Vec::new();
+    for &mode in &profile.modes {
+        lanes.push(Lane::new(mode, profile)?);
     }
-    let client = tb.add_pod(0, "client")?;
-    let echo = find_binary("netlb-echo");
-    let mut servers = Vec::new();
-    for b in &backends {
-        servers.push(ChildGuard::spawn_in(
-            &b.netns,
-            &[
-                echo.to_str().unwrap_or("netlb-echo"),
-                "serve",
-                "--name",
-                &b.name,
-                "--http",
-                &HTTP_PORT.to_string(),
-            ],
-            None,
-        )?);
+    if lanes.is_empty() {
+        return Err(CompareError::Output {
+            what: "the comparison".into(),
+            detail: "no mode to run".into(),
+        });
     }
-    servers.push(ChildGuard::spawn_in(
-        &backends[0].netns,
-        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
-        None,
-    )?);
-    let api = FakeApiServer::start(bind_in_netns(&tb.nodes[0].netns, "127.0.0.1:0")?)?;
-    let kubeconfig = tb.dir.join("kubeconfig");
+    // The double lives in netlb's lane (any lane without netlb).
+    let api_lane = lanes
+        .iter()
+        .position(|l| l.mode == Mode::Netlb)
+        .unwrap_or(0);
+    let api = FakeApiServer::start(bind_in_netns(
+        &lanes[api_lane].tb.nodes[0].netns,
+        "127.0.0.1:0",
+    )?)?;
+    let kubeconfig = lanes[api_lane].tb.dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).map_err(io("writing the kubeconfig"))?;
     let params = ProxierParams {
         cluster_cidr: CLUSTER_CIDR.into(),
-        node_ips: vec![tb.nodes[0].uplink_ip],
+        node_ips: vec![lanes[0].tb.nodes[0].uplink_ip],
         service_cidrs: vec![SERVICE_CIDR.into()],
         node_name: "node0".into(),
     };
     let mut bench = Bench {
         profile,
-        tb,
-        backends,
-        client,
+        lanes,
         api,
         kubeconfig,
         params,
         services: Vec::new(),
         log,
-        _servers: servers,
     };
     // The servers listen before the first mode measures.
     std::thread::sleep(Duration::from_millis(300));
     let mut samples = Vec::new();
     for &scale in &profile.scales {
+        for &mode in &profile.modes {
+            bench.unprogram(mode);
+        }
         let loaded = Instant::now();
         bench.load_scale(scale)?;
         (bench.log)(&format!(
             "{scale} Services written to the double in {:.1?}",
             loaded.elapsed()
         ));
+        // Each mode programmed from nothing once per scale, then measured
+        // in rounds, the order rotating: no mode always goes first.
+        let mut figures = Vec::new();
+        for &mode in &profile.modes {
+            (bench.log)(&format!("{scale} Services: programming {}", mode.name()));
+            figures.push(bench.program(mode)?);
+        }
         for round in 0..profile.rounds {
             let n = profile.modes.len();
             for k in 0..n {
-                // Rotate the order every round: no mode always goes first.
-                let mode = profile.modes[(k + round) % n];
-                samples.push(bench.measure(mode, round)?);
+                let i = (k + round) % n;
+                let mut sample = bench.measure(profile.modes[i], round)?;
+                if round == 0 {
+                    sample.program_seconds = figures[i].seconds;
+                    sample.program_cpu_seconds = figures[i].cpu_seconds;
+                    sample.proxy_rss_kib = figures[i].rss_kib;
+                }
+                samples.push(sample);
             }
         }
+    }
+    for &mode in &profile.modes {
+        bench.unprogram(mode);
     }
     let results = Results {
         profile: profile.clone(),

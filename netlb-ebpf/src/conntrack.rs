@@ -256,7 +256,7 @@ pub fn tuple_taken(conn_key: &CtKey4, addr_be: u32, port_be: u16, kind: u8) -> b
         netlb_common::ct_normalize(&mut key);
     }
     // SAFETY: the value is copied out at once.
-    let Some(link) = (unsafe { maps::CONNTRACK.get(&key) }).copied() else {
+    let Some(link) = (unsafe { maps::CONNTRACK.get(key) }).copied() else {
         return false;
     };
     let owner = netlb_common::ct_link_owner(&key, &link);

@@ -7,39 +7,22 @@
 //! healthy, 503 otherwise, so the cloud load balancer only sends traffic to
 //! nodes that will not have to drop or forward it.
 //!
-//! One listener (and one accept thread) per Service; one short-lived thread
-//! per connection. Std threads only: the agent has no async runtime here.
+//! One listener per Service, served as tasks on the agent's runtime
+//! ([`crate::server`]): no thread per listener or connection, a bound on
+//! connections per port, timeouts on slow clients.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
+    io,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    sync::{Arc, Mutex, PoisonError},
 };
+
+use crate::server::{self, Limits, Server};
 
 /// A Service's `(namespace, name)`.
 type ServiceKey = (String, String);
-
-/// How long an accept thread waits in poll(2) before looking at its stop
-/// flag again: the bound on how long a closed port stays bound.
-const POLL_INTERVAL_MS: libc::c_int = 100;
-
-/// Read and write timeout of a connection, so a silent or stalled client
-/// cannot keep its thread (and file descriptor) forever.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Most bytes read from one request (request line and headers together).
-const MAX_REQUEST_BYTES: u64 = 16 * 1024;
-
-/// Most header lines read from one request.
-const MAX_HEADER_LINES: usize = 100;
 
 /// Why a Service's health-check node port is not being served.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +41,9 @@ pub enum HealthCheckError {
         #[source]
         source: io::Error,
     },
-    /// The accept thread could not be started. Retried on the next
-    /// `sync_services`.
-    #[error(
-        "failed to start the listener thread for health-check node port {port} of service {namespace}/{name}"
-    )]
+    /// The listener could not be handed to the runtime. Retried on the
+    /// next `sync_services`.
+    #[error("failed to serve health-check node port {port} of service {namespace}/{name}")]
     Spawn {
         port: u16,
         namespace: String,
@@ -89,47 +70,16 @@ impl Shared {
     }
 }
 
-/// One open health-check port. Dropping it closes the port: it raises the
-/// stop flag and joins the accept thread, which owns (and drops) the socket.
+/// One open health-check port. Dropping it closes the port at once.
 struct Listener {
     port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Listener {
-    /// Asks the accept thread to stop without waiting for it, so that many
-    /// listeners can be signalled first and joined afterwards (one poll
-    /// interval in total instead of one per listener).
-    fn signal(&self) {
-        self.stop.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.signal();
-        if let Some(thread) = self.thread.take() {
-            // The accept loop does not panic; if it somehow did, the socket
-            // was dropped during unwinding, which is all we need here.
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Closes every listener in `listeners` within about one poll interval.
-fn close_all(listeners: impl IntoIterator<Item = Listener>) {
-    let listeners: Vec<Listener> = listeners.into_iter().collect();
-    for listener in &listeners {
-        listener.signal();
-    }
-    // Each drop joins a thread that has already been told to stop.
-    drop(listeners);
+    _server: Server,
 }
 
 /// Serves the health-check node ports of all `externalTrafficPolicy: Local`
 /// LoadBalancer Services, one listener on `0.0.0.0:<port>` per Service.
 pub struct ServiceHealthServer {
+    runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
     listeners: BTreeMap<ServiceKey, Listener>,
 }
@@ -138,8 +88,12 @@ impl ServiceHealthServer {
     /// Creates a server with no listeners. `proxy_healthy` is asked on each
     /// request; when it returns false every port answers 503 (kube-proxy
     /// does the same so load balancers drain a node whose proxy is stuck).
-    pub fn new(proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
         Self {
+            runtime,
             shared: Arc::new(Shared {
                 counts: Mutex::new(BTreeMap::new()),
                 proxy_healthy,
@@ -180,7 +134,9 @@ impl ServiceHealthServer {
                 Some(listener)
             })
             .collect();
-        close_all(closing);
+        // Closed before the new ones open: a port handed to another
+        // Service in this call can be bound again.
+        drop(closing);
 
         let mut errors = Vec::new();
         for (key, &port) in services {
@@ -229,13 +185,7 @@ impl ServiceHealthServer {
             return Err(HealthCheckError::ZeroPort { namespace, name });
         }
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        // Nonblocking so that a connection reset between poll(2) and
-        // accept(2) cannot leave the thread stuck in accept past a close.
-        let socket = TcpListener::bind(addr).and_then(|socket| {
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        });
-        let socket = match socket {
+        let socket = match TcpListener::bind(addr) {
             Ok(socket) => socket,
             Err(source) => {
                 return Err(HealthCheckError::Bind {
@@ -246,22 +196,20 @@ impl ServiceHealthServer {
                 });
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
         let service = Arc::new(key.clone());
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let shared = Arc::clone(&self.shared);
-            std::thread::Builder::new()
-                .name(format!("hc-{port}"))
-                .spawn(move || accept_loop(&socket, &stop, &service, &shared))
-        };
-        match thread {
-            Ok(thread) => Ok(Listener {
+        let shared = Arc::clone(&self.shared);
+        // The request's method, path and headers are ignored, as in
+        // kube-proxy.
+        let handler: server::Handler = Arc::new(move |_parts| {
+            let count = shared.local_endpoints(&service);
+            let healthy = (shared.proxy_healthy)();
+            render_response(&service.0, &service.1, count, healthy)
+        });
+        match server::spawn(&self.runtime, socket, Limits::default(), handler) {
+            Ok(server) => Ok(Listener {
                 port,
-                stop,
-                thread: Some(thread),
+                _server: server,
             }),
-            // The closure, and with it the socket, is dropped on failure.
             Err(source) => Err(HealthCheckError::Spawn {
                 port,
                 namespace,
@@ -269,14 +217,6 @@ impl ServiceHealthServer {
                 source,
             }),
         }
-    }
-}
-
-impl Drop for ServiceHealthServer {
-    /// Closes all listeners. Connections already accepted finish on their own
-    /// threads (bounded by the I/O timeouts).
-    fn drop(&mut self) {
-        close_all(std::mem::take(&mut self.listeners).into_values());
     }
 }
 
@@ -291,142 +231,26 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// Accepts connections until `stop` is raised. Waits in poll(2) with a
-/// timeout rather than in a blocking accept, so a connection is picked up at
-/// once while a raised stop flag is noticed within `POLL_INTERVAL_MS`; the
-/// socket is closed when the caller's thread returns and drops it.
-fn accept_loop(
-    socket: &TcpListener,
-    stop: &AtomicBool,
-    service: &Arc<ServiceKey>,
-    shared: &Arc<Shared>,
-) {
-    let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
-    while !stop.load(Ordering::Acquire) {
-        let mut pollfd = libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pollfd` is one valid pollfd we own for the whole call, and
-        // its fd stays open because `socket` is borrowed for this function.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS) };
-        if ready < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                log::warn!("health-check node port {port}: poll failed: {err}");
-                // Do not spin on a persistent error; the stop flag is still
-                // checked every interval.
-                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS as u64));
-            }
-            continue;
-        }
-        if ready == 0 {
-            continue;
-        }
-        match socket.accept() {
-            Ok((stream, _)) => spawn_connection(stream, service, shared),
-            // Raced with a client that gave up, or a signal: nothing to do.
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
-                ) => {}
-            Err(err) => {
-                // E.g. EMFILE: the pending connection stays queued and poll
-                // would report it again at once, so back off.
-                log::warn!("health-check node port {port}: accept failed: {err}");
-                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS as u64));
-            }
-        }
-    }
-}
-
-fn spawn_connection(stream: TcpStream, service: &Arc<ServiceKey>, shared: &Arc<Shared>) {
-    let service = Arc::clone(service);
-    let shared = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name("hc-conn".into())
-        .spawn(move || handle(stream, &service, &shared));
-    if let Err(err) = spawned {
-        // The stream is dropped with the closure: the client sees a reset
-        // and the load balancer retries on its next probe.
-        log::debug!("failed to start a health-check connection thread: {err}");
-    }
-}
-
-/// Answers one request and closes the connection. The request's method,
-/// path and headers are read (bounded) but ignored, as in kube-proxy.
-fn handle(stream: TcpStream, service: &ServiceKey, shared: &Shared) {
-    // Accepted sockets do not inherit O_NONBLOCK on Linux, but make sure:
-    // the timeouts below only apply to blocking sockets.
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(IO_TIMEOUT)).is_err()
-        || stream.set_write_timeout(Some(IO_TIMEOUT)).is_err()
-    {
-        return;
-    }
-    if !read_request(&stream) {
-        return;
-    }
-    let count = shared.local_endpoints(service);
-    let healthy = (shared.proxy_healthy)();
-    let response = render_response(&service.0, &service.1, count, healthy);
-    let mut writer = &stream;
-    if writer.write_all(response.as_bytes()).is_ok() {
-        // Send FIN after the response so the client reads it to the end even
-        // if it sent more than we read.
-        let _ = stream.shutdown(Shutdown::Write);
-    }
-}
-
-/// Reads the request line and headers, at most `MAX_REQUEST_BYTES` and
-/// `MAX_HEADER_LINES`. Returns false when there is no request to answer
-/// (the client closed, timed out or sent nothing readable).
-fn read_request(stream: &TcpStream) -> bool {
-    let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES));
-    // Bytes, not String: a request line that is not UTF-8 is still a request.
-    let mut line = Vec::new();
-    match reader.read_until(b'\n', &mut line) {
-        Ok(0) | Err(_) => return false,
-        Ok(_) => {}
-    }
-    for _ in 0..MAX_HEADER_LINES {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if line == b"\r\n" || line == b"\n" => break,
-            Ok(_) => {}
-        }
-    }
-    true
-}
-
-/// The full HTTP response for a Service with `count` local endpoints.
-fn render_response(namespace: &str, name: &str, count: usize, proxy_healthy: bool) -> String {
-    let status = if count > 0 && proxy_healthy {
-        "200 OK"
-    } else {
-        "503 Service Unavailable"
-    };
+/// The response for a Service with `count` local endpoints (kube-proxy's
+/// body and `X-Load-Balancing-Endpoint-Weight`); the connection closes after
+/// it, as load balancers' probes expect.
+fn render_response(
+    namespace: &str,
+    name: &str,
+    count: usize,
+    proxy_healthy: bool,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let status = if count > 0 && proxy_healthy { 200 } else { 503 };
     let body = format!(
         r#"{{"service":{{"namespace":"{}","name":"{}"}},"localEndpoints":{count},"serviceProxyHealthy":{proxy_healthy}}}"#,
         json_escape(namespace),
         json_escape(name),
     );
-    format!(
-        "HTTP/1.1 {status}\r\n\
-         Content-Type: application/json\r\n\
-         X-Content-Type-Options: nosniff\r\n\
-         X-Load-Balancing-Endpoint-Weight: {count}\r\n\
-         Content-Length: {}\r\n\
-         Connection: close\r\n\
-         \r\n\
-         {body}",
-        body.len()
-    )
+    let mut response = server::response(status, "application/json", body);
+    let headers = response.headers_mut();
+    headers.insert("X-Load-Balancing-Endpoint-Weight", count.into());
+    headers.insert("Connection", http::HeaderValue::from_static("close"));
+    response
 }
 
 /// `s` as the inside of a JSON string. Kubernetes names cannot hold quotes,
@@ -473,6 +297,21 @@ mod tests {
 
     fn key(namespace: &str, name: &str) -> (String, String) {
         (namespace.to_owned(), name.to_owned())
+    }
+
+    /// A runtime for the tests' servers, alive for the whole test binary.
+    fn test_runtime() -> tokio::runtime::Handle {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("test runtime")
+            })
+            .handle()
+            .clone()
     }
 
     fn always_healthy() -> Arc<dyn Fn() -> bool + Send + Sync> {
@@ -549,7 +388,7 @@ mod tests {
     #[test]
     fn unavailable_without_endpoints_then_ok() {
         let port = free_port();
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         let errors = server.sync_services(&BTreeMap::from([(key("default", "web"), port)]));
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(server.ports(), vec![port]);
@@ -587,7 +426,10 @@ mod tests {
         let healthy = Arc::new(AtomicBool::new(false));
         let probe = Arc::clone(&healthy);
         let port = free_port();
-        let mut server = ServiceHealthServer::new(Arc::new(move || probe.load(Ordering::SeqCst)));
+        let mut server = ServiceHealthServer::new(
+            test_runtime(),
+            Arc::new(move || probe.load(Ordering::SeqCst)),
+        );
         server.sync_endpoints(&BTreeMap::from([(key("ns", "svc"), 3)]));
         assert!(
             server
@@ -613,7 +455,7 @@ mod tests {
     #[test]
     fn removing_or_moving_a_service_closes_its_port() {
         let (a, b) = (free_port(), free_port());
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         assert!(
             server
                 .sync_services(&BTreeMap::from([
@@ -655,7 +497,7 @@ mod tests {
     #[test]
     fn port_handed_to_another_service_in_one_sync() {
         let port = free_port();
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         server.sync_endpoints(&BTreeMap::from([(key("ns", "new"), 1)]));
         assert!(
             server
@@ -676,7 +518,7 @@ mod tests {
         let blocker = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
         let busy = blocker.local_addr().unwrap().port();
         let free = free_port();
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         server.sync_endpoints(&BTreeMap::from([
             (key("ns", "ok"), 1),
             (key("ns", "busy"), 1),
@@ -715,7 +557,7 @@ mod tests {
 
     #[test]
     fn zero_port_is_an_error_not_a_random_port() {
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         let errors = server.sync_services(&BTreeMap::from([(key("ns", "svc"), 0)]));
         assert!(
             matches!(&errors[..], [HealthCheckError::ZeroPort { namespace, name }] if namespace == "ns" && name == "svc"),
@@ -727,7 +569,7 @@ mod tests {
     #[test]
     fn names_are_json_escaped() {
         let port = free_port();
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         let service = key(r"n\s", r#"we"b"#);
         server.sync_endpoints(&BTreeMap::from([(service.clone(), 1)]));
         assert!(
@@ -747,7 +589,7 @@ mod tests {
     #[test]
     fn silent_or_garbage_clients_do_not_break_the_listener() {
         let port = free_port();
-        let mut server = ServiceHealthServer::new(always_healthy());
+        let mut server = ServiceHealthServer::new(test_runtime(), always_healthy());
         assert!(
             server
                 .sync_services(&BTreeMap::from([(key("ns", "svc"), port)]))

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod objects;
 pub mod run;
+pub mod server;
 pub mod source;
 pub mod sync;
 pub mod tracker;

@@ -106,6 +106,11 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to start the agent's runtime")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to install signal handlers")]
     Signals {
         #[source]
@@ -269,6 +274,31 @@ struct Pipeline {
     synced_once: bool,
 }
 
+/// Raises the soft limit on open files to the hard limit (Go programs such
+/// as kube-proxy get this from their runtime): every health-check node port
+/// and every client connection to it or to the health port is a descriptor,
+/// and the usual soft limit of 1,024 would leave a node with many
+/// externalTrafficPolicy Local Services unable to accept probes.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                log::warn!(
+                    "could not raise the open-files limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let term = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -277,15 +307,26 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     }
     // kube-proxy's health timeout is twice its sync period.
     let metrics = Arc::new(Metrics::new(opts.resync_interval * 2));
+    raise_fd_limit();
+    // The agent's one async runtime: the API client's watches, the health
+    // and metrics endpoints and every health-check node port, as tasks on
+    // two worker threads (the sync loop stays on this thread).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("netlb-rt")
+        .enable_all()
+        .build()
+        .map_err(|source| RunError::Runtime { source })?;
+    let mut _servers = Vec::new();
     if let Some(addr) = opts.health_addr {
-        let bound = http::serve(addr, Arc::clone(&metrics))?;
-        log::info!("serving /healthz and /livez on {bound}");
+        let server = http::serve_health(runtime.handle(), addr, Arc::clone(&metrics))?;
+        log::info!("serving /healthz and /livez on {}", server.local_addr());
+        _servers.push(server);
     }
-    if let Some(addr) = opts.metrics_addr
-        && Some(addr) != opts.health_addr
-    {
-        let bound = http::serve(addr, Arc::clone(&metrics))?;
-        log::info!("serving /metrics on {bound}");
+    if let Some(addr) = opts.metrics_addr {
+        let server = http::serve_metrics(runtime.handle(), addr, Arc::clone(&metrics))?;
+        log::info!("serving /metrics and /proxyMode on {}", server.local_addr());
+        _servers.push(server);
     }
 
     let mut addresses = node_addresses(&opts).map_err(|source| RunError::Interfaces { source })?;
@@ -335,7 +376,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         );
     }
     let health_metrics = Arc::clone(&metrics);
-    let mut health = ServiceHealthServer::new(Arc::new(move || health_metrics.proxy_healthy()));
+    let mut health = ServiceHealthServer::new(
+        runtime.handle().clone(),
+        Arc::new(move || health_metrics.proxy_healthy()),
+    );
 
     let (tx, rx) = mpsc::channel::<()>();
     let socket = ifaces::link_socket().map_err(|source| RunError::Interfaces { source })?;
@@ -351,6 +395,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             fingerprint: None,
         },
         SourceConfig::Api(cfg) => Source::Api(ApiSource::start(
+            runtime.handle(),
             cfg.clone(),
             Arc::clone(&store),
             tx.clone(),

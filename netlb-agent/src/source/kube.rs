@@ -241,11 +241,6 @@ pub enum ApiSourceError {
         #[source]
         source: kube::Error,
     },
-    #[error("failed to start the watcher runtime")]
-    Runtime {
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Counters of the watchers, for metrics.
@@ -263,7 +258,16 @@ pub struct ApiSource {
     /// Lists that fail for good (403 Forbidden, 404 Not Found), by kind:
     /// health reports them instead of claiming all is well.
     pub failing: Arc<Mutex<BTreeMap<Kind, String>>>,
-    _runtime: tokio::runtime::Runtime,
+    /// The watch tasks on the agent's runtime, aborted on drop.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ApiSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// Retries after 100 ms, doubling up to 500 ms, each delay shortened by up
@@ -401,11 +405,11 @@ fn forget<W: WireKind>(store: &mut ObjectStore, obj: &Watched<W>) {
 /// Spawns a watcher for `kind` that records into `store` and wakes
 /// `notify` on every event.
 fn spawn_watcher<W: Record>(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &tokio::runtime::Handle,
     client: Client,
     config: watcher::Config,
     sink: Sink,
-) {
+) -> tokio::task::JoinHandle<()> {
     let kind = W::KIND;
     let api: Api<Watched<W>> = Api::all(client);
     let stream = watcher(api, config).backoff(QuickBackoff { next: BACKOFF_MIN });
@@ -467,7 +471,7 @@ fn spawn_watcher<W: Record>(
                 }
             }
         }
-    });
+    })
 }
 
 fn lock(store: &Mutex<ObjectStore>) -> std::sync::MutexGuard<'_, ObjectStore> {
@@ -485,19 +489,15 @@ struct Sink {
 }
 
 impl ApiSource {
-    /// Connects and starts the watchers on their own runtime thread,
-    /// recording into `store`; `notify` is sent `()` on every watch event.
+    /// Connects and starts the watchers on the agent's runtime, recording
+    /// into `store`; `notify` is sent `()` on every watch event. Called
+    /// from outside the runtime (it blocks on the connection).
     pub fn start(
+        runtime: &tokio::runtime::Handle,
         cfg: ApiConfig,
         store: Arc<Mutex<ObjectStore>>,
         notify: Sender<()>,
     ) -> Result<Self, ApiSourceError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kube-watch")
-            .enable_all()
-            .build()
-            .map_err(|source| ApiSourceError::Runtime { source })?;
         let mut config = runtime.block_on(client_config(&cfg))?;
         // Each read on a watch must see bytes within this time.
         config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(5));
@@ -524,28 +524,35 @@ impl ApiSource {
             failing: Arc::clone(&failing),
         };
         let _guard = runtime.enter();
-        spawn_watcher::<wire::Service>(
-            &runtime,
-            client.clone(),
-            watch_config.clone(),
-            sink.clone(),
-        );
-        spawn_watcher::<wire::EndpointSlice>(&runtime, client.clone(), watch_config, sink.clone());
+        let mut tasks = vec![
+            spawn_watcher::<wire::Service>(
+                runtime,
+                client.clone(),
+                watch_config.clone(),
+                sink.clone(),
+            ),
+            spawn_watcher::<wire::EndpointSlice>(
+                runtime,
+                client.clone(),
+                watch_config,
+                sink.clone(),
+            ),
+        ];
         if let Some(name) = &cfg.node_name {
-            spawn_watcher::<wire::Node>(
-                &runtime,
+            tasks.push(spawn_watcher::<wire::Node>(
+                runtime,
                 client.clone(),
                 watcher::Config::default()
                     .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
                     .fields(&format!("metadata.name={name}")),
                 sink,
-            );
+            ));
         }
         drop(_guard);
         Ok(Self {
             stats,
             failing,
-            _runtime: runtime,
+            tasks,
         })
     }
 }

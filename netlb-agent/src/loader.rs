@@ -592,6 +592,7 @@ impl Attacher {
     /// earlier agent is updated in place (the old program keeps running until
     /// the new one replaces it, so no packet goes unprocessed); otherwise a
     /// new TCX link is created and pinned.
+    #[tracing::instrument(level = "debug", skip(self, ebpf), fields(interface = ifname, role = ?role))]
     pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str, role: Role) -> Result<(), LoaderError> {
         for (program, attach_type, direction) in role.hooks() {
             let pin = self.pin_path(ifname, direction);

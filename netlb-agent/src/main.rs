@@ -26,14 +26,53 @@ fn parse_addr(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
 #[derive(Parser)]
 #[command(version, about = "netlb: eBPF Kubernetes Service load balancing")]
 struct Cli {
+    /// Log verbosity as kube-proxy's `--v`: 0-2 info, 3-4 debug, 5 and
+    /// more trace. `RUST_LOG` (e.g. `netlb_agent::sync=debug`), when set,
+    /// takes precedence.
+    #[arg(short = 'v', long = "v", global = true, default_value_t = 0)]
+    verbosity: u8,
+    /// Log format: `text` or `json` (one object per line, with the
+    /// structured fields).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` if set, else the level of
+/// `--v`; text or JSON on stderr. Records of the `log` crate (the agent's
+/// own and its libraries') go through it too.
+fn init_logging(verbosity: u8, json: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let level = match verbosity {
+        0..=2 => "info",
+        3..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.is_empty() => tracing_subscriber::EnvFilter::try_new(value)
+            .context("RUST_LOG is not a valid filter")?,
+        _ => tracing_subscriber::EnvFilter::new(level),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let result = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -219,10 +258,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(cli.verbosity, cli.log_format == "json")?;
+    match cli.command {
         Command::Run {
             manifests,
             kubeconfig,
@@ -450,6 +488,7 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&json)?),
         Output::Table => print!("{}", list::table(header, &rows)),
     }
     Ok(())

@@ -630,6 +630,7 @@ enum Step {
 }
 
 /// One sync step.
+#[tracing::instrument(name = "sync", level = "debug", skip_all)]
 fn sync_step(
     opts: &RunOptions,
     p: &mut Pipeline,
@@ -920,6 +921,7 @@ fn warn_about_nat_ports(settings: &DatapathSettings) {
 /// Attaches to new matching interfaces (uplinks get the netdev programs,
 /// pod interfaces the pod programs; a name matching both is an uplink) and
 /// drops the pins of vanished ones.
+#[tracing::instrument(name = "attach", level = "debug", skip_all)]
 fn reconcile_interfaces(
     ebpf: &mut aya::Ebpf,
     attacher: &mut Attacher,

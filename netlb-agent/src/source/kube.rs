@@ -30,6 +30,7 @@ use std::{
     },
     time::Duration,
 };
+use tracing::Instrument as _;
 
 use futures::TryStreamExt as _;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
@@ -413,65 +414,69 @@ fn spawn_watcher<W: Record>(
     let kind = W::KIND;
     let api: Api<Watched<W>> = Api::all(client);
     let stream = watcher(api, config).backoff(QuickBackoff { next: BACKOFF_MIN });
-    runtime.spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let event = stream.try_next().await;
-            match event {
-                Ok(Some(event)) => {
-                    sink.stats.events.fetch_add(1, Ordering::Relaxed);
-                    // Objects of a (re)list wake the sync loop once, when
-                    // the list is complete (it cannot use a partial list).
-                    let wake = !matches!(event, watcher::Event::InitApply(_));
-                    match event {
-                        watcher::Event::Init => lock(&sink.store).begin_list(kind),
-                        watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
-                            record(&mut lock(&sink.store), obj)
-                        }
-                        watcher::Event::Delete(obj) => forget(&mut lock(&sink.store), &obj),
-                        watcher::Event::InitDone => {
-                            let first = !lock(&sink.store).synced();
-                            lock(&sink.store).end_list(kind);
-                            if sink
-                                .failing
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&kind)
-                                .is_some()
-                                || first
-                            {
-                                log::info!("{}: list complete", kind.name());
+    runtime.spawn(
+        async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let event = stream.try_next().await;
+                match event {
+                    Ok(Some(event)) => {
+                        sink.stats.events.fetch_add(1, Ordering::Relaxed);
+                        // Objects of a (re)list wake the sync loop once, when
+                        // the list is complete (it cannot use a partial list).
+                        let wake = !matches!(event, watcher::Event::InitApply(_));
+                        match event {
+                            watcher::Event::Init => lock(&sink.store).begin_list(kind),
+                            watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                                record(&mut lock(&sink.store), obj)
+                            }
+                            watcher::Event::Delete(obj) => forget(&mut lock(&sink.store), &obj),
+                            watcher::Event::InitDone => {
+                                let first = !lock(&sink.store).synced();
+                                lock(&sink.store).end_list(kind);
+                                if sink
+                                    .failing
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&kind)
+                                    .is_some()
+                                    || first
+                                {
+                                    log::info!("{}: list complete", kind.name());
+                                }
                             }
                         }
-                    }
-                    if wake && sink.notify.send(()).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    sink.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    let status = match &e {
-                        watcher::Error::InitialListFailed(kube::Error::Api(status))
-                        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
-                            Some(status.code)
+                        if wake && sink.notify.send(()).is_err() {
+                            return;
                         }
-                        _ => None,
-                    };
-                    if matches!(status, Some(403 | 404)) {
-                        let message = format!("listing {}s fails: {e}", kind.name());
-                        let mut failing = sink.failing.lock().unwrap_or_else(|e| e.into_inner());
-                        if failing.insert(kind, message.clone()).is_none() {
-                            log::error!("{message}");
-                        }
-                    } else {
-                        log::warn!("{} watch: {e}", kind.name());
                     }
-                    let _ = sink.notify.send(());
+                    Ok(None) => return,
+                    Err(e) => {
+                        sink.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        let status = match &e {
+                            watcher::Error::InitialListFailed(kube::Error::Api(status))
+                            | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+                                Some(status.code)
+                            }
+                            _ => None,
+                        };
+                        if matches!(status, Some(403 | 404)) {
+                            let message = format!("listing {}s fails: {e}", kind.name());
+                            let mut failing =
+                                sink.failing.lock().unwrap_or_else(|e| e.into_inner());
+                            if failing.insert(kind, message.clone()).is_none() {
+                                log::error!("{message}");
+                            }
+                        } else {
+                            log::warn!("{} watch: {e}", kind.name());
+                        }
+                        let _ = sink.notify.send(());
+                    }
                 }
             }
         }
-    })
+        .instrument(tracing::info_span!("watch", kind = ?kind)),
+    )
 }
 
 fn lock(store: &Mutex<ObjectStore>) -> std::sync::MutexGuard<'_, ObjectStore> {

@@ -14,6 +14,7 @@ pub mod desired;
 pub mod healthcheck;
 pub mod http;
 pub mod ifaces;
+pub mod kubeproxy_config;
 pub mod list;
 pub mod loader;
 pub mod metrics;

@@ -3,7 +3,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use netlb_agent::{
     config::{CtTimeouts, DatapathSettings, GoDuration, PortRange},
     ifaces::{self, Ipv4Cidr, NamePattern},
@@ -91,6 +91,24 @@ enum ListWhat {
 enum Command {
     /// Load the datapath and program it from a source until SIGINT/SIGTERM.
     Run {
+        /// kube-proxy's configuration file (a KubeProxyConfiguration, as
+        /// kubeadm writes it): its meaningful fields become defaults that
+        /// flags given here or in the environment override; unknown and
+        /// ignored fields are reported once.
+        #[arg(long, env = "NETLB_CONFIG")]
+        config: Option<PathBuf>,
+        /// Remove everything an earlier agent left (pinned maps, attached
+        /// programs) and exit (kube-proxy's --cleanup).
+        #[arg(long)]
+        cleanup: bool,
+        /// Accepted for kube-proxy compatibility: netlb's API client makes
+        /// one list and one watch per resource and needs no client-side
+        /// rate limit; the value is logged.
+        #[arg(long, env = "NETLB_KUBE_API_QPS")]
+        kube_api_qps: Option<f64>,
+        /// As --kube-api-qps.
+        #[arg(long, env = "NETLB_KUBE_API_BURST")]
+        kube_api_burst: Option<i64>,
         /// Program from a directory of Service and EndpointSlice manifests
         /// (YAML/JSON), re-read when it changes, instead of the API server.
         #[arg(long, conflicts_with = "kubeconfig")]
@@ -145,15 +163,16 @@ enum Command {
         /// there, and north-south SNAT happens there.
         #[arg(long = "netdev", default_values = ["eth*", "ens*", "enp*", "eno*", "bond*"], env = "NETLB_NETDEV", value_delimiter = ',')]
         netdevs: Vec<String>,
-        /// CIDRs whose local addresses accept node ports (kube-proxy's
-        /// --nodeport-addresses; repeatable or comma-separated). Default:
+        /// CIDRs whose local addresses accept node ports, or `primary` for
+        /// the node's primary address (kube-proxy's --nodeport-addresses;
+        /// repeatable or comma-separated; IPv6 CIDRs are skipped). Default:
         /// the addresses of the uplinks (--netdev).
         #[arg(
             long = "nodeport-addresses",
             value_delimiter = ',',
             env = "NETLB_NODEPORT_ADDRESSES"
         )]
-        nodeport_addresses: Vec<Ipv4Cidr>,
+        nodeport_addresses: Vec<String>,
         /// This node's address for source NAT of north-south flows to
         /// backends on other nodes. Default: the first address of the first
         /// uplink.
@@ -257,11 +276,127 @@ enum Command {
     },
 }
 
+/// Whether `id` was given on the command line or in the environment (and
+/// so overrides the configuration file).
+fn explicit(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    )
+}
+
+/// Applies `--config`'s settings to the fields its flags did not set.
+fn apply_config(command: &mut Command, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Command::Run {
+        config: Some(path),
+        kubeconfig,
+        node_name,
+        healthz_bind_address,
+        metrics_bind_address,
+        cluster_cidr,
+        nodeport_addresses,
+        resync_interval_s,
+        min_sync_interval_ms,
+        conntrack_tcp_timeout_established,
+        conntrack_udp_timeout,
+        kube_api_qps,
+        kube_api_burst,
+        ..
+    } = command
+    else {
+        return Ok(());
+    };
+    let loaded = netlb_agent::kubeproxy_config::load(path)?;
+    let f = loaded.settings;
+    let m = matches.subcommand_matches("run").unwrap_or(matches);
+    let mut applied = Vec::new();
+    macro_rules! take {
+        ($id:literal, $field:expr, $value:expr) => {
+            if let Some(v) = $value
+                && !explicit(m, $id)
+            {
+                $field = v;
+                applied.push($id);
+            }
+        };
+    }
+    take!("kubeconfig", *kubeconfig, f.kubeconfig.map(Some));
+    take!("node_name", *node_name, f.hostname_override.map(Some));
+    take!(
+        "healthz_bind_address",
+        *healthz_bind_address,
+        f.healthz_bind_address
+    );
+    take!(
+        "metrics_bind_address",
+        *metrics_bind_address,
+        f.metrics_bind_address
+    );
+    take!("cluster_cidr", *cluster_cidr, f.cluster_cidr);
+    take!(
+        "nodeport_addresses",
+        *nodeport_addresses,
+        f.nodeport_addresses
+    );
+    take!(
+        "resync_interval_s",
+        *resync_interval_s,
+        f.resync_interval.map(|d| d.as_secs().max(1))
+    );
+    take!(
+        "min_sync_interval_ms",
+        *min_sync_interval_ms,
+        f.min_sync_interval.map(|d| d.as_millis() as u64)
+    );
+    take!(
+        "conntrack_tcp_timeout_established",
+        *conntrack_tcp_timeout_established,
+        f.tcp_established_timeout.map(GoDuration)
+    );
+    take!(
+        "conntrack_udp_timeout",
+        *conntrack_udp_timeout,
+        f.udp_timeout.map(GoDuration)
+    );
+    take!("kube_api_qps", *kube_api_qps, f.kube_api_qps.map(Some));
+    take!(
+        "kube_api_burst",
+        *kube_api_burst,
+        f.kube_api_burst.map(Some)
+    );
+    log::info!(
+        "configuration file {}: applied {} (flags override the file)",
+        path.display(),
+        if applied.is_empty() {
+            "nothing".to_owned()
+        } else {
+            applied.join(", ")
+        }
+    );
+    if !loaded.unknown.is_empty() {
+        log::warn!(
+            "configuration file {}: unknown fields ignored: {}",
+            path.display(),
+            loaded.unknown.join(", ")
+        );
+    }
+    for note in &loaded.ignored {
+        log::info!("configuration file {}: {note}", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches)?;
     init_logging(cli.verbosity, cli.log_format == "json")?;
+    apply_config(&mut cli.command, &matches)?;
     match cli.command {
         Command::Run {
+            config: _,
+            cleanup,
+            kube_api_qps,
+            kube_api_burst,
             manifests,
             kubeconfig,
             master,
@@ -301,6 +436,24 @@ fn main() -> anyhow::Result<()> {
                 ifaces::enter_netns(netns)
                     .with_context(|| format!("entering network namespace {}", netns.display()))?;
             }
+            if cleanup {
+                loader::remove_pins(&bpffs)?;
+                log::info!("cleaned up {}", bpffs.display());
+                return Ok(());
+            }
+            if kube_api_qps.is_some() || kube_api_burst.is_some() {
+                log::info!(
+                    "--kube-api-qps {kube_api_qps:?} / --kube-api-burst {kube_api_burst:?}: accepted; netlb makes one list and one watch per resource and applies no client-side rate limit"
+                );
+            }
+            let nodeport_primary = nodeport_addresses.iter().any(|a| a.trim() == "primary");
+            let nodeport_addresses: Vec<Ipv4Cidr> = nodeport_addresses
+                .iter()
+                .map(|a| a.trim())
+                .filter(|a| !a.is_empty() && *a != "primary" && !a.contains(':'))
+                .map(|a| a.parse::<Ipv4Cidr>())
+                .collect::<Result<_, _>>()
+                .context("--nodeport-addresses")?;
             let node_name = node_name
                 .map(|n| n.trim().to_lowercase())
                 .filter(|n| !n.is_empty())
@@ -323,6 +476,7 @@ fn main() -> anyhow::Result<()> {
                 pod_ifaces: pod_ifaces.iter().map(|p| NamePattern::new(p)).collect(),
                 netdevs: netdevs.iter().map(|p| NamePattern::new(p)).collect(),
                 nodeport_cidrs: nodeport_addresses,
+                nodeport_primary,
                 node_ip,
                 datapath: DatapathSettings {
                     service_loopback: Some(service_loopback),

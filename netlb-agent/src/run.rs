@@ -59,6 +59,10 @@ pub struct RunOptions {
     pub netdevs: Vec<NamePattern>,
     /// `--nodeport-addresses`; empty = the uplinks' addresses.
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--nodeport-addresses primary`: the node's primary address (the
+    /// SNAT address: --node-ip, else the first uplink's) accepts node
+    /// ports, besides the CIDRs' addresses.
+    pub nodeport_primary: bool,
     /// SNAT address for north-south flows; `None` = the first uplink address.
     pub node_ip: Option<Ipv4Addr>,
     /// The datapath's runtime settings (the SNAT address is filled in from
@@ -220,20 +224,19 @@ fn node_addresses(opts: &RunOptions) -> std::io::Result<NodeAddresses> {
         .collect();
     // Stable choice of "the first uplink": by name, then kernel order.
     uplinks.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    let mut nodeport: Vec<Ipv4Addr> = if opts.nodeport_cidrs.is_empty() {
+    let snat = opts.node_ip.or(uplinks.first().map(|a| a.address));
+    let mut nodeport: Vec<Ipv4Addr> = if opts.nodeport_cidrs.is_empty() && !opts.nodeport_primary {
         uplinks.iter().map(|a| a.address).collect()
     } else {
         all.iter()
             .map(|a| a.address)
             .filter(|ip| opts.nodeport_cidrs.iter().any(|c| c.contains(*ip)))
+            .chain(snat.filter(|_| opts.nodeport_primary))
             .collect()
     };
     nodeport.sort();
     nodeport.dedup();
-    Ok(NodeAddresses {
-        nodeport,
-        snat: opts.node_ip.or(uplinks.first().map(|a| a.address)),
-    })
+    Ok(NodeAddresses { nodeport, snat })
 }
 
 /// Exponential backoff for failed syncs, capped at 30 s.

@@ -183,3 +183,115 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
     });
     agent.stop();
 }
+
+/// kube-proxy's configuration as kubeadm writes it (its kube-proxy
+/// ConfigMap's `config.conf`, v1.36), with the health and metrics
+/// addresses moved and one field kube-proxy does not have.
+const KUBEADM_CONFIG: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: 0.0.0.0:10266
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: 127.0.0.1:10259
+mode: ""
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+fancyNewField: true
+"#;
+
+#[test]
+fn a_kubeadm_kube_proxy_configuration_starts_the_agent_and_flags_override_it() {
+    let tb = Testbed::new(TestbedSpec { nodes: 1 }).expect("testbed");
+    let manifests = tb.dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let config = tb.dir.join("config.conf");
+    std::fs::write(&config, KUBEADM_CONFIG).unwrap();
+    let mut agent = AgentProcess::start(
+        &tb.nodes[0],
+        &AgentOptions {
+            binary: find_binary("netlb-agent"),
+            source: AgentSource::Manifests(manifests),
+            // The file's metrics address is overridden by the flag.
+            extra_args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--metrics-bind-address".into(),
+                "127.0.0.1:10249".into(),
+            ],
+            cleanup_on_exit: true,
+            capabilities: None,
+        },
+        &tb.dir.join("agent.log"),
+    )
+    .expect("agent");
+    assert!(
+        agent.wait_for_log("initial sync complete", 1, Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("unknown fields ignored: fancyNewField"),
+        "{log}"
+    );
+    assert!(log.contains("applied") && log.contains("healthz_bind_address"), "{log}");
+    let netns = std::fs::File::open(format!("/run/netns/{}", tb.nodes[0].netns)).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns in this thread only, on a namespace fd we own.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            // healthzBindAddress from the file.
+            let health = get(SocketAddr::from(([127, 0, 0, 1], 10266)), "/healthz");
+            assert!(health.is_some_and(|r| r.0.contains("200")));
+            assert!(get(SocketAddr::from(([127, 0, 0, 1], 10256)), "/healthz").is_none());
+            // metricsBindAddress overridden by the flag.
+            let metrics = get(SocketAddr::from(([127, 0, 0, 1], 10249)), "/metrics");
+            assert!(metrics.is_some_and(|r| r.0.contains("200")));
+            assert!(get(SocketAddr::from(([127, 0, 0, 1], 10259)), "/metrics").is_none());
+        })
+        .join()
+        .unwrap();
+    });
+    agent.stop();
+}

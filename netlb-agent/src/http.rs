@@ -73,11 +73,7 @@ pub fn serve_metrics(
         runtime,
         addr,
         Arc::new(move |parts| match parts.uri.path() {
-            "/metrics" => server::response(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics.render(),
-            ),
+            "/metrics" => server::response(200, crate::metrics::CONTENT_TYPE, metrics.render()),
             "/proxyMode" => server::response(200, "text/plain; charset=utf-8", PROXY_MODE.into()),
             "/healthz" => server::response(200, "text/plain; charset=utf-8", "ok".into()),
             _ => not_found(),

@@ -1,12 +1,20 @@
 //! Prometheus metrics, kube-proxy's names where kube-proxy has an
 //! equivalent (`kubeproxy_*`), netlb's own otherwise (`netlb_*`), and the
-//! kube-proxy-compatible health state behind `/healthz` and `/livez`.
+//! kube-proxy-compatible health state behind `/healthz` and `/livez`. The
+//! state is kept here; `prometheus-client` encodes it on every scrape (a
+//! collector over a snapshot), in the OpenMetrics text format.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::Mutex,
     time::{Duration, Instant, SystemTime},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
 };
 
 use netlb_common::stat;
@@ -41,13 +49,23 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, out: &mut String, name: &str) {
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    /// Encodes the histogram (the encoder takes per-bucket counts, the
+    /// last bucket unbounded).
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+    ) -> Result<(), std::fmt::Error> {
+        let mut buckets = Vec::with_capacity(self.bounds.len() + 1);
+        let mut below = 0;
+        for (bound, cumulative) in self.bounds.iter().zip(&self.counts) {
+            buckets.push((*bound, cumulative - below));
+            below = *cumulative;
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
+        buckets.push((f64::MAX, self.count - below));
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        metric.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
     }
 }
 
@@ -73,9 +91,15 @@ fn programming_buckets() -> Vec<f64> {
     b
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct State {
     sync_duration: Histogram,
+    /// Full syncs (the first, and the verification resyncs) and partial ones.
+    full_sync_duration: Histogram,
+    partial_sync_duration: Histogram,
+    /// When the last change was queued for a sync.
+    last_queued: Option<SystemTime>,
+    livez: BTreeMap<u16, u64>,
     programming_latency: Histogram,
     last_sync: Option<SystemTime>,
     syncs: u64,
@@ -112,7 +136,7 @@ pub struct SyncCounts {
 }
 
 /// What the conntrack garbage collector reports.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ConntrackMetrics {
     entries: u64,
     capacity: u64,
@@ -155,6 +179,10 @@ impl Metrics {
         Self {
             state: Mutex::new(State {
                 sync_duration: Histogram::new(sync_buckets()),
+                full_sync_duration: Histogram::new(sync_buckets()),
+                partial_sync_duration: Histogram::new(sync_buckets()),
+                last_queued: None,
+                livez: BTreeMap::new(),
                 programming_latency: Histogram::new(programming_buckets()),
                 last_sync: None,
                 syncs: 0,
@@ -187,6 +215,7 @@ impl Metrics {
     /// A change was recorded and awaits a sync (kube-proxy's QueuedUpdate).
     pub fn queued_update(&self) {
         let mut s = self.lock();
+        s.last_queued = Some(SystemTime::now());
         if s.oldest_pending.is_none() {
             s.oldest_pending = Some(Instant::now());
         }
@@ -197,8 +226,9 @@ impl Metrics {
         self.lock().oldest_pending = None;
     }
 
-    /// A sync succeeded (kube-proxy's Updated).
-    pub fn synced(&self, duration: Duration, counts: SyncCounts) {
+    /// A sync succeeded (kube-proxy's Updated); `full`: every Service was
+    /// recomputed (the first sync, the verification resyncs).
+    pub fn synced(&self, duration: Duration, full: bool, counts: SyncCounts) {
         let mut s = self.lock();
         s.map_writes += counts.writes;
         s.map_deletes += counts.deletes;
@@ -209,6 +239,11 @@ impl Metrics {
             ..
         } = counts;
         s.sync_duration.observe(duration.as_secs_f64());
+        if full {
+            s.full_sync_duration.observe(duration.as_secs_f64());
+        } else {
+            s.partial_sync_duration.observe(duration.as_secs_f64());
+        }
         let now = SystemTime::now();
         s.last_sync = Some(now);
         s.last_updated = Some(now);
@@ -322,7 +357,9 @@ impl Metrics {
             s.last_updated.unwrap_or(SystemTime::UNIX_EPOCH)
         };
         let code = if healthy { 200 } else { 503 };
-        if !livez {
+        if livez {
+            *s.livez.entry(code).or_default() += 1;
+        } else {
             *s.healthz.entry(code).or_default() += 1;
         }
         let body = if livez {
@@ -355,154 +392,283 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition.
+    /// The OpenMetrics text exposition (`/metrics`).
     pub fn render(&self) -> String {
-        let s = self.lock();
+        let snapshot = self.lock().clone();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Snapshot(snapshot)));
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_duration_seconds Sync duration: desired state computed and datapath maps updated.\n# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"
-        );
-        s.sync_duration
-            .render(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds");
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_network_programming_duration_seconds From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the sync that programmed it.\n# TYPE kubeproxy_network_programming_duration_seconds histogram"
-        );
-        s.programming_latency
-            .render(&mut out, "kubeproxy_network_programming_duration_seconds");
-        let last = s
-            .last_sync
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time a sync succeeded.\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {last}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_proxy_healthz_total /healthz answers by code.\n# TYPE kubeproxy_proxy_healthz_total counter"
-        );
-        for (code, n) in &s.healthz {
-            let _ = writeln!(out, "kubeproxy_proxy_healthz_total{{code=\"{code}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_syncs_total Successful syncs.\n# TYPE netlb_syncs_total counter\nnetlb_syncs_total {}",
-            s.syncs
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_sync_map_writes_total Datapath map entries written by syncs.\n# TYPE netlb_sync_map_writes_total counter\nnetlb_sync_map_writes_total {}\n# HELP netlb_sync_map_deletes_total Datapath map entries deleted by syncs.\n# TYPE netlb_sync_map_deletes_total counter\nnetlb_sync_map_deletes_total {}\n# HELP netlb_sync_services_recomputed_total Services whose model was recomputed by syncs (changed ones, and the verification resync's).\n# TYPE netlb_sync_services_recomputed_total counter\nnetlb_sync_services_recomputed_total {}",
-            s.map_writes, s.map_deletes, s.services_recomputed
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_sync_errors_total Failed syncs by reason.\n# TYPE netlb_sync_errors_total counter"
-        );
-        for (reason, n) in &s.sync_errors {
-            let _ = writeln!(out, "netlb_sync_errors_total{{reason=\"{reason}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_invalid_objects_total Objects the model could not use, by kind.\n# TYPE netlb_invalid_objects_total counter"
-        );
-        for (kind, n) in &s.invalid_objects {
-            let _ = writeln!(out, "netlb_invalid_objects_total{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_programmed_frontends Frontends programmed in the datapath.\n# TYPE netlb_programmed_frontends gauge\nnetlb_programmed_frontends {}\n# HELP netlb_programmed_backends Backends programmed in the datapath.\n# TYPE netlb_programmed_backends gauge\nnetlb_programmed_backends {}",
-            s.programmed_frontends, s.programmed_backends
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_source_list_failing Lists that fail for good (403, 404), by message.\n# TYPE netlb_source_list_failing gauge"
-        );
-        for message in &s.source_failures {
-            let _ = writeln!(
-                out,
-                "netlb_source_list_failing{{message=\"{}\"}} 1",
-                message.replace('\\', "\\\\").replace('"', "\\\"")
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_watch_errors_total API watch errors (retried with backoff).\n# TYPE netlb_watch_errors_total counter\nnetlb_watch_errors_total {}",
-            s.watch_errors
-        );
-        let c = &s.conntrack;
-        let _ = writeln!(
-            out,
-            "# HELP netlb_conntrack_connections Tracked connections by state (at the last sweep).\n# TYPE netlb_conntrack_connections gauge"
-        );
-        for state in [
-            netlb_common::CtState::Opening,
-            netlb_common::CtState::Established,
-            netlb_common::CtState::Closing,
-        ] {
-            let _ = writeln!(
-                out,
-                "netlb_conntrack_connections{{state=\"{}\"}} {}",
-                state.name(),
-                c.connections[state as usize]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_conntrack_entries Conntrack map entries (connections and their links) at the last sweep.\n# TYPE netlb_conntrack_entries gauge\nnetlb_conntrack_entries {}\n# HELP netlb_conntrack_capacity Conntrack map size.\n# TYPE netlb_conntrack_capacity gauge\nnetlb_conntrack_capacity {}",
-            c.entries, c.capacity
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_nat_ports_in_use North-south SNAT ports held by live connections.\n# TYPE netlb_nat_ports_in_use gauge\nnetlb_nat_ports_in_use {}",
-            c.nat_ports_in_use
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_conntrack_gc_sweeps_total Conntrack garbage collection sweeps.\n# TYPE netlb_conntrack_gc_sweeps_total counter\nnetlb_conntrack_gc_sweeps_total {}\n# HELP netlb_conntrack_gc_last_sweep_seconds Duration of the last sweep.\n# TYPE netlb_conntrack_gc_last_sweep_seconds gauge\nnetlb_conntrack_gc_last_sweep_seconds {}",
-            c.sweeps, c.last_sweep_seconds
-        );
-        let _ = writeln!(
-            out,
-            "# HELP netlb_conntrack_gc_deleted_total Conntrack entries deleted by the garbage collector, by cause.\n# TYPE netlb_conntrack_gc_deleted_total counter"
-        );
-        for cause in crate::conntrack::Cause::ALL {
-            let _ = writeln!(
-                out,
-                "netlb_conntrack_gc_deleted_total{{cause=\"{}\"}} {}",
-                cause.name(),
-                c.deleted.get(cause.name()).copied().unwrap_or(0)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_datapath_drops_total Packets dropped by the datapath, by reason.\n# TYPE netlb_datapath_drops_total counter"
-        );
-        for (i, value) in s.datapath.iter().enumerate() {
-            if stat::is_drop(i as u32) {
-                let _ = writeln!(
-                    out,
-                    "netlb_datapath_drops_total{{reason=\"{}\"}} {value}",
-                    stat::NAMES[i]
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP netlb_datapath_packets_total Packets handled by the datapath, by outcome.\n# TYPE netlb_datapath_packets_total counter"
-        );
-        for (i, value) in s.datapath.iter().enumerate() {
-            if !stat::is_drop(i as u32) {
-                let _ = writeln!(
-                    out,
-                    "netlb_datapath_packets_total{{counter=\"{}\"}} {value}",
-                    stat::NAMES[i]
-                );
-            }
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
         }
         out
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The state as of one scrape.
+#[derive(Debug)]
+struct Snapshot(State);
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+/// A family of `kind` with one label, one sample per `(label value, value)`
+/// (none: not encoded).
+fn family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, f64)>,
+) -> Result<(), std::fmt::Error> {
+    // A family without samples is left out, as the Go client leaves out a
+    // vector without children.
+    let samples: Vec<(&str, f64)> = samples.into_iter().collect();
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (value, n) in samples {
+        let labels = [(label, value)];
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(n as u64).encode(sample)?,
+            _ => ConstGauge::new(n).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+fn unix_seconds(t: Option<SystemTime>) -> f64 {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let e = &mut e;
+        s.sync_duration.encode(
+            e,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Sync duration: desired state computed and datapath maps updated.",
+        )?;
+        s.full_sync_duration.encode(
+            e,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "Duration of full syncs (the first, and the verification resyncs).",
+        )?;
+        s.partial_sync_duration.encode(
+            e,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "Duration of partial syncs (changed Services only).",
+        )?;
+        s.programming_latency.encode(
+            e,
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the sync that programmed it.",
+        )?;
+        gauge(
+            e,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time a sync succeeded.",
+            unix_seconds(s.last_sync),
+        )?;
+        gauge(
+            e,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a change was queued for a sync.",
+            unix_seconds(s.last_queued),
+        )?;
+        let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, f64)> {
+            m.iter().map(|(c, n)| (c.to_string(), *n as f64)).collect()
+        };
+        let healthz = codes(&s.healthz);
+        family(
+            e,
+            "kubeproxy_proxy_healthz",
+            "/healthz answers by code.",
+            MetricType::Counter,
+            "code",
+            healthz.iter().map(|(c, n)| (c.as_str(), *n)),
+        )?;
+        let livez = codes(&s.livez);
+        family(
+            e,
+            "kubeproxy_proxy_livez",
+            "/livez answers by code.",
+            MetricType::Counter,
+            "code",
+            livez.iter().map(|(c, n)| (c.as_str(), *n)),
+        )?;
+        counter(e, "netlb_syncs", "Successful syncs.", s.syncs)?;
+        counter(
+            e,
+            "netlb_sync_map_writes",
+            "Datapath map entries written by syncs.",
+            s.map_writes,
+        )?;
+        counter(
+            e,
+            "netlb_sync_map_deletes",
+            "Datapath map entries deleted by syncs.",
+            s.map_deletes,
+        )?;
+        counter(
+            e,
+            "netlb_sync_services_recomputed",
+            "Services whose model was recomputed by syncs (changed ones, and the verification resync's).",
+            s.services_recomputed,
+        )?;
+        family(
+            e,
+            "netlb_sync_errors",
+            "Failed syncs by reason.",
+            MetricType::Counter,
+            "reason",
+            s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v as f64)),
+        )?;
+        family(
+            e,
+            "netlb_invalid_objects",
+            "Objects the model could not use, by kind.",
+            MetricType::Counter,
+            "kind",
+            s.invalid_objects
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v as f64)),
+        )?;
+        gauge(
+            e,
+            "netlb_programmed_frontends",
+            "Frontends programmed in the datapath.",
+            s.programmed_frontends as f64,
+        )?;
+        gauge(
+            e,
+            "netlb_programmed_backends",
+            "Backends programmed in the datapath.",
+            s.programmed_backends as f64,
+        )?;
+        family(
+            e,
+            "netlb_source_list_failing",
+            "Lists that fail for good (403, 404), by message.",
+            MetricType::Gauge,
+            "message",
+            s.source_failures.iter().map(|m| (m.as_str(), 1.0)),
+        )?;
+        counter(
+            e,
+            "netlb_watch_errors",
+            "API watch errors (retried with backoff).",
+            s.watch_errors,
+        )?;
+        let c = &s.conntrack;
+        family(
+            e,
+            "netlb_conntrack_connections",
+            "Tracked connections by state (at the last sweep).",
+            MetricType::Gauge,
+            "state",
+            [
+                netlb_common::CtState::Opening,
+                netlb_common::CtState::Established,
+                netlb_common::CtState::Closing,
+            ]
+            .into_iter()
+            .map(|state| (state.name(), c.connections[state as usize] as f64)),
+        )?;
+        gauge(
+            e,
+            "netlb_conntrack_entries",
+            "Conntrack map entries (connections and their links) at the last sweep.",
+            c.entries as f64,
+        )?;
+        gauge(
+            e,
+            "netlb_conntrack_capacity",
+            "Conntrack map size.",
+            c.capacity as f64,
+        )?;
+        gauge(
+            e,
+            "netlb_nat_ports_in_use",
+            "North-south SNAT ports held by live connections.",
+            c.nat_ports_in_use as f64,
+        )?;
+        counter(
+            e,
+            "netlb_conntrack_gc_sweeps",
+            "Conntrack garbage collection sweeps.",
+            c.sweeps,
+        )?;
+        gauge(
+            e,
+            "netlb_conntrack_gc_last_sweep_seconds",
+            "Duration of the last sweep.",
+            c.last_sweep_seconds,
+        )?;
+        family(
+            e,
+            "netlb_conntrack_gc_deleted",
+            "Conntrack entries deleted by the garbage collector, by cause.",
+            MetricType::Counter,
+            "cause",
+            crate::conntrack::Cause::ALL.into_iter().map(|cause| {
+                (
+                    cause.name(),
+                    c.deleted.get(cause.name()).copied().unwrap_or(0) as f64,
+                )
+            }),
+        )?;
+        family(
+            e,
+            "netlb_datapath_drops",
+            "Packets dropped by the datapath, by reason.",
+            MetricType::Counter,
+            "reason",
+            s.datapath
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| stat::is_drop(*i as u32))
+                .map(|(i, v)| (stat::NAMES[i], *v as f64)),
+        )?;
+        family(
+            e,
+            "netlb_datapath_packets",
+            "Packets handled by the datapath, by outcome.",
+            MetricType::Counter,
+            "counter",
+            s.datapath
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !stat::is_drop(*i as u32))
+                .map(|(i, v)| (stat::NAMES[i], *v as f64)),
+        )?;
+        Ok(())
     }
 }
 
@@ -530,6 +696,7 @@ mod tests {
         assert!(m.health(false).healthy);
         m.synced(
             Duration::from_millis(1),
+            false,
             SyncCounts {
                 frontends: 1,
                 backends: 1,
@@ -544,6 +711,7 @@ mod tests {
         assert!(h.body.contains("\"nodeEligible\": true"), "{}", h.body);
         m.synced(
             Duration::from_millis(1),
+            false,
             SyncCounts {
                 frontends: 1,
                 backends: 1,
@@ -565,15 +733,95 @@ mod tests {
     }
 
     #[test]
-    fn histogram_is_cumulative() {
-        let mut h = Histogram::new(vec![0.1, 1.0]);
-        h.observe(0.05);
-        h.observe(0.5);
-        h.observe(5.0);
-        let mut out = String::new();
-        h.render(&mut out, "x");
-        assert!(out.contains("x_bucket{le=\"0.1\"} 1"));
-        assert!(out.contains("x_bucket{le=\"1\"} 2"));
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3"));
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::new(Duration::from_secs(1));
+        for (micros, full) in [(50, true), (500, false), (5_000_000, false)] {
+            m.synced(Duration::from_micros(micros), full, SyncCounts::default());
+        }
+        let text = m.render();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} missing:\n{text}"))
+                .to_owned()
+        };
+        assert!(
+            line("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.0001\"}")
+                .ends_with(" 1")
+        );
+        assert!(
+            line("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}")
+                .ends_with(" 2")
+        );
+        assert!(
+            line("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"}").ends_with(" 3")
+        );
+        assert!(line("kubeproxy_sync_full_proxy_rules_duration_seconds_count").ends_with(" 1"));
+        assert!(line("kubeproxy_sync_partial_proxy_rules_duration_seconds_count").ends_with(" 2"));
+    }
+
+    /// The exposition parses with an OpenMetrics/Prometheus text-format
+    /// parser, with kube-proxy's names and the types kube-proxy gives them.
+    #[test]
+    fn names_and_types_parse_with_an_openmetrics_parser() {
+        use openmetrics_parser::OpenMetricsType as T;
+        let m = Metrics::new(Duration::from_secs(1));
+        m.queued_update();
+        m.synced(Duration::from_millis(2), true, SyncCounts::default());
+        m.programming_latency(Duration::from_millis(3));
+        m.sync_failed("frontend");
+        let _ = m.health(false);
+        let _ = m.health(true);
+        let text = m.render();
+        let exposition = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+            .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        for (family, want) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds", T::Histogram),
+            (
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                T::Histogram,
+            ),
+            (
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                T::Histogram,
+            ),
+            (
+                "kubeproxy_network_programming_duration_seconds",
+                T::Histogram,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                T::Gauge,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                T::Gauge,
+            ),
+            ("kubeproxy_proxy_healthz", T::Counter),
+            ("kubeproxy_proxy_livez", T::Counter),
+            ("netlb_sync_errors", T::Counter),
+            ("netlb_programmed_frontends", T::Gauge),
+            ("netlb_datapath_drops", T::Counter),
+            ("netlb_conntrack_connections", T::Gauge),
+        ] {
+            let found = exposition
+                .families
+                .get(family)
+                .unwrap_or_else(|| panic!("{family} missing:\n{text}"));
+            assert_eq!(found.family_type, want, "{family}");
+        }
+        // The samples carry the names scrapers and dashboards use.
+        assert!(
+            text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("netlb_sync_errors_total{reason=\"frontend\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -749,6 +749,10 @@ fn sync_step(
             lock(&p.store).shrink();
         }
     }
+    // kube-proxy's full sync: the first, and the verification resync's
+    // turns (every Service recomputed over the resync interval); partial
+    // otherwise.
+    let full_sync = verify_turn || !p.synced_once;
     let report = p.syncer.apply(dataplane).map_err(SyncStepError::Sync)?;
     if recomputed >= 1_000 && !verify_turn {
         release_free_memory();
@@ -778,6 +782,7 @@ fn sync_step(
     }
     metrics.synced(
         started.elapsed(),
+        full_sync,
         crate::metrics::SyncCounts {
             frontends: report.frontends as u64,
             backends: report.backends as u64,

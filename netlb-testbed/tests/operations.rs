@@ -272,7 +272,10 @@ fn a_kubeadm_kube_proxy_configuration_starts_the_agent_and_flags_override_it() {
         log.contains("unknown fields ignored: fancyNewField"),
         "{log}"
     );
-    assert!(log.contains("applied") && log.contains("healthz_bind_address"), "{log}");
+    assert!(
+        log.contains("applied") && log.contains("healthz_bind_address"),
+        "{log}"
+    );
     let netns = std::fs::File::open(format!("/run/netns/{}", tb.nodes[0].netns)).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -99,6 +99,9 @@ struct State {
     partial_sync_duration: Histogram,
     /// When the last change was queued for a sync.
     last_queued: Option<SystemTime>,
+    /// Service ports with a Local traffic policy and no local endpoints
+    /// (internal, external), at the last sync.
+    no_local_endpoints: (u64, u64),
     livez: BTreeMap<u16, u64>,
     programming_latency: Histogram,
     last_sync: Option<SystemTime>,
@@ -182,6 +185,7 @@ impl Metrics {
                 full_sync_duration: Histogram::new(sync_buckets()),
                 partial_sync_duration: Histogram::new(sync_buckets()),
                 last_queued: None,
+                no_local_endpoints: (0, 0),
                 livez: BTreeMap::new(),
                 programming_latency: Histogram::new(programming_buckets()),
                 last_sync: None,
@@ -224,6 +228,12 @@ impl Metrics {
     /// A wake-up found nothing to program: no change is waiting.
     pub fn nothing_pending(&self) {
         self.lock().oldest_pending = None;
+    }
+
+    /// Service ports with a Local traffic policy and no local endpoints
+    /// (internal, external).
+    pub fn set_no_local_endpoints(&self, internal: u64, external: u64) {
+        self.lock().no_local_endpoints = (internal, external);
     }
 
     /// A sync succeeded (kube-proxy's Updated); `full`: every Service was
@@ -501,6 +511,17 @@ impl Collector for Snapshot {
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a change was queued for a sync.",
             unix_seconds(s.last_queued),
+        )?;
+        family(
+            e,
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no local endpoints, by policy.",
+            MetricType::Gauge,
+            "traffic_policy",
+            [
+                ("internal", s.no_local_endpoints.0 as f64),
+                ("external", s.no_local_endpoints.1 as f64),
+            ],
         )?;
         let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, f64)> {
             m.iter().map(|(c, n)| (c.to_string(), *n as f64)).collect()
@@ -795,6 +816,10 @@ mod tests {
             ),
             (
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                T::Gauge,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                 T::Gauge,
             ),
             ("kubeproxy_proxy_healthz", T::Counter),

@@ -260,6 +260,9 @@ struct Pipeline {
     /// Model issues last reported per Service (a hash of them): each is
     /// logged and counted once per state of its objects.
     reported_issues: HashMap<ObjectKey, u64>,
+    /// Per Service, its ports with a Local policy and no local endpoints
+    /// (internal, external), for kube-proxy's no-local-endpoints gauge.
+    no_local: HashMap<ObjectKey, (u64, u64)>,
     /// Decoding failures already reported.
     reported_undecodable: HashSet<crate::tracker::Undecodable>,
     /// Health-check node ports and local endpoint counts per Service.
@@ -411,6 +414,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         syncer,
         node: opts.node.clone(),
         reported_issues: HashMap::new(),
+        no_local: HashMap::new(),
         reported_undecodable: HashSet::new(),
         hc_ports: BTreeMap::new(),
         hc_counts: BTreeMap::new(),
@@ -739,6 +743,10 @@ fn sync_step(
                 }),
         );
         report_issues(p, &change.key, &model, metrics);
+        match no_local_endpoints(&model) {
+            (0, 0) => p.no_local.remove(&change.key),
+            counts => p.no_local.insert(change.key.clone(), counts),
+        };
     }
     if verify_turn {
         verify_kernel(p, dataplane);
@@ -780,6 +788,11 @@ fn sync_step(
             metrics.programming_latency(now.duration_since(trigger).unwrap_or_default());
         }
     }
+    let (internal, external) = p
+        .no_local
+        .values()
+        .fold((0, 0), |acc, c| (acc.0 + c.0, acc.1 + c.1));
+    metrics.set_no_local_endpoints(internal, external);
     metrics.synced(
         started.elapsed(),
         full_sync,
@@ -815,6 +828,29 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// A Service's ports with a Local traffic policy and no local endpoint to
+/// use (ready, or serving while terminating), internal and external, as
+/// kube-proxy counts them for `sync_proxy_rules_no_local_endpoints_total`.
+fn no_local_endpoints(model: &Model) -> (u64, u64) {
+    let mut counts = (0, 0);
+    for port in model.ports.values() {
+        let local = port
+            .endpoints
+            .iter()
+            .any(|e| e.is_local && (e.ready || (e.serving && e.terminating)));
+        if local {
+            continue;
+        }
+        if port.internal_policy_local {
+            counts.0 += 1;
+        }
+        if port.external_policy_local && port.externally_accessible() {
+            counts.1 += 1;
+        }
+    }
+    counts
 }
 
 /// Logs and counts a Service's model issues when they differ from those

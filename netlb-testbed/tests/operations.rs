@@ -106,6 +106,11 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
             pod.ip,
         ));
     }
+    // One more with its only endpoint on another node: kube-proxy's
+    // no-local-endpoints gauge counts it.
+    yaml.push_str(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: remote, namespace: ops}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  clusterIP: 10.96.12.1\n  healthCheckNodePort: 32600\n  ports:\n    - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 32500}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: remote-abcde\n  namespace: ops\n  labels: {kubernetes.io/service-name: remote}\naddressType: IPv4\nendpoints:\n  - addresses: [\"10.244.9.10\"]\n    conditions: {ready: true, serving: true, terminating: false}\n    nodeName: node9\nports:\n  - {name: http, protocol: TCP, port: 8080}\n",
+    );
     std::fs::write(manifests.join("services.yaml"), yaml).unwrap();
     let binary = std::env::var_os("NETLB_TEST_AGENT")
         .map(PathBuf::from)
@@ -175,6 +180,13 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
             assert!(on_health.0.contains("404"), "{on_health:?}");
             let on_metrics = get(metrics, "/metrics").expect("answer");
             assert!(on_metrics.0.contains("200") && on_metrics.1.contains("netlb_"));
+            assert!(
+                on_metrics.1.contains(
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1"
+                ),
+                "{}",
+                on_metrics.1
+            );
             let mode = get(metrics, "/proxyMode").expect("answer");
             assert!(mode.0.contains("200") && mode.1 == "netlb", "{mode:?}");
         })

@@ -78,6 +78,42 @@ pub struct StatRow {
     pub value: u64,
 }
 
+/// One map's fill level.
+#[derive(Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// Fill levels of the frontend, backend and conntrack maps.
+pub fn fill(pin_dir: &Path) -> Result<Vec<MapFill>, DataplaneError> {
+    let maps = AyaDataplane::open(pin_dir)?.dump()?;
+    let conntrack = conntrack(pin_dir)?.len();
+    let capacity = |name: &str| {
+        aya::maps::MapInfo::from_pin(pin_dir.join(name))
+            .map(|info| info.max_entries())
+            .unwrap_or(0)
+    };
+    Ok(vec![
+        MapFill {
+            map: netlb_common::map_names::SERVICES,
+            entries: maps.services.len(),
+            capacity: capacity(netlb_common::map_names::SERVICES),
+        },
+        MapFill {
+            map: netlb_common::map_names::BACKENDS,
+            entries: maps.backends.len(),
+            capacity: capacity(netlb_common::map_names::BACKENDS),
+        },
+        MapFill {
+            map: netlb_common::map_names::CONNTRACK,
+            entries: conntrack,
+            capacity: capacity(netlb_common::map_names::CONNTRACK),
+        },
+    ])
+}
+
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
     let maps = AyaDataplane::open(pin_dir)?.dump()?;
     let backends: BTreeMap<u32, _> = maps.backends.iter().copied().collect();

@@ -673,7 +673,14 @@ impl Attacher {
 
     /// Interface names that have pinned links (from this or an earlier agent).
     pub fn pinned_interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.links_dir)
+        pinned_interfaces_in(&self.links_dir)
+    }
+}
+
+/// Interface names with links pinned in `links_dir` (see [`links_dir`]).
+pub fn pinned_interfaces_in(links_dir: &Path) -> Vec<String> {
+    {
+        let mut names: Vec<String> = std::fs::read_dir(links_dir)
             .into_iter()
             .flatten()
             .flatten()

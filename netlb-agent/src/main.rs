@@ -1,6 +1,10 @@
 //! netlb-agent command line.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
@@ -266,6 +270,21 @@ enum Command {
         what: ListWhat,
         #[arg(long, default_value = "/sys/fs/bpf/netlb")]
         bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One screen on a running agent: health, last sync, sources,
+    /// programmed Services and backends, map fill levels, attached
+    /// interfaces.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/netlb")]
+        bpffs: PathBuf,
+        /// The agent's metrics address (`/metrics`).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_address: SocketAddr,
+        /// The agent's health address (`/healthz`).
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_address: SocketAddr,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -536,8 +555,216 @@ fn main() -> anyhow::Result<()> {
             bpffs,
             output,
         } => print_list(what, &bpffs, output)?,
+        Command::Status {
+            bpffs,
+            metrics_address,
+            healthz_address,
+            output,
+        } => print_status(&bpffs, metrics_address, healthz_address, output)?,
         Command::Cleanup { bpffs } => {
             loader::remove_pins(&bpffs)?;
+        }
+    }
+    Ok(())
+}
+
+/// GET `path` from `addr`: (status, body). One HTTP/1.1 request with hyper
+/// on a small runtime of its own.
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .context("timed out")??;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = http::Request::get(path)
+            .header("Host", addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+            .await
+            .context("timed out")??;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+}
+
+#[derive(serde::Serialize)]
+struct Status {
+    healthz: Option<(u16, String)>,
+    initial_sync_complete: Option<bool>,
+    last_sync_unix_seconds: Option<f64>,
+    syncs: Option<f64>,
+    sync_mean_seconds: Option<f64>,
+    programmed_frontends: Option<f64>,
+    programmed_backends: Option<f64>,
+    failing_lists: Vec<String>,
+    maps: Vec<list::MapFill>,
+    interfaces: Vec<String>,
+    errors: Vec<String>,
+}
+
+fn print_status(
+    bpffs: &std::path::Path,
+    metrics_address: SocketAddr,
+    healthz_address: SocketAddr,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut status = Status {
+        healthz: None,
+        initial_sync_complete: None,
+        last_sync_unix_seconds: None,
+        syncs: None,
+        sync_mean_seconds: None,
+        programmed_frontends: None,
+        programmed_backends: None,
+        failing_lists: Vec::new(),
+        maps: Vec::new(),
+        interfaces: loader::pinned_interfaces_in(&loader::links_dir(bpffs)),
+        errors: Vec::new(),
+    };
+    match http_get(healthz_address, "/healthz") {
+        Ok(answer) => status.healthz = Some(answer),
+        Err(e) => status
+            .errors
+            .push(format!("{healthz_address}/healthz: {e:#}")),
+    }
+    match http_get(metrics_address, "/metrics") {
+        Ok((200, text)) => match openmetrics_parser::openmetrics::parse_openmetrics(&text) {
+            Ok(exposition) => {
+                // The first sample of `family`; a histogram gives its mean.
+                let value = |family: &str| -> Option<f64> {
+                    let f = exposition.families.get(family)?;
+                    f.iter_samples().next().map(|s| match &s.value {
+                        openmetrics_parser::OpenMetricsValue::Gauge(v) => v.as_f64(),
+                        openmetrics_parser::OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                        openmetrics_parser::OpenMetricsValue::Histogram(h) => {
+                            match (h.sum.as_ref(), h.count) {
+                                (Some(sum), Some(n)) if n > 0 => sum.as_f64() / n as f64,
+                                _ => f64::NAN,
+                            }
+                        }
+                        _ => f64::NAN,
+                    })
+                };
+                status.initial_sync_complete =
+                    value("netlb_initial_sync_complete").map(|v| v >= 1.0);
+                status.last_sync_unix_seconds =
+                    value("kubeproxy_sync_proxy_rules_last_timestamp_seconds").filter(|v| *v > 0.0);
+                status.syncs = value("netlb_syncs");
+                status.sync_mean_seconds = value("kubeproxy_sync_proxy_rules_duration_seconds");
+                status.programmed_frontends = value("netlb_programmed_frontends");
+                status.programmed_backends = value("netlb_programmed_backends");
+                if let Some(f) = exposition.families.get("netlb_source_list_failing") {
+                    status.failing_lists = f
+                        .iter_samples()
+                        .filter_map(|s| {
+                            s.get_labelset()
+                                .ok()?
+                                .get_label_value("message")
+                                .map(str::to_owned)
+                        })
+                        .collect();
+                }
+            }
+            Err(e) => status
+                .errors
+                .push(format!("{metrics_address}/metrics: unparsable: {e:?}")),
+        },
+        Ok((code, _)) => status
+            .errors
+            .push(format!("{metrics_address}/metrics: HTTP {code}")),
+        Err(e) => status
+            .errors
+            .push(format!("{metrics_address}/metrics: {e:#}")),
+    }
+    match list::fill(bpffs) {
+        Ok(maps) => status.maps = maps,
+        Err(e) => status
+            .errors
+            .push(format!("maps pinned in {}: {e}", bpffs.display())),
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&status)?),
+        Output::Table => {
+            let opt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "?".into());
+            let health = match &status.healthz {
+                Some((code, body)) => format!(
+                    "{} {}",
+                    if *code == 200 { "healthy" } else { "UNHEALTHY" },
+                    body.trim()
+                ),
+                None => "unreachable".into(),
+            };
+            println!("health        {health}");
+            println!(
+                "initial sync  {}",
+                match status.initial_sync_complete {
+                    Some(true) => "complete",
+                    Some(false) => "waiting for Services and EndpointSlices to be listed",
+                    None => "?",
+                }
+            );
+            let last = status.last_sync_unix_seconds.map(|t| {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|now| now.as_secs_f64() - t)
+                    .unwrap_or(0.0);
+                format!("{:.1} s ago", ago.max(0.0))
+            });
+            println!(
+                "last sync     {}; {} syncs, {} on average",
+                last.unwrap_or_else(|| "never".into()),
+                opt(status.syncs),
+                status
+                    .sync_mean_seconds
+                    .map(|s| format!("{:.2} ms", s * 1000.0))
+                    .unwrap_or_else(|| "?".into())
+            );
+            println!(
+                "sources       {}",
+                if status.failing_lists.is_empty() {
+                    "no failing list".to_owned()
+                } else {
+                    format!("FAILING: {}", status.failing_lists.join("; "))
+                }
+            );
+            println!(
+                "programmed    {} frontends, {} backends",
+                opt(status.programmed_frontends),
+                opt(status.programmed_backends)
+            );
+            for m in &status.maps {
+                println!(
+                    "map           {:<16} {:>8} / {:<8} ({:.1} %)",
+                    m.map,
+                    m.entries,
+                    m.capacity,
+                    if m.capacity > 0 {
+                        m.entries as f64 * 100.0 / f64::from(m.capacity)
+                    } else {
+                        0.0
+                    }
+                );
+            }
+            println!(
+                "interfaces    {}",
+                if status.interfaces.is_empty() {
+                    "none".to_owned()
+                } else {
+                    status.interfaces.join(", ")
+                }
+            );
+            for e in &status.errors {
+                println!("error         {e}");
+            }
         }
     }
     Ok(())

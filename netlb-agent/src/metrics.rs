@@ -99,6 +99,8 @@ struct State {
     partial_sync_duration: Histogram,
     /// When the last change was queued for a sync.
     last_queued: Option<SystemTime>,
+    /// Services and EndpointSlices both listed and programmed once.
+    initial_sync_complete: bool,
     /// Service ports with a Local traffic policy and no local endpoints
     /// (internal, external), at the last sync.
     no_local_endpoints: (u64, u64),
@@ -185,6 +187,7 @@ impl Metrics {
                 full_sync_duration: Histogram::new(sync_buckets()),
                 partial_sync_duration: Histogram::new(sync_buckets()),
                 last_queued: None,
+                initial_sync_complete: false,
                 no_local_endpoints: (0, 0),
                 livez: BTreeMap::new(),
                 programming_latency: Histogram::new(programming_buckets()),
@@ -228,6 +231,11 @@ impl Metrics {
     /// A wake-up found nothing to program: no change is waiting.
     pub fn nothing_pending(&self) {
         self.lock().oldest_pending = None;
+    }
+
+    /// The first sync after Services and EndpointSlices were listed is done.
+    pub fn initial_sync_complete(&self) {
+        self.lock().initial_sync_complete = true;
     }
 
     /// Service ports with a Local traffic policy and no local endpoints
@@ -545,6 +553,12 @@ impl Collector for Snapshot {
             livez.iter().map(|(c, n)| (c.as_str(), *n)),
         )?;
         counter(e, "netlb_syncs", "Successful syncs.", s.syncs)?;
+        gauge(
+            e,
+            "netlb_initial_sync_complete",
+            "1 once Services and EndpointSlices were listed and programmed.",
+            if s.initial_sync_complete { 1.0 } else { 0.0 },
+        )?;
         counter(
             e,
             "netlb_sync_map_writes",

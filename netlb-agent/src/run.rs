@@ -542,6 +542,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
                     }
                     if !pipeline.synced_once {
                         pipeline.synced_once = true;
+                        metrics.initial_sync_complete();
                         last_sync = Some(Instant::now());
                         log::info!("initial sync complete");
                     }

@@ -193,6 +193,44 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
         .join()
         .unwrap();
     });
+    // `netlb-agent status` on that node, in its namespace (nsenter: `ip
+    // netns exec` would hide /sys/fs/bpf).
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", tb.nodes[0].netns))
+        .arg("--")
+        .arg(find_binary("netlb-agent"))
+        .args(["status", "-o", "json", "--bpffs"])
+        .arg(&tb.nodes[0].bpffs)
+        .output()
+        .expect("netlb-agent status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(status["healthz"][0], 200, "{status}");
+    assert_eq!(status["initial_sync_complete"], true, "{status}");
+    assert!(
+        status["programmed_frontends"].as_f64().unwrap_or(0.0) > 1000.0,
+        "{status}"
+    );
+    assert!(
+        status["last_sync_unix_seconds"].as_f64().unwrap_or(0.0) > 0.0,
+        "{status}"
+    );
+    let services = status["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["map"] == "NETLB_SERVICES"))
+        .expect("services map");
+    assert!(services["entries"].as_u64().unwrap_or(0) > 1000, "{status}");
+    assert!(services["capacity"].as_u64().unwrap_or(0) > 0, "{status}");
+    let interfaces = status["interfaces"].to_string();
+    assert!(
+        interfaces.contains("uplink0") && interfaces.contains("veth"),
+        "{status}"
+    );
+    assert_eq!(
+        status["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
     agent.stop();
 }
 

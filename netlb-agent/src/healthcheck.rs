@@ -125,7 +125,10 @@ impl ServiceHealthServer {
             .iter()
             .filter_map(|key| {
                 let listener = self.listeners.remove(key)?;
-                log::info!(
+                tracing::info!(
+                    namespace = %key.0,
+                    service = %key.1,
+                    port = listener.port,
                     "closing health-check node port {} of service {}/{}",
                     listener.port,
                     key.0,
@@ -145,7 +148,10 @@ impl ServiceHealthServer {
             }
             match self.open(key, port) {
                 Ok(listener) => {
-                    log::info!(
+                    tracing::info!(
+                        namespace = %key.0,
+                        service = %key.1,
+                        port,
                         "serving health-check node port {port} for service {}/{}",
                         key.0,
                         key.1
@@ -153,7 +159,13 @@ impl ServiceHealthServer {
                     self.listeners.insert(key.clone(), listener);
                 }
                 Err(err) => {
-                    log::warn!("{}", error_chain(&err));
+                    tracing::warn!(
+                        namespace = %key.0,
+                        service = %key.1,
+                        port,
+                        "{}",
+                        error_chain(&err)
+                    );
                     errors.push(err);
                 }
             }

@@ -208,6 +208,14 @@ enum Command {
         /// with this value (unlabelled Services are always accepted).
         #[arg(long, env = "NETLB_PROXY_NAME")]
         proxy_name: Option<String>,
+        /// kube-proxy's --min-sync-period (Go duration, e.g. 1s): overrides
+        /// --min-sync-interval-ms.
+        #[arg(long, env = "NETLB_MIN_SYNC_PERIOD")]
+        min_sync_period: Option<GoDuration>,
+        /// kube-proxy's --sync-period (Go duration, e.g. 30s): overrides
+        /// --resync-interval-s.
+        #[arg(long, env = "NETLB_SYNC_PERIOD")]
+        sync_period: Option<GoDuration>,
         /// Minimum interval between syncs, in milliseconds.
         #[arg(long, default_value_t = 50, env = "NETLB_MIN_SYNC_INTERVAL_MS")]
         min_sync_interval_ms: u64,
@@ -413,6 +421,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             config: _,
+            min_sync_period,
+            sync_period,
             cleanup,
             kube_api_qps,
             kube_api_burst,
@@ -545,8 +555,13 @@ fn main() -> anyhow::Result<()> {
                     conntrack: max_conntrack,
                     ..MapSizes::default()
                 },
-                min_sync_interval: Duration::from_millis(min_sync_interval_ms),
-                resync_interval: Duration::from_secs(resync_interval_s),
+                min_sync_interval: min_sync_period
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_millis(min_sync_interval_ms)),
+                resync_interval: sync_period
+                    .map(|d| d.0)
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(resync_interval_s.max(1))),
                 cleanup_on_exit,
             })?;
         }

@@ -870,7 +870,12 @@ fn report_issues(p: &mut Pipeline, key: &ObjectKey, model: &Model, metrics: &Met
         return;
     }
     for issue in &model.issues {
-        log::warn!("{issue}");
+        tracing::warn!(
+            kind = issue.kind,
+            namespace = %issue.namespace,
+            service = %issue.name,
+            "{issue}"
+        );
         metrics.invalid_object("model");
     }
 }

@@ -122,6 +122,8 @@ struct State {
     conntrack: ConntrackMetrics,
     /// Lists that fail for good (403, 404): health says so.
     source_failures: Vec<String>,
+    /// Entries in use and capacity of the maps the syncer fills.
+    map_fill: BTreeMap<&'static str, (u64, u64)>,
     /// Highest fill level warned about, per map.
     fill_warned: BTreeMap<&'static str, u8>,
     /// Map entries written and deleted by syncs, and Services recomputed.
@@ -206,6 +208,7 @@ impl Metrics {
                 conntrack: ConntrackMetrics::default(),
                 source_failures: Vec::new(),
                 fill_warned: BTreeMap::new(),
+                map_fill: BTreeMap::new(),
                 map_writes: 0,
                 map_deletes: 0,
                 services_recomputed: 0,
@@ -327,6 +330,11 @@ impl Metrics {
 
     /// Whether `map`'s fill level `percent` (90 or more) is past the last
     /// one warned about.
+    /// A map's entries in use and its capacity.
+    pub fn set_map_fill(&self, map: &'static str, entries: u64, capacity: u64) {
+        self.lock().map_fill.insert(map, (entries, capacity));
+    }
+
     pub fn fill_crossed(&self, map: &'static str, percent: u8) -> bool {
         let mut s = self.lock();
         let last = s.fill_warned.get(map).copied().unwrap_or(89);
@@ -635,6 +643,22 @@ impl Collector for Snapshot {
             ]
             .into_iter()
             .map(|state| (state.name(), c.connections[state as usize] as f64)),
+        )?;
+        family(
+            e,
+            "netlb_map_entries",
+            "Entries in use of the datapath maps the syncer fills, by map.",
+            MetricType::Gauge,
+            "map",
+            s.map_fill.iter().map(|(m, (n, _))| (*m, *n as f64)),
+        )?;
+        family(
+            e,
+            "netlb_map_capacity",
+            "Capacity of the datapath maps the syncer fills, by map.",
+            MetricType::Gauge,
+            "map",
+            s.map_fill.iter().map(|(m, (_, c))| (*m, *c as f64)),
         )?;
         gauge(
             e,

@@ -910,23 +910,27 @@ fn warn_about_fill(opts: &RunOptions, syncer: &Syncer, metrics: &Metrics) {
         (
             "backends",
             "max-backends",
+            netlb_common::map_names::BACKENDS,
             syncer.backend_count(),
             opts.sizes.backends,
         ),
         (
             "service entries",
             "max-service-entries",
+            netlb_common::map_names::SERVICES,
             syncer.service_entry_count(),
             opts.sizes.service_entries,
         ),
         (
             "rev-NAT entries",
             "max-rev-nat",
+            netlb_common::map_names::REV_NAT,
             syncer.rev_nat_count(),
             opts.sizes.rev_nat,
         ),
     ];
-    for (what, flag, used, size) in fills {
+    for (what, flag, map, used, size) in fills {
+        metrics.set_map_fill(map, used as u64, u64::from(size));
         let percent = (used as u64 * 100 / u64::from(size.max(1))) as u8;
         if metrics.fill_crossed(what, percent) {
             log::warn!(

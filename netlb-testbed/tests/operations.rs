@@ -187,6 +187,12 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
                 "{}",
                 on_metrics.1
             );
+            assert!(
+                on_metrics.1.contains("netlb_map_entries{map=\"NETLB_SERVICES\"}")
+                    && on_metrics.1.contains("netlb_map_capacity{map=\"NETLB_BACKENDS\"}"),
+                "{}",
+                on_metrics.1
+            );
             let mode = get(metrics, "/proxyMode").expect("answer");
             assert!(mode.0.contains("200") && mode.1 == "netlb", "{mode:?}");
         })

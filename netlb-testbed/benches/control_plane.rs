@@ -18,8 +18,7 @@
 //! measures another agent binary (an older build, for a before/after).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     path::PathBuf,
     time::{Duration, Instant},
@@ -29,7 +28,7 @@ use netlb_testbed::{
     agent::{AgentOptions, AgentProcess, AgentSource},
     apiserver::FakeApiServer,
     find_binary,
-    process::ChildGuard,
+    process::{self, ChildGuard},
     realistic,
     topology::{Testbed, TestbedSpec, bind_in_netns},
 };
@@ -37,32 +36,11 @@ use netlb_testbed::{
 const CHANGES: usize = 100;
 
 fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    process::proc_status(pid, field).unwrap_or(0)
 }
 
-/// User + system CPU seconds of a process.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) start after ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of /proc/pid/stat (1-based),
-    // 12 and 13 after the state field here.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    process::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 fn metric(tb: &Testbed, name: &str) -> Option<f64> {
@@ -80,17 +58,7 @@ fn metric(tb: &Testbed, name: &str) -> Option<f64> {
 
 /// A new TCP connection, one HTTP request: the answering backend's name.
 fn ask(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split("\r\n\r\n")
-        .nth(1)?
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
+    netlb_testbed::load::backend_name(addr, Duration::from_millis(200))
 }
 
 struct Row {

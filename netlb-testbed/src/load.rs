@@ -108,6 +108,22 @@ pub fn read_one_response(stream: &TcpStream) -> bool {
     matches!(std::io::copy(&mut reader.take(length), &mut std::io::sink()), Ok(n) if n == length)
 }
 
+/// A new TCP connection and one HTTP request to a `netlb-echo` server:
+/// the answering backend's name (the first word of the body).
+pub fn backend_name(addr: SocketAddr, connect_timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, connect_timeout).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split("\r\n\r\n")
+        .nth(1)?
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+}
+
 /// What a load run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadMode {

@@ -30,14 +30,7 @@ const IDLE: usize = 1000;
 const FIRST_HC_PORT: u16 = 31000;
 
 fn status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    netlb_testbed::process::proc_status(pid, field).unwrap_or(0)
 }
 
 /// One GET on a new connection; (status line, body, time taken).

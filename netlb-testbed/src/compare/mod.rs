@@ -20,7 +20,7 @@ pub mod report;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -34,7 +34,7 @@ use crate::{
     apiserver::{FakeApiError, FakeApiServer},
     find_binary,
     load::LoadReport,
-    process::{ChildGuard, ProcessError},
+    process::{ChildGuard, ProcessError, cpu_seconds, proc_status},
     topology::{Testbed, TestbedError, TestbedSpec, bind_in_netns},
 };
 use kube_proxy::ProxierParams;
@@ -86,6 +86,16 @@ pub enum IptablesBackend {
     Nft,
     /// `iptables-legacy-restore` (x_tables).
     Legacy,
+}
+
+impl IptablesBackend {
+    /// The restore tool of this backend.
+    pub fn restore_tool(self) -> &'static str {
+        match self {
+            IptablesBackend::Nft => "iptables-nft-restore",
+            IptablesBackend::Legacy => "iptables-legacy-restore",
+        }
+    }
 }
 
 /// How much to measure.
@@ -303,41 +313,11 @@ fn run_measured(netns: &str, args: &[&str], input: &[u8]) -> Result<Measured, Co
     })
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
+/// Connect timeout of the programming-latency probe's requests.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// User + system CPU seconds of a running process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces).
-    let rest = stat.rsplit_once(") ")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime: fields 14 and 15 of /proc/pid/stat, 12 and 13 after
-    // the state field.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks as f64 / hz)
-}
-
-/// A new TCP connection and one HTTP request: the answering backend's name.
 fn ask(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split("\r\n\r\n")
-        .nth(1)?
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
+    crate::load::backend_name(addr, PROBE_CONNECT_TIMEOUT)
 }
 
 /// What moving the probe needs (shareable with the probing thread).
@@ -377,14 +357,7 @@ impl Probe<'_> {
                             &moved,
                             self.params,
                         ),
-                        match self.backend {
-                            IptablesBackend::Nft => {
-                                vec!["iptables-nft-restore", "-w", "--noflush"]
-                            }
-                            IptablesBackend::Legacy => {
-                                vec!["iptables-legacy-restore", "-w", "--noflush"]
-                            }
-                        },
+                        vec![self.backend.restore_tool(), "-w", "--noflush"],
                     )
                 } else {
                     (
@@ -621,26 +594,23 @@ impl Bench<'_> {
                 }
                 figures.seconds = Some(started.elapsed().as_secs_f64());
                 figures.cpu_seconds = cpu_seconds(agent.pid());
-                figures.rss_kib = proc_status_kib(agent.pid(), "VmRSS:");
+                figures.rss_kib = proc_status(agent.pid(), "VmRSS:");
                 Programmed::Agent(agent)
             }
             Mode::Iptables | Mode::Nftables => {
                 let started = Instant::now();
-                let (text, tool): (String, &[&str]) = if mode == Mode::Iptables {
+                let (text, tool): (String, Vec<&str>) = if mode == Mode::Iptables {
                     (
                         kube_proxy::iptables::full_restore(&self.services, &self.params),
-                        match self.profile.iptables_backend {
-                            IptablesBackend::Nft => &["iptables-nft-restore", "-w"],
-                            IptablesBackend::Legacy => &["iptables-legacy-restore", "-w"],
-                        },
+                        vec![self.profile.iptables_backend.restore_tool(), "-w"],
                     )
                 } else {
                     (
                         kube_proxy::nftables::full_ruleset(&self.services, &self.params),
-                        &["nft", "-f", "-"],
+                        vec!["nft", "-f", "-"],
                     )
                 };
-                let run = run_measured(&self.node_netns(mode), tool, text.as_bytes())?;
+                let run = run_measured(&self.node_netns(mode), &tool, text.as_bytes())?;
                 if !run.success {
                     let path = self
                         .lane(mode)
@@ -680,10 +650,7 @@ impl Bench<'_> {
             Programmed::Rules => {
                 let ns = self.node_netns(mode);
                 if mode == Mode::Iptables {
-                    let tool = match self.profile.iptables_backend {
-                        IptablesBackend::Nft => "iptables-nft-restore",
-                        IptablesBackend::Legacy => "iptables-legacy-restore",
-                    };
+                    let tool = self.profile.iptables_backend.restore_tool();
                     // Empty tables: every chain and rule kube-proxy made goes.
                     let _ = run_measured(&ns, &[tool, "-w"], b"*filter\nCOMMIT\n*nat\nCOMMIT\n");
                 } else {

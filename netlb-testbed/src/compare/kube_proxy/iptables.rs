@@ -377,6 +377,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::compare::kube_proxy::fixtures::{params, port};
 
     /// kube-proxy's `sortIPTablesRules`: tables by name; in each, chain
     /// lines and rule groups ordered KUBE-NODEPORTS, KUBE-SERVICES, other
@@ -451,38 +452,6 @@ mod tests {
             mark: "0x4000".into(),
             nfacct: true,
             random_fully: false,
-        }
-    }
-
-    fn params() -> ProxierParams {
-        // NewFakeProxier: pod CIDR 10.0.0.0/8, node IP 192.168.0.2.
-        ProxierParams {
-            cluster_cidr: "10.0.0.0/8".into(),
-            node_ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
-            service_cidrs: vec!["172.30.0.0/16".into()],
-            node_name: "test-node".into(),
-        }
-    }
-
-    fn port(
-        ns: &str,
-        name: &str,
-        port_name: &str,
-        ip: [u8; 4],
-        port: u16,
-        node_port: Option<u16>,
-        eps: &[[u8; 4]],
-    ) -> ServicePort {
-        ServicePort {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: port_name.into(),
-            protocol: "TCP".into(),
-            cluster_ip: ip.into(),
-            port,
-            target_port: port,
-            node_port,
-            endpoints: eps.iter().map(|&e| e.into()).collect(),
         }
     }
 

@@ -49,6 +49,50 @@ fn sorted_endpoints(port: &crate::compare::model::ServicePort) -> Vec<String> {
     eps
 }
 
+/// The objects and settings of kube-proxy's proxier tests
+/// (`NewFakeProxier`), shared by both generators' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::net::Ipv4Addr;
+
+    use super::ProxierParams;
+    use crate::compare::model::ServicePort;
+
+    /// NewFakeProxier: pod CIDR 10.0.0.0/8, node IP 192.168.0.2, Service
+    /// CIDR 172.30.0.0/16, node `test-node`.
+    pub fn params() -> ProxierParams {
+        ProxierParams {
+            cluster_cidr: "10.0.0.0/8".into(),
+            node_ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+            service_cidrs: vec!["172.30.0.0/16".into()],
+            node_name: "test-node".into(),
+        }
+    }
+
+    /// A TCP Service port (target port = port) with `eps` as endpoints.
+    pub fn port(
+        ns: &str,
+        name: &str,
+        port_name: &str,
+        ip: [u8; 4],
+        port: u16,
+        node_port: Option<u16>,
+        eps: &[[u8; 4]],
+    ) -> ServicePort {
+        ServicePort {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: port_name.into(),
+            protocol: "TCP".into(),
+            cluster_ip: ip.into(),
+            port,
+            target_port: port,
+            node_port,
+            endpoints: eps.iter().map(|&e| e.into()).collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

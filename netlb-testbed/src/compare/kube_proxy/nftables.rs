@@ -265,9 +265,9 @@ mod tests {
     //! proxier_test.go`, v1.36), compared as its tests compare: the
     //! transaction applied (as knftables' fake does) and both sides
     //! sorted by `sortNFTablesTransaction`.
-    use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::compare::kube_proxy::fixtures::{params, port};
 
     /// Applies `add`/`flush`/`delete` lines as knftables' fake does and
     /// returns the remaining `add` lines (its `Dump`, unordered).
@@ -403,37 +403,6 @@ add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport v
 add element ip kube-proxy nodeport-ips { 192.168.0.2 }
 add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services
 "#;
-
-    fn params() -> ProxierParams {
-        ProxierParams {
-            cluster_cidr: "10.0.0.0/8".into(),
-            node_ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
-            service_cidrs: vec!["172.30.0.0/16".into()],
-            node_name: "test-node".into(),
-        }
-    }
-
-    fn port(
-        ns: &str,
-        name: &str,
-        port_name: &str,
-        ip: [u8; 4],
-        port: u16,
-        node_port: Option<u16>,
-        eps: &[[u8; 4]],
-    ) -> ServicePort {
-        ServicePort {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: port_name.into(),
-            protocol: "TCP".into(),
-            cluster_ip: ip.into(),
-            port,
-            target_port: port,
-            node_port,
-            endpoints: eps.iter().map(|&e| e.into()).collect(),
-        }
-    }
 
     fn assert_matches(ports: &[ServicePort], expected_services: &str) {
         let got = sort_transaction(&apply(&transaction(ports, &params(), "0x4000", true)));

@@ -584,12 +584,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// GET `path` from `addr`: (status, body). One HTTP/1.1 request with hyper
-/// on a small runtime of its own.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+/// on `runtime`.
+fn http_get(
+    runtime: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt as _;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         let stream =
             tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
@@ -644,13 +645,16 @@ fn print_status(
         interfaces: loader::pinned_interfaces_in(&loader::links_dir(bpffs)),
         errors: Vec::new(),
     };
-    match http_get(healthz_address, "/healthz") {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match http_get(&runtime, healthz_address, "/healthz") {
         Ok(answer) => status.healthz = Some(answer),
         Err(e) => status
             .errors
             .push(format!("{healthz_address}/healthz: {e:#}")),
     }
-    match http_get(metrics_address, "/metrics") {
+    match http_get(&runtime, metrics_address, "/metrics") {
         Ok((200, text)) => match openmetrics_parser::openmetrics::parse_openmetrics(&text) {
             Ok(exposition) => {
                 // The first sample of `family`; a histogram gives its mean.

@@ -458,32 +458,66 @@ fn gauge(
     ConstGauge::new(value).encode(metric)
 }
 
-/// A family of `kind` with one label, one sample per `(label value, value)`
-/// (none: not encoded).
-fn family<'a>(
+/// A family of `kind` with one label, one sample per `(label value,
+/// value)`, each encoded by `encode` (none: not encoded, as the Go client
+/// leaves out a vector without children).
+fn labelled<'a, V>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     kind: MetricType,
     label: &str,
-    samples: impl IntoIterator<Item = (&'a str, f64)>,
+    samples: impl IntoIterator<Item = (&'a str, V)>,
+    encode: impl Fn(V, prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error>,
 ) -> Result<(), std::fmt::Error> {
-    // A family without samples is left out, as the Go client leaves out a
-    // vector without children.
-    let samples: Vec<(&str, f64)> = samples.into_iter().collect();
+    let samples: Vec<(&str, V)> = samples.into_iter().collect();
     if samples.is_empty() {
         return Ok(());
     }
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
     for (value, n) in samples {
         let labels = [(label, value)];
-        let sample = metric.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(n as u64).encode(sample)?,
-            _ => ConstGauge::new(n).encode(sample)?,
-        }
+        encode(n, metric.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A counter family with one label.
+fn counter_family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    labelled(
+        encoder,
+        name,
+        help,
+        MetricType::Counter,
+        label,
+        samples,
+        |n, m| ConstCounter::new(n).encode(m),
+    )
+}
+
+/// A gauge family with one label.
+fn gauge_family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, f64)>,
+) -> Result<(), std::fmt::Error> {
+    labelled(
+        encoder,
+        name,
+        help,
+        MetricType::Gauge,
+        label,
+        samples,
+        |n, m| ConstGauge::new(n).encode(m),
+    )
 }
 
 fn unix_seconds(t: Option<SystemTime>) -> f64 {
@@ -528,35 +562,32 @@ impl Collector for Snapshot {
             "The last time a change was queued for a sync.",
             unix_seconds(s.last_queued),
         )?;
-        family(
+        gauge_family(
             e,
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Service ports with a Local traffic policy and no local endpoints, by policy.",
-            MetricType::Gauge,
             "traffic_policy",
             [
                 ("internal", s.no_local_endpoints.0 as f64),
                 ("external", s.no_local_endpoints.1 as f64),
             ],
         )?;
-        let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, f64)> {
-            m.iter().map(|(c, n)| (c.to_string(), *n as f64)).collect()
+        let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, u64)> {
+            m.iter().map(|(c, n)| (c.to_string(), *n)).collect()
         };
         let healthz = codes(&s.healthz);
-        family(
+        counter_family(
             e,
             "kubeproxy_proxy_healthz",
             "/healthz answers by code.",
-            MetricType::Counter,
             "code",
             healthz.iter().map(|(c, n)| (c.as_str(), *n)),
         )?;
         let livez = codes(&s.livez);
-        family(
+        counter_family(
             e,
             "kubeproxy_proxy_livez",
             "/livez answers by code.",
-            MetricType::Counter,
             "code",
             livez.iter().map(|(c, n)| (c.as_str(), *n)),
         )?;
@@ -585,23 +616,19 @@ impl Collector for Snapshot {
             "Services whose model was recomputed by syncs (changed ones, and the verification resync's).",
             s.services_recomputed,
         )?;
-        family(
+        counter_family(
             e,
             "netlb_sync_errors",
             "Failed syncs by reason.",
-            MetricType::Counter,
             "reason",
-            s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v as f64)),
+            s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v)),
         )?;
-        family(
+        counter_family(
             e,
             "netlb_invalid_objects",
             "Objects the model could not use, by kind.",
-            MetricType::Counter,
             "kind",
-            s.invalid_objects
-                .iter()
-                .map(|(k, v)| (k.as_str(), *v as f64)),
+            s.invalid_objects.iter().map(|(k, v)| (k.as_str(), *v)),
         )?;
         gauge(
             e,
@@ -615,11 +642,10 @@ impl Collector for Snapshot {
             "Backends programmed in the datapath.",
             s.programmed_backends as f64,
         )?;
-        family(
+        gauge_family(
             e,
             "netlb_source_list_failing",
             "Lists that fail for good (403, 404), by message.",
-            MetricType::Gauge,
             "message",
             s.source_failures.iter().map(|m| (m.as_str(), 1.0)),
         )?;
@@ -630,11 +656,10 @@ impl Collector for Snapshot {
             s.watch_errors,
         )?;
         let c = &s.conntrack;
-        family(
+        gauge_family(
             e,
             "netlb_conntrack_connections",
             "Tracked connections by state (at the last sweep).",
-            MetricType::Gauge,
             "state",
             [
                 netlb_common::CtState::Opening,
@@ -644,19 +669,17 @@ impl Collector for Snapshot {
             .into_iter()
             .map(|state| (state.name(), c.connections[state as usize] as f64)),
         )?;
-        family(
+        gauge_family(
             e,
             "netlb_map_entries",
             "Entries in use of the datapath maps the syncer fills, by map.",
-            MetricType::Gauge,
             "map",
             s.map_fill.iter().map(|(m, (n, _))| (*m, *n as f64)),
         )?;
-        family(
+        gauge_family(
             e,
             "netlb_map_capacity",
             "Capacity of the datapath maps the syncer fills, by map.",
-            MetricType::Gauge,
             "map",
             s.map_fill.iter().map(|(m, (_, c))| (*m, *c as f64)),
         )?;
@@ -690,42 +713,39 @@ impl Collector for Snapshot {
             "Duration of the last sweep.",
             c.last_sweep_seconds,
         )?;
-        family(
+        counter_family(
             e,
             "netlb_conntrack_gc_deleted",
             "Conntrack entries deleted by the garbage collector, by cause.",
-            MetricType::Counter,
             "cause",
             crate::conntrack::Cause::ALL.into_iter().map(|cause| {
                 (
                     cause.name(),
-                    c.deleted.get(cause.name()).copied().unwrap_or(0) as f64,
+                    c.deleted.get(cause.name()).copied().unwrap_or(0),
                 )
             }),
         )?;
-        family(
+        counter_family(
             e,
             "netlb_datapath_drops",
             "Packets dropped by the datapath, by reason.",
-            MetricType::Counter,
             "reason",
             s.datapath
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| stat::is_drop(*i as u32))
-                .map(|(i, v)| (stat::NAMES[i], *v as f64)),
+                .map(|(i, v)| (stat::NAMES[i], *v)),
         )?;
-        family(
+        counter_family(
             e,
             "netlb_datapath_packets",
             "Packets handled by the datapath, by outcome.",
-            MetricType::Counter,
             "counter",
             s.datapath
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| !stat::is_drop(*i as u32))
-                .map(|(i, v)| (stat::NAMES[i], *v as f64)),
+                .map(|(i, v)| (stat::NAMES[i], *v)),
         )?;
         Ok(())
     }

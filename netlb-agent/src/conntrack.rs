@@ -311,7 +311,30 @@ fn still_applies(d: &Deletion, now_entry: &CtEntry4) -> bool {
     }
 }
 
-/// One sweep: snapshot, plan, delete (re-checking each entry).
+/// Whether the connection `owner` as the table holds it now is alive at
+/// `now` and has the link `link_key` of `kind`: then that link is live,
+/// whatever the snapshot said.
+fn vouched_for(
+    table: &dyn ConntrackTable,
+    link_key: &CtKey4,
+    owner: &CtKey4,
+    now: u32,
+) -> Result<bool, DataplaneError> {
+    Ok(match table.get(owner)? {
+        Some(conn) => {
+            now <= conn.lifetime_s && ct_link_key(owner, &conn, link_key.kind) == *link_key
+        }
+        None => false,
+    })
+}
+
+/// One sweep: snapshot, plan, delete. The snapshot is read bucket by
+/// bucket while the datapath writes, so it may hold a connection's link
+/// without the connection (created between two reads) or an entry that
+/// changed since: every deletion is re-judged against the table as it is
+/// at that moment. A connection goes only if it is the one the plan saw
+/// and was not refreshed; a link goes only if its connection, looked up
+/// now, no longer vouches for it.
 pub fn sweep(
     table: &mut dyn ConntrackTable,
     udp_serving: &UdpServing,
@@ -320,28 +343,25 @@ pub fn sweep(
     let entries = table.entries()?;
     let now = monotonic_now_s();
     let (deletions, mut report) = plan(&entries, now, table.capacity(), udp_serving);
-    let mut kept_connections: BTreeSet<CtKey4> = BTreeSet::new();
     for d in &deletions {
-        if d.key.kind != ct_kind::SERVICE {
-            let owner = ct_link_owner(&d.key, &d.seen);
-            if kept_connections.contains(&owner) {
-                report.skipped += 1;
-                continue;
-            }
+        let Some(current) = table.get(&d.key)? else {
+            continue;
+        };
+        let keep = !still_applies(d, &current)
+            || (d.key.kind != ct_kind::SERVICE
+                && d.key.kind != ct_kind::HOST
+                && vouched_for(
+                    &*table,
+                    &d.key,
+                    &ct_link_owner(&d.key, &current),
+                    monotonic_now_s(),
+                )?);
+        if keep {
+            report.skipped += 1;
+            continue;
         }
-        match table.get(&d.key)? {
-            Some(current) if still_applies(d, &current) => {
-                table.delete(&d.key)?;
-                *report.deleted.entry(d.cause.name()).or_default() += 1;
-            }
-            Some(_) => {
-                report.skipped += 1;
-                if d.key.kind == ct_kind::SERVICE {
-                    kept_connections.insert(d.key);
-                }
-            }
-            None => {}
-        }
+        table.delete(&d.key)?;
+        *report.deleted.entry(d.cause.name()).or_default() += 1;
     }
     report.duration = started.elapsed();
     Ok(report)
@@ -404,6 +424,9 @@ impl Collector {
                         .collect();
                     match sweep(table.as_mut(), &serving) {
                         Ok(report) => {
+                            if let Err(e) = table.heartbeat(monotonic_now_s()) {
+                                log::warn!("conntrack heartbeat: {e}");
+                            }
                             let busy = report.capacity > 0
                                 && report.entries * 2 > report.capacity as usize;
                             wait = if busy {
@@ -765,6 +788,76 @@ mod tests {
                 .all(|d| d.key.kind != ct_kind::SERVICE || d.key.saddr == ip("10.244.0.12"))
         );
         assert_eq!(report.connections, [1, 4, 3]);
+    }
+
+    /// A connection written while the sweep read the table: the snapshot
+    /// has its link (read after it was written, and no longer fresh by the
+    /// time the plan runs) but not its connection (read before). The link
+    /// is live and must stay, or the connection's replies leave
+    /// untranslated.
+    #[test]
+    fn a_sweep_never_deletes_the_link_of_a_connection_created_while_it_ran() {
+        let now = monotonic_now_s();
+        let mut table = FakeConntrack {
+            capacity: 100,
+            ..Default::default()
+        };
+        let pair = east_west(
+            ("10.244.0.11", 40000),
+            "10.244.0.21",
+            proto::TCP,
+            ct_flags::SEEN_REPLY,
+            now + 100,
+        );
+        let (conn_key, conn) = pair[0];
+        let (link_key, mut link) = pair[1];
+        link.lifetime_s = now - 1;
+        table.entries.insert(conn_key, conn);
+        table.entries.insert(link_key, link);
+        table.torn_snapshot = Some(vec![(link_key, link)]);
+        let report = sweep(&mut table, &UdpServing::new()).unwrap();
+        assert_eq!(report.deleted_total(), 0, "{report:?}");
+        assert!(table.entries.contains_key(&link_key));
+        // A link whose connection really is gone still goes.
+        table.entries.remove(&conn_key);
+        let report = sweep(&mut table, &UdpServing::new()).unwrap();
+        assert_eq!(report.deleted.get("orphan_link"), Some(&1));
+        assert!(table.entries.is_empty());
+    }
+
+    /// An expired connection replaced by a new one on the same tuple
+    /// between the snapshot and the deletions: the new one's links stay.
+    #[test]
+    fn a_sweep_leaves_the_links_of_a_connection_that_replaced_a_doomed_one() {
+        let now = monotonic_now_s();
+        let mut table = FakeConntrack {
+            capacity: 100,
+            ..Default::default()
+        };
+        let old = east_west(
+            ("10.244.0.11", 40000),
+            "10.244.0.21",
+            proto::UDP,
+            0,
+            now - 1,
+        );
+        for (k, v) in &old {
+            table.entries.insert(*k, *v);
+        }
+        let snapshot = table.entries().unwrap();
+        table.torn_snapshot = Some(snapshot);
+        // The datapath replaces the connection (same backend, created now).
+        let mut conn = old[0].1;
+        conn.created_s = now;
+        conn.lifetime_s = now + 60;
+        table.entries.insert(old[0].0, conn);
+        let mut link = old[1].1;
+        link.created_s = now;
+        link.lifetime_s = now - 1;
+        table.entries.insert(old[1].0, link);
+        let report = sweep(&mut table, &UdpServing::new()).unwrap();
+        assert_eq!(report.deleted_total(), 0, "{report:?}");
+        assert_eq!(table.entries.len(), 2);
     }
 
     #[test]

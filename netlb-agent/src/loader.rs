@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use netlb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
-    DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtGc,
+    CtKey4, DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
     SockRevValue, SourceRangeKey, limits, map_names, program_names, stat,
 };
 
@@ -129,6 +129,8 @@ pub enum LoaderError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+    #[error("arming the in-kernel conntrack collector failed at step {step}")]
+    ArmCollector { step: u32 },
     #[error("failed to remove {path}")]
     Remove {
         path: PathBuf,
@@ -235,7 +237,8 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             size_of::<CtEntry4>(),
             sizes.conntrack,
         ),
-        map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::COUNT),
+        map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::CAPACITY),
+        map_names::CT_GC => (MapType::Array, 4, size_of::<CtGc>(), CtGc::SLOTS),
         map_names::BACKEND_STATS => (
             MapType::Array,
             4,
@@ -388,8 +391,42 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
                 source: Box::new(source),
             })?;
     }
+    program_mut(&mut ebpf, program_names::CT_GC_ARM)?
+        .load()
+        .map_err(|source| LoaderError::Program {
+            name: program_names::CT_GC_ARM,
+            source: Box::new(source),
+        })?;
     write_config(&mut ebpf, opts.settings.to_config())?;
     Ok(ebpf)
+}
+
+/// Arms the in-kernel conntrack collector (see the datapath's `gc`): the
+/// timer is initialised if the map is new, its callback becomes this
+/// object's, and it starts with the period in the agent's slot
+/// ([`KernelConntrack::configure`](crate::dataplane::kernel::KernelConntrack::configure)
+/// writes it first). Idempotent; a restarted agent re-arms the pinned
+/// timer.
+pub fn arm_ct_gc(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
+    use aya::programs::TestRun as _;
+    let prog = program_mut(ebpf, program_names::CT_GC_ARM)?;
+    // A TC program's test run needs a packet of at least an Ethernet header.
+    let packet = [0u8; 64];
+    let result = prog
+        .test_run(aya::programs::TestRunOptions {
+            data_in: Some(&packet),
+            ..Default::default()
+        })
+        .map_err(|source| LoaderError::Program {
+            name: program_names::CT_GC_ARM,
+            source: Box::new(source),
+        })?;
+    if result.return_value != 0 {
+        return Err(LoaderError::ArmCollector {
+            step: result.return_value,
+        });
+    }
+    Ok(())
 }
 
 /// A loaded program by name.

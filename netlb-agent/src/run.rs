@@ -362,12 +362,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     dataplane.set_service_cidrs(&settings.service_cidrs)?;
     let observer = Observer::from_ebpf(&mut ebpf)?;
     let mut pod_sources = PodSources::from_ebpf(&mut ebpf)?;
-    let collector = Collector::spawn(
-        Box::new(KernelConntrack::from_ebpf(&mut ebpf)?),
-        opts.gc_interval,
-        Arc::clone(&metrics),
-    )
-    .map_err(|source| RunError::Threads { source })?;
+    // The datapath's own collector: idle while ours sweeps, reclaiming
+    // expired connections whenever this agent is away.
+    let mut conntrack = KernelConntrack::from_ebpf(&mut ebpf)?;
+    conntrack.configure(opts.gc_interval)?;
+    loader::arm_ct_gc(&mut ebpf)?;
+    let collector = Collector::spawn(Box::new(conntrack), opts.gc_interval, Arc::clone(&metrics))
+        .map_err(|source| RunError::Threads { source })?;
     let syncer = Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
     log::info!(
         "loaded datapath, maps pinned in {}; adopted what an earlier agent programmed",

@@ -687,3 +687,49 @@ fn the_garbage_collector_sweeps_the_real_table() {
     assert_eq!(report.deleted.get("expired"), Some(&2), "{report:?}");
     assert!(dp.ct.entries().unwrap().is_empty());
 }
+
+/// The datapath reclaims expired connections without the agent: while the
+/// agent's heartbeat comes, the in-kernel collector stays idle; once it
+/// stops, the timer sweeps the table, deleting expired connections with
+/// their links and leaving live ones.
+#[test]
+fn the_kernel_collector_reclaims_expired_entries_while_the_agent_is_away() {
+    let mut dp = load_short();
+    dp.add_service(VIP, 80, proto::TCP, &three_backends());
+    // Ten connections that expire, one that is kept alive.
+    for sport in 40000..40010 {
+        handshake(&dp, CLIENT, sport, VIP, 80);
+    }
+    let keep = handshake(&dp, CLIENT, 41000, VIP, 80);
+    assert_eq!(dp.conntrack_len(), 22);
+    let keep_alive = |dp: &Datapath| {
+        let (verdict, _) = dp.run(program_names::FROM_POD, &data(CLIENT, 41000, VIP, 80));
+        assert_eq!(verdict, TCX_NEXT);
+        let (verdict, _) = dp.run(program_names::TO_POD, &data(keep, 9376, CLIENT, 41000));
+        assert_eq!(verdict, TCX_NEXT);
+    };
+    // A one-second period; the agent's heartbeat comes for four seconds:
+    // the kernel leaves the (expired) entries to the agent.
+    dp.ct.configure(Duration::from_secs(1)).expect("configure");
+    netlb_agent::loader::arm_ct_gc(&mut dp.ebpf).expect("arm");
+    for _ in 0..8 {
+        dp.ct
+            .heartbeat(conntrack::monotonic_now_s())
+            .expect("heartbeat");
+        keep_alive(&dp);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(dp.stat(stat::CT_GC_KERNEL_SWEEPS), 0);
+    assert_eq!(dp.conntrack_len(), 22);
+    // The heartbeat stops: the kernel sweeps within about three periods.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dp.conntrack_len() != 2 && std::time::Instant::now() < deadline {
+        keep_alive(&dp);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(dp.conntrack_len(), 2, "{:?}", dp.ct.entries().unwrap());
+    assert!(dp.stat(stat::CT_GC_KERNEL_SWEEPS) >= 1);
+    assert_eq!(dp.stat(stat::CT_GC_KERNEL_DELETED), 20);
+    // The kept connection still works.
+    keep_alive(&dp);
+}

@@ -57,8 +57,11 @@ pub mod map_names {
     /// The Service CIDRs (an address in them that is no cluster IP is
     /// dropped).
     pub const SERVICE_CIDRS: &str = "NETLB_SERVICE_CIDRS";
+    /// The in-kernel conntrack collector: its timer and the agent's
+    /// heartbeat (a BTF map: the kernel finds the timer through BTF).
+    pub const CT_GC: &str = "NETLB_CT_GC";
     /// All maps, in the order the agent pins and reports them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -74,6 +77,7 @@ pub mod map_names {
         FRAGMENTS,
         CLUSTER_IPS,
         SERVICE_CIDRS,
+        CT_GC,
     ];
 }
 
@@ -89,6 +93,9 @@ pub mod program_names {
     pub const TO_NETDEV: &str = "to_netdev";
     /// Every TC program, in load order.
     pub const ALL: [&str; 4] = [FROM_POD, TO_POD, FROM_NETDEV, TO_NETDEV];
+    /// Arms the in-kernel conntrack collector's timer (run once by the
+    /// agent with `BPF_PROG_TEST_RUN`, never attached).
+    pub const CT_GC_ARM: &str = "ct_gc_arm";
     /// cgroup `connect4`: a host socket connecting to a frontend is
     /// connected to a backend instead.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
@@ -719,6 +726,81 @@ pub mod port_ranges {
     pub const NODEPORT_MAX: u16 = 32_767;
 }
 
+/// The kernel's `struct bpf_timer` (`include/uapi/linux/bpf.h`): opaque,
+/// 16 bytes, 8-byte aligned. The kernel finds a map value's timer by this
+/// BTF type name, so the name must stay `bpf_timer`. Userspace never sees
+/// its contents (lookups return it zeroed, updates leave it alone).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct bpf_timer {
+    pub opaque: [u64; 2],
+}
+const _: () = assert!(core::mem::size_of::<bpf_timer>() == 16);
+
+/// Value of the `CT_GC` array: the in-kernel conntrack collector. The
+/// datapath reclaims expired connections itself when the agent is away
+/// (stopped, crashed, being upgraded): the timer fires every `interval_ms`
+/// and sweeps the table unless the agent's collector swept it recently
+/// (`agent_sweep_s`), or at once when an insert found the table full
+/// (`force`).
+///
+/// Two slots, because a userspace update of a value cancels and frees the
+/// timer in it: slot [`CtGc::KERNEL`] holds the timer and what the
+/// datapath writes (`kernel_sweep_s`, `force`) and is never written by
+/// userspace; slot [`CtGc::AGENT`] holds what the agent writes
+/// (`interval_ms`, `agent_sweep_s`; its timer is never used). Host byte
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtGc {
+    /// Kernel-managed (slot `KERNEL` only).
+    pub timer: bpf_timer,
+    /// Slot `AGENT`: the sweep period, milliseconds (the agent's
+    /// `--conntrack-gc-interval`).
+    pub interval_ms: u32,
+    /// Slot `AGENT`: when the agent's collector last swept (seconds of
+    /// `CLOCK_MONOTONIC`).
+    pub agent_sweep_s: u32,
+    /// Slot `KERNEL`: when the kernel last swept (seconds of
+    /// `CLOCK_MONOTONIC`).
+    pub kernel_sweep_s: u32,
+    /// Slot `KERNEL`: set by the datapath when an insert failed for a full
+    /// table: the next timer run sweeps whatever the agent did.
+    pub force: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtGc>() == 32);
+
+impl CtGc {
+    /// The datapath's slot (the timer).
+    pub const KERNEL: u32 = 0;
+    /// The agent's slot.
+    pub const AGENT: u32 = 1;
+    /// Slots of the array.
+    pub const SLOTS: u32 = 2;
+
+    /// The sweep period of `agent` (slot `AGENT`), at least a second.
+    #[inline(always)]
+    pub const fn period_ms(agent: &Self) -> u32 {
+        if agent.interval_ms < 1000 {
+            1000
+        } else {
+            agent.interval_ms
+        }
+    }
+
+    /// Whether the kernel sweeps at `now`, from its slot and the agent's:
+    /// the agent has not swept for two periods (plus a second of clock
+    /// granularity), or a full table asked for it; at most once a second
+    /// either way.
+    #[inline(always)]
+    pub const fn kernel_sweeps(kernel: &Self, agent: &Self, now: u32) -> bool {
+        let period_s = Self::period_ms(agent).div_ceil(1000);
+        let agent_away = now.wrapping_sub(agent.agent_sweep_s) > 2 * period_s + 1;
+        let rested = now != kernel.kernel_sweep_s;
+        (agent_away || kernel.force != 0) && rested
+    }
+}
+
 /// Key of the socket-level reverse translation map (`SOCK_REV`): a socket
 /// and the backend it was sent to.
 #[repr(C)]
@@ -842,8 +924,25 @@ pub mod stat {
     /// Dropped: a new connection whose reply tuple is another live
     /// connection's with every backend tried (the client retransmits).
     pub const DROP_TUPLE_COLLISION: u32 = 31;
+    /// Sweeps of the in-kernel conntrack collector (the agent was away, or
+    /// the table was full).
+    pub const CT_GC_KERNEL_SWEEPS: u32 = 32;
+    /// Entries the in-kernel collector deleted (expired connections, their
+    /// links, links without a connection, expired host flows).
+    pub const CT_GC_KERNEL_DELETED: u32 = 33;
+    /// Dropped: a TCP RST or FIN outside the window its connection expects
+    /// (a blind or forged one); the connection's state is left alone, as
+    /// the kernel's conntrack ignores out-of-window segments.
+    pub const DROP_CT_OUT_OF_WINDOW: u32 = 34;
+    /// Dropped: a packet that names a connection opened at another kind of
+    /// hook (an outside client's tuple sent by a pod, a pod's tuple arriving
+    /// from outside): a forged source.
+    pub const DROP_CT_WRONG_SIDE: u32 = 35;
     /// Number of counters.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 36;
+    /// Slots of the `STATS` array: room for counters added later without
+    /// changing the map's shape (an upgrade then keeps it as it is).
+    pub const CAPACITY: u32 = 64;
 
     /// Metric label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -879,6 +978,10 @@ pub mod stat {
         "drop_unallocated_service_ip",
         "ct_tuple_avoided",
         "drop_tuple_collision",
+        "ct_gc_kernel_sweeps",
+        "ct_gc_kernel_deleted",
+        "drop_ct_out_of_window",
+        "drop_ct_wrong_side",
     ];
 
     /// Whether the counter is a drop reason.
@@ -887,6 +990,8 @@ pub mod stat {
             || index == DROP_SOURCE_RANGE
             || index == DROP_UNALLOCATED_SERVICE_IP
             || index == DROP_TUPLE_COLLISION
+            || index == DROP_CT_OUT_OF_WINDOW
+            || index == DROP_CT_WRONG_SIDE
     }
 }
 
@@ -912,4 +1017,5 @@ mod user {
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for CtGc {}
 }

@@ -202,12 +202,15 @@ pub fn delete_links(conn_key: &CtKey4, conn: &CtEntry4) {
     }
 }
 
-/// Inserts or replaces an entry; a failure means the table is full.
+/// Inserts or replaces an entry; a failure means the table is full, and
+/// asks the in-kernel collector for a sweep (expired entries may be what
+/// fills it while the agent is away).
 #[inline(always)]
 pub fn put(key: &CtKey4, value: &CtEntry4) -> Result<(), Reason> {
-    maps::CONNTRACK
-        .insert(key, value, 0)
-        .map_err(|_| Reason::CtFull)
+    maps::CONNTRACK.insert(key, value, 0).map_err(|_| {
+        crate::gc::kick();
+        Reason::CtFull
+    })
 }
 
 /// Inserts an entry only if its key is free (an atomic reservation).
@@ -220,6 +223,12 @@ pub fn put_new(key: &CtKey4, value: &CtEntry4) -> bool {
 #[inline(always)]
 pub fn remove(key: &CtKey4) {
     let _ = maps::CONNTRACK.remove(key);
+}
+
+/// Removes an entry; whether it was there.
+#[inline(always)]
+pub fn delete(key: &CtKey4) -> bool {
+    maps::CONNTRACK.remove(key).is_ok()
 }
 
 /// A link entry derived from its connection: same translation data, trusted

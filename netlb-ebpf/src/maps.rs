@@ -3,12 +3,13 @@
 //! them). Key and value types live in netlb-common.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netlb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtKey4,
-    DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtGc,
+    CtKey4, DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
     SockRevValue, SourceRangeKey, limits, stat,
 };
 
@@ -42,7 +43,7 @@ pub static CONNTRACK: HashMap<CtKey4, CtEntry4> =
 
 /// Per-CPU counters, indexed by `netlb_common::stat::*`.
 #[map(name = "NETLB_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);
 
 /// Backend counters, indexed by backend id (shared by the CPUs; see
 /// `BackendStats`).
@@ -103,12 +104,24 @@ pub static CLUSTER_IPS: HashMap<u32, u8> =
 pub static SERVICE_CIDRS: LpmTrie<u32, u8> =
     LpmTrie::with_max_entries(limits::MAX_SERVICE_CIDRS, 0);
 
+/// The in-kernel conntrack collector (see `gc`): its timer lives in a map
+/// value, which the kernel only allows in a map with BTF, hence the one
+/// BTF-defined map of the object.
+#[btf_map(name = "NETLB_CT_GC")]
+pub static CT_GC: btf_maps::Array<CtGc, { CtGc::SLOTS as usize }> = btf_maps::Array::new();
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn count(index: u32) {
+    add(index, 1);
+}
+
+/// Adds `n` to a per-CPU counter.
+#[inline(always)]
+pub fn add(index: u32, n: u64) {
     if let Some(ptr) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *ptr += 1 };
+        unsafe { *ptr += n };
     }
 }
 

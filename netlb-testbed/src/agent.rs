@@ -136,6 +136,16 @@ impl AgentProcess {
         false
     }
 
+    /// SIGSTOP: the agent is frozen (an OOM-thrashing or stuck agent, a
+    /// paused container) until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.child.pause();
+    }
+
+    pub fn resume(&self) {
+        self.child.resume();
+    }
+
     /// SIGKILL: no cleanup, pins and links stay.
     pub fn kill_hard(&mut self) {
         self.child.kill_hard();

@@ -102,6 +102,17 @@ impl ChildGuard {
     }
 
     /// SIGKILL and reap.
+    /// SIGSTOP: the process is frozen (its threads, its timers) until
+    /// [`resume`](Self::resume) or its end.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     pub fn kill_hard(&mut self) {
         self.signal(libc::SIGKILL);
         if let Some(mut child) = self.child.take() {
@@ -112,6 +123,8 @@ impl ChildGuard {
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status if
     /// the process exited by itself.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        // A paused process handles SIGTERM only once it runs again.
+        self.signal(libc::SIGCONT);
         self.signal(libc::SIGTERM);
         let mut child = self.child.take()?;
         let deadline = Instant::now() + grace;

@@ -280,10 +280,18 @@ impl Dataplane for FakeDataplane {
 pub struct FakeConntrack {
     pub entries: BTreeMap<CtKey4, CtEntry4>,
     pub capacity: u32,
+    /// What the next snapshot returns instead of `entries` (a table read
+    /// while the datapath kept writing: torn between buckets).
+    pub torn_snapshot: Option<Vec<(CtKey4, CtEntry4)>>,
+    /// The last heartbeat.
+    pub heartbeat: Option<u32>,
 }
 
 impl ConntrackTable for FakeConntrack {
     fn entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>, DataplaneError> {
+        if let Some(snapshot) = &self.torn_snapshot {
+            return Ok(snapshot.clone());
+        }
         Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
     }
 
@@ -298,5 +306,10 @@ impl ConntrackTable for FakeConntrack {
 
     fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    fn heartbeat(&mut self, now_s: u32) -> Result<(), DataplaneError> {
+        self.heartbeat = Some(now_s);
+        Ok(())
     }
 }

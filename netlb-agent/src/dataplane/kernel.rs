@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use netlb_common::{
-    AffinityMatchKey, BackendStats, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey,
+    AffinityMatchKey, BackendStats, BackendValue, CtEntry4, CtGc, CtKey4, RevNatValue, ServiceKey,
     ServiceValue, SourceRangeKey, map_names, stat,
 };
 
@@ -505,14 +505,17 @@ impl PodSources {
     }
 }
 
-/// The conntrack map.
+/// The conntrack map, and the in-kernel collector's slot (the agent's
+/// heartbeat).
 pub struct KernelConntrack {
     map: HashMap<MapData, CtKey4, CtEntry4>,
+    gc: Array<MapData, CtGc>,
     capacity: u32,
 }
 
 impl KernelConntrack {
-    fn new(map: Map) -> Result<Self, DataplaneError> {
+    fn new(map: Map, gc: Map) -> Result<Self, DataplaneError> {
+        let gc: Array<MapData, CtGc> = typed(gc, map_names::CT_GC)?;
         let map: HashMap<MapData, CtKey4, CtEntry4> = typed(map, map_names::CONNTRACK)?;
         let capacity = aya::maps::IterableMap::map(&map)
             .info()
@@ -521,15 +524,49 @@ impl KernelConntrack {
                 source: io_error(e),
             })?
             .max_entries();
-        Ok(Self { map, capacity })
+        Ok(Self { map, gc, capacity })
     }
 
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
-        Self::new(open_pinned(dir, map_names::CONNTRACK)?)
+        Self::new(
+            open_pinned(dir, map_names::CONNTRACK)?,
+            open_pinned(dir, map_names::CT_GC)?,
+        )
     }
 
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        Self::new(take(ebpf, map_names::CONNTRACK)?)
+        Self::new(
+            take(ebpf, map_names::CONNTRACK)?,
+            take(ebpf, map_names::CT_GC)?,
+        )
+    }
+
+    /// Writes the agent's slot of the in-kernel collector: its period and a
+    /// heartbeat of now (this agent's collector is about to sweep). Before
+    /// [`loader::arm_ct_gc`](crate::loader::arm_ct_gc), which reads the
+    /// period.
+    pub fn configure(&mut self, interval: std::time::Duration) -> Result<(), DataplaneError> {
+        let agent = CtGc {
+            interval_ms: interval.as_millis().clamp(1000, u128::from(u32::MAX)) as u32,
+            agent_sweep_s: crate::conntrack::monotonic_now_s(),
+            ..Default::default()
+        };
+        // The agent's slot only: writing the kernel's would cancel its timer.
+        self.gc
+            .set(CtGc::AGENT, agent, 0)
+            .map_err(write_err(map_names::CT_GC, "agent".into()))
+    }
+
+    /// The in-kernel collector's slots as they are now: (the kernel's, the
+    /// agent's).
+    pub fn collector(&self) -> Result<(CtGc, CtGc), DataplaneError> {
+        let read = |slot| {
+            self.gc.get(&slot, 0).map_err(|e| DataplaneError::Read {
+                map: map_names::CT_GC,
+                source: io_error(e),
+            })
+        };
+        Ok((read(CtGc::KERNEL)?, read(CtGc::AGENT)?))
     }
 
     /// Inserts or replaces an entry (tests seed the table with it).
@@ -576,6 +613,16 @@ impl ConntrackTable for KernelConntrack {
 
     fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    fn heartbeat(&mut self, now_s: u32) -> Result<(), DataplaneError> {
+        // The agent's slot alone (an update of the kernel's slot would
+        // cancel its timer); only the agent writes it.
+        let (_, mut agent) = self.collector()?;
+        agent.agent_sweep_s = now_s;
+        self.gc
+            .set(CtGc::AGENT, agent, 0)
+            .map_err(write_err(map_names::CT_GC, "agent".into()))
     }
 }
 

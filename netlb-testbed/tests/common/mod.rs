@@ -208,13 +208,33 @@ impl Cluster {
     /// Starts the agent (logging to `log` in the run directory) and waits
     /// for its first sync.
     pub fn start_agent_with(&mut self, source: AgentSource, log: &str) {
+        self.start_agent_opts(source, log, &[], find_binary("netlb-agent"), true);
+    }
+
+    /// Starts node 0's agent from the manifest directory with extra flags
+    /// and waits for its first sync.
+    pub fn start_agent_args(&mut self, args: &[&str]) {
+        let source = AgentSource::Manifests(self.manifests.clone());
+        self.start_agent_opts(source, "agent.log", args, find_binary("netlb-agent"), true);
+    }
+
+    /// Starts node 0's agent: `binary` (another build, e.g. an earlier
+    /// release), flags, whether it removes its pins on exit.
+    pub fn start_agent_opts(
+        &mut self,
+        source: AgentSource,
+        log: &str,
+        args: &[&str],
+        binary: PathBuf,
+        cleanup_on_exit: bool,
+    ) {
         let agent = AgentProcess::start(
             &self.tb.nodes[0],
             &AgentOptions {
-                binary: find_binary("netlb-agent"),
+                binary,
                 source,
-                extra_args: vec![],
-                cleanup_on_exit: true,
+                extra_args: args.iter().map(|a| a.to_string()).collect(),
+                cleanup_on_exit,
                 capabilities: None,
             },
             &self.tb.dir.join(log),

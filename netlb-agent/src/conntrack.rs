@@ -591,6 +591,7 @@ mod tests {
             rev_nat_index: 4,
             lifetime_s: lifetime,
             created_s: 200,
+            ..Default::default()
         };
         let egress_key = ct_link_key(&conn_key, &conn, ct_kind::EGRESS);
         let mut check = CtTuple {

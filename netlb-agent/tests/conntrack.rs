@@ -733,3 +733,188 @@ fn the_kernel_collector_reclaims_expired_entries_while_the_agent_is_away() {
     // The kept connection still works.
     keep_alive(&dp);
 }
+
+/// A window scale option (shift 7) as a SYN carries it.
+const WSCALE_7: [u8; 4] = [1, 3, 3, 7];
+
+/// The state of the one SERVICE entry whose client port is `sport`.
+fn state_of(dp: &Datapath, sport: u16) -> CtState {
+    let conns = dp.entries_of(ct_kind::SERVICE);
+    let (_, conn) = conns
+        .iter()
+        .find(|(k, _)| u16::from_be(k.sport_be) == sport)
+        .expect("connection");
+    CtState::of(proto::TCP, conn.flags)
+}
+
+/// Issue 17, item 7: a blind RST or FIN from the Internet to an idle
+/// NodePort connection (its tuple guessed, its sequence numbers not) is
+/// dropped and leaves the connection established; the endpoints' own RST
+/// and FIN, in window, still close it.
+#[test]
+fn a_blind_rst_from_outside_never_closes_a_node_port_connection() {
+    let mut dp = Datapath::load();
+    let np = Frontend::node_port(30080, proto::TCP, 8);
+    dp.add_frontend(np, &[(BACKENDS[0], 9376)], backend_flags_local());
+    // Client ISN 1,000,000, backend ISN 5,000,000, both with window scale 7.
+    let syn = PacketBuilder::tcp(EXT, 20000, NODE, 30080)
+        .syn()
+        .seq(1_000_000)
+        .tcp_options(&WSCALE_7)
+        .build();
+    through_node(&dp, &syn);
+    let synack = PacketBuilder::tcp(BACKENDS[0], 9376, EXT, 20000)
+        .syn()
+        .seq(5_000_000)
+        .ack_number(1_000_001)
+        .tcp_options(&WSCALE_7)
+        .build();
+    let (verdict, _) = dp.run(program_names::TO_NETDEV, &synack);
+    assert_eq!(verdict, TCX_NEXT);
+    let ack = PacketBuilder::tcp(EXT, 20000, NODE, 30080)
+        .seq(1_000_001)
+        .ack_number(5_000_001)
+        .window(512)
+        .build();
+    through_node(&dp, &ack);
+    let reply = PacketBuilder::tcp(BACKENDS[0], 9376, EXT, 20000)
+        .seq(5_000_001)
+        .ack_number(1_000_001)
+        .window(512)
+        .payload(b"hello")
+        .build();
+    dp.run(program_names::TO_NETDEV, &reply);
+    assert_eq!(state_of(&dp, 20000), CtState::Established);
+
+    // Blind RSTs and a FIN far outside the backend's window (64 KiB at
+    // scale 7 around 1,000,001): dropped, counted, no state change.
+    for seq in [1_000_001 + 10_000_000, 3_000_000_000, 1_000_001 - 200_000] {
+        for forged in [
+            PacketBuilder::tcp(EXT, 20000, NODE, 30080)
+                .rst()
+                .seq(seq)
+                .build(),
+            PacketBuilder::tcp(EXT, 20000, NODE, 30080)
+                .fin()
+                .seq(seq)
+                .ack_number(5_000_006)
+                .build(),
+        ] {
+            let (verdict, _) = dp.run(program_names::FROM_NETDEV, &forged);
+            assert_eq!(verdict, TC_ACT_SHOT, "seq {seq}");
+        }
+    }
+    assert_eq!(dp.stat(stat::DROP_CT_OUT_OF_WINDOW), 6);
+    assert_eq!(state_of(&dp, 20000), CtState::Established);
+    // Data still flows.
+    through_node(&dp, &data(EXT, 20000, NODE, 30080));
+    // The client's own RST, at its next sequence number, closes it.
+    let rst = PacketBuilder::tcp(EXT, 20000, NODE, 30080)
+        .rst()
+        .seq(1_000_001)
+        .build();
+    through_node(&dp, &rst);
+    assert_eq!(state_of(&dp, 20000), CtState::Closing);
+}
+
+fn backend_flags_local() -> u8 {
+    netlb_common::backend_flags::LOCAL
+}
+
+/// Issue 17, item 7: another pod forges the backend's RST towards a client
+/// pod (a source the datapath cannot tell apart): out of the client's
+/// window it is dropped at the client's interface and the connection stays;
+/// the backend's real RST closes it.
+#[test]
+fn a_forged_backend_rst_never_closes_another_pods_connection() {
+    let mut dp = Datapath::load();
+    dp.add_service(VIP, 80, proto::TCP, &[(BACKENDS[0], 9376)]);
+    let syn = PacketBuilder::tcp(CLIENT, 47000, VIP, 80)
+        .syn()
+        .seq(7_000_000)
+        .tcp_options(&WSCALE_7)
+        .build();
+    dp.run(program_names::FROM_POD, &syn);
+    let synack = PacketBuilder::tcp(BACKENDS[0], 9376, CLIENT, 47000)
+        .syn()
+        .seq(9_000_000)
+        .ack_number(7_000_001)
+        .tcp_options(&WSCALE_7)
+        .build();
+    assert_eq!(dp.run(program_names::TO_POD, &synack).0, TCX_NEXT);
+    let ack = PacketBuilder::tcp(CLIENT, 47000, VIP, 80)
+        .seq(7_000_001)
+        .ack_number(9_000_001)
+        .window(256)
+        .build();
+    assert_eq!(dp.run(program_names::FROM_POD, &ack).0, TCX_NEXT);
+    assert_eq!(state_of(&dp, 47000), CtState::Established);
+    // The forger does not know the backend's sequence numbers.
+    let forged = PacketBuilder::tcp(BACKENDS[0], 9376, CLIENT, 47000)
+        .rst()
+        .seq(123_456)
+        .build();
+    assert_eq!(dp.run(program_names::TO_POD, &forged).0, TC_ACT_SHOT);
+    let forged_fin = PacketBuilder::tcp(BACKENDS[0], 9376, CLIENT, 47000)
+        .fin()
+        .seq(9_000_001 + 5_000_000)
+        .ack_number(7_000_001)
+        .build();
+    assert_eq!(dp.run(program_names::TO_POD, &forged_fin).0, TC_ACT_SHOT);
+    assert_eq!(dp.stat(stat::DROP_CT_OUT_OF_WINDOW), 2);
+    assert_eq!(state_of(&dp, 47000), CtState::Established);
+    // The client still reaches its backend; the backend's own RST (at its
+    // next sequence number) closes the connection.
+    let (_, out) = dp.run(program_names::FROM_POD, &data(CLIENT, 47000, VIP, 80));
+    assert_eq!(Ipv4Packet::parse(&out).unwrap().daddr(), BACKENDS[0]);
+    let rst = PacketBuilder::tcp(BACKENDS[0], 9376, CLIENT, 47000)
+        .rst()
+        .seq(9_000_001)
+        .build();
+    let (verdict, out) = dp.run(program_names::TO_POD, &rst);
+    assert_eq!(verdict, TCX_NEXT);
+    assert_eq!(Ipv4Packet::parse(&out).unwrap().saddr(), VIP);
+    assert_eq!(state_of(&dp, 47000), CtState::Closing);
+}
+
+/// Issue 17, item 7: a pod that forges an outside client's address (the
+/// tuple of a source-NATed NodePort connection) cannot close or take over
+/// that connection: the connection was opened at the uplink, so a pod's
+/// packet naming it is dropped, SYN included; the outside client keeps its
+/// backend and NAT port.
+#[test]
+fn a_pod_forging_an_outside_client_cannot_take_over_its_connection() {
+    let mut dp = Datapath::load();
+    let np = Frontend::node_port(30080, proto::TCP, 8);
+    dp.add_frontend(np, &[(REMOTE, 9376)], 0);
+    let syn = PacketBuilder::tcp(EXT, 21000, NODE, 30080).syn().build();
+    let out = through_node(&dp, &syn);
+    let nat_port = Ipv4Packet::parse(&out).unwrap().sport();
+    let reply = PacketBuilder::tcp(REMOTE, 9376, NODE, nat_port)
+        .syn()
+        .ack()
+        .build();
+    through_node(&dp, &reply);
+    // The forger is a local pod: its packets enter at `from_pod`, with the
+    // outside client's tuple (RST, then a SYN to re-open it elsewhere).
+    for forged in [
+        PacketBuilder::tcp(EXT, 21000, NODE, 30080)
+            .rst()
+            .ack()
+            .build(),
+        PacketBuilder::tcp(EXT, 21000, NODE, 30080).syn().build(),
+        data(EXT, 21000, NODE, 30080),
+    ] {
+        assert_eq!(dp.run(program_names::FROM_POD, &forged).0, TC_ACT_SHOT);
+    }
+    assert_eq!(dp.stat(stat::DROP_CT_WRONG_SIDE), 3);
+    let conns = dp.entries_of(ct_kind::SERVICE);
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0].1.target_addr, be_addr(REMOTE));
+    assert_eq!(
+        CtState::of(proto::TCP, conns[0].1.flags),
+        CtState::Established
+    );
+    let out = through_node(&dp, &data(EXT, 21000, NODE, 30080));
+    assert_eq!(Ipv4Packet::parse(&out).unwrap().sport(), nat_port);
+}

@@ -15,7 +15,7 @@
 //! `(vip, port, proto, scope, slot)`; slot 0 is the frontend itself and holds
 //! the backend count; slots `1..=count` hold backend ids; backends live in their
 //! own map by id and reverse NAT information lives in a third map by index.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// An IPv4 address as `_be` fields hold it: its wire bytes in memory order
 /// (so `from_ne_bytes` of the octets, whatever the host's byte order).
@@ -541,11 +541,109 @@ pub struct CtEntry<A> {
     pub lifetime_s: u32,
     /// When the connection was created, seconds of `CLOCK_MONOTONIC`.
     pub created_s: u32,
+    /// TCP: what one side of the connection sent, for the window check of
+    /// the other side's RSTs and FINs. SERVICE: the client's; the
+    /// connection's reply link (REPLY east-west, EGRESS north-south): the
+    /// backend's; unused elsewhere.
+    pub win: TcpWin,
 }
 /// The IPv4 conntrack value.
 pub type CtEntry4 = CtEntry<u32>;
-const _: () = assert!(core::mem::size_of::<CtEntry<u32>>() == 36);
-const _: () = assert!(core::mem::size_of::<CtEntry<[u32; 4]>>() == 72);
+const _: () = assert!(core::mem::size_of::<CtEntry<u32>>() == 48);
+const _: () = assert!(core::mem::size_of::<CtEntry<[u32; 4]>>() == 84);
+
+/// One side of a TCP connection as the datapath saw it send: the highest
+/// acknowledgment number and the largest window it advertised. A RST or FIN
+/// from the other side changes the connection's state only when its
+/// sequence number lies within what this side would accept (the kernel's
+/// conntrack judges segments by the same window, `tcp_in_window`): a blind
+/// RST from the Internet, or one forged by another pod, is dropped and
+/// counted instead of closing the connection. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TcpWin {
+    /// The highest acknowledgment number this side sent: the next sequence
+    /// number it expects from the other.
+    pub ack: u32,
+    /// The largest receive window this side advertised, scaled, in bytes.
+    pub win: u32,
+    /// This side's window scale (RFC 7323) from its SYN, or
+    /// [`TcpWin::SCALE_UNKNOWN`] (the check then assumes the largest).
+    pub scale: u8,
+    /// [`TcpWin::ACK_SEEN`]: `ack` and `win` hold what this side sent.
+    pub flags: u8,
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<TcpWin>() == 12);
+
+impl TcpWin {
+    /// This side's SYN was not seen (a connection carried over from an
+    /// earlier layout): windows are taken at the largest scale.
+    pub const SCALE_UNKNOWN: u8 = 0xff;
+    /// RFC 7323's largest shift.
+    pub const MAX_SCALE: u8 = 14;
+    /// `flags`: `ack` and `win` are known.
+    pub const ACK_SEEN: u8 = 1;
+
+    /// A side whose SYN carried window scale `scale` (0 without the
+    /// option) and advertised `raw_win` in it (never scaled in a SYN).
+    #[inline(always)]
+    pub const fn from_syn(scale: u8, raw_win: u16) -> Self {
+        Self {
+            ack: 0,
+            win: raw_win as u32,
+            scale: if scale > Self::MAX_SCALE {
+                Self::MAX_SCALE
+            } else {
+                scale
+            },
+            flags: 0,
+            pad: [0; 2],
+        }
+    }
+
+    /// Records a segment this side sent (`ack` only means something with
+    /// `has_ack`; a SYN's window is never scaled). Returns whether
+    /// anything changed, so that an unchanged entry is not written.
+    #[inline(always)]
+    pub fn record(&mut self, syn: bool, has_ack: bool, ack: u32, raw_win: u16) -> bool {
+        let mut changed = false;
+        if has_ack && (self.flags & Self::ACK_SEEN == 0 || (ack.wrapping_sub(self.ack) as i32) > 0)
+        {
+            self.ack = ack;
+            self.flags |= Self::ACK_SEEN;
+            changed = true;
+        }
+        let shift = if syn {
+            0
+        } else if self.scale > Self::MAX_SCALE {
+            Self::MAX_SCALE
+        } else {
+            self.scale
+        };
+        let win = (raw_win as u32) << shift;
+        if win > self.win {
+            self.win = win;
+            changed = true;
+        }
+        changed
+    }
+
+    /// Whether a segment from the other side with sequence number `seq` is
+    /// within what this side accepts: `[ack - win - 1, ack + win + 1]`
+    /// (liberal below, for retransmissions of what was already
+    /// acknowledged). Anything goes while this side's ack is unknown.
+    #[inline(always)]
+    pub const fn admits(&self, seq: u32) -> bool {
+        if self.flags & Self::ACK_SEEN == 0 {
+            return true;
+        }
+        let low = self.ack.wrapping_sub(self.win).wrapping_sub(1);
+        let span = self.win.saturating_mul(2).saturating_add(2);
+        seq.wrapping_sub(low) <= span
+    }
+}
 
 /// Normalises an EGRESS key so that both directions of a flow find the same
 /// entry: the lower (address, port) end first, compared as stored (any total
@@ -1018,4 +1116,58 @@ mod user {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for CtGc {}
+    unsafe impl aya::Pod for TcpWin {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A side that acknowledged up to 1,000,000 with a 64 KiB window
+    /// (scale 7: 512 raw).
+    fn side() -> TcpWin {
+        let mut w = TcpWin::from_syn(7, 64_240);
+        assert!(w.record(false, true, 1_000_000, 512));
+        w
+    }
+
+    #[test]
+    fn a_segment_in_the_window_is_admitted_and_one_outside_is_not() {
+        let w = side();
+        assert_eq!(w.win, 512 << 7, "scaled, larger than the SYN's");
+        for seq in [
+            1_000_000,
+            1_000_000 + 65_537,
+            1_000_000 - 1,
+            1_000_000 - 65_537,
+        ] {
+            assert!(w.admits(seq), "{seq}");
+        }
+        for seq in [1_000_000 + 65_538, 1_000_000 - 65_538, 0, 3_000_000_000] {
+            assert!(!w.admits(seq), "{seq}");
+        }
+    }
+
+    #[test]
+    fn acks_only_move_forward_across_the_sequence_wrap() {
+        let mut w = TcpWin::from_syn(0, 1000);
+        assert!(w.record(false, true, u32::MAX - 10, 1000));
+        assert!(w.record(false, true, 5, 1000), "wrapped forward");
+        assert!(!w.record(false, true, u32::MAX - 100, 1000), "old ack");
+        assert_eq!(w.ack, 5);
+        assert!(w.admits(u32::MAX - 500));
+        assert!(w.admits(900));
+        assert!(!w.admits(2000));
+    }
+
+    #[test]
+    fn an_unknown_side_admits_everything_and_an_unknown_scale_is_the_largest() {
+        assert!(TcpWin::default().admits(12345));
+        let mut w = TcpWin {
+            scale: TcpWin::SCALE_UNKNOWN,
+            ..Default::default()
+        };
+        w.record(false, true, 10, 1);
+        assert_eq!(w.win, 1 << TcpWin::MAX_SCALE);
+    }
 }

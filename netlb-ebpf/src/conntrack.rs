@@ -21,7 +21,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use netlb_common::{
-    CtEntry4, CtKey4, CtState, CtTuple, DatapathConfig, ct_flags, ct_timeouts, proto,
+    CtEntry4, CtKey4, CtState, CtTuple, DatapathConfig, TcpWin, ct_flags, ct_kind, ct_timeouts,
+    proto,
 };
 
 use crate::{
@@ -152,15 +153,84 @@ pub enum Found {
     /// address): a new connection replaces it.
     Stale(CtEntry4),
     Missing,
+    /// A RST or FIN outside the window the backend accepts: dropped, the
+    /// connection left as it is.
+    OutOfWindow,
+    /// A live connection opened at the other kind of hook (an outside
+    /// client's tuple from a pod, or a pod's from outside): a forged
+    /// source, dropped.
+    WrongSide,
+}
+
+/// A TCP RST or FIN: the segments that change a connection's state and are
+/// checked against the window.
+#[inline(always)]
+fn closes(pkt: &Packet) -> bool {
+    pkt.proto == proto::TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// The client's side of a new connection opened by `pkt` (its SYN: window
+/// scale and window).
+#[inline(always)]
+pub fn client_side(pkt: &Packet) -> TcpWin {
+    if pkt.proto == proto::TCP {
+        TcpWin::from_syn(pkt.wscale, pkt.win)
+    } else {
+        TcpWin::default()
+    }
+}
+
+/// Records what a TCP packet tells about its sender in the sender's side
+/// `side` (acknowledgment, window, a SYN's scale); stores only a change.
+///
+/// # Safety
+/// `side` points into a live value of the conntrack map.
+#[inline(always)]
+unsafe fn record_sender(side: *mut TcpWin, pkt: &Packet) {
+    if pkt.proto != proto::TCP {
+        return;
+    }
+    // SAFETY: per the function's contract; plain stores (CPUs racing on
+    // one connection store values that only ever move forward).
+    unsafe {
+        let mut w = *side;
+        let syn = pkt.tcp_flags & TCP_SYN != 0;
+        let mut changed = false;
+        if syn && w.scale != pkt.wscale {
+            w.scale = pkt.wscale;
+            changed = true;
+        }
+        if w.record(syn, pkt.tcp_flags & TCP_ACK != 0, pkt.ack, pkt.win) || changed {
+            *side = w;
+        }
+    }
+}
+
+/// The reply link's kind of a connection: where the backend's side lives.
+#[inline(always)]
+fn reply_kind(conn: &CtEntry4) -> u8 {
+    if conn.flags & ct_flags::NORTH_SOUTH != 0 {
+        ct_kind::EGRESS
+    } else {
+        ct_kind::REPLY
+    }
 }
 
 /// Looks up the connection of a packet the client sent to a frontend with
-/// rev-NAT index `rev_nat_index`. A connection is only used for the frontend
-/// it was made for (a deleted and re-created frontend has a new index, as in
-/// Cilium), only while alive, and a TCP SYN (without ACK) on a closing
-/// connection starts a new one on the reused tuple.
+/// rev-NAT index `rev_nat_index`, at a hook of kind `north_south`. A
+/// connection is only used for the frontend it was made for (a deleted and
+/// re-created frontend has a new index, as in Cilium), only while alive,
+/// only from the kind of hook that opened it, and a TCP SYN (without ACK)
+/// on a closing connection starts a new one on the reused tuple. A RST or
+/// FIN must lie within the backend's window to count.
 #[inline(always)]
-pub fn find(conn_key: &CtKey4, pkt: &Packet, rev_nat_index: u32, cfg: &DatapathConfig) -> Found {
+pub fn find(
+    conn_key: &CtKey4,
+    pkt: &Packet,
+    rev_nat_index: u32,
+    cfg: &DatapathConfig,
+    north_south: bool,
+) -> Found {
     let Some(conn) = maps::CONNTRACK.get_ptr_mut(conn_key) else {
         return Found::Missing;
     };
@@ -173,8 +243,23 @@ pub fn find(conn_key: &CtKey4, pkt: &Packet, rev_nat_index: u32, cfg: &DatapathC
     if !alive(&value, now) || reopen || value.rev_nat_index != rev_nat_index {
         return Found::Stale(value);
     }
+    if (value.flags & ct_flags::NORTH_SOUTH != 0) != north_south {
+        return Found::WrongSide;
+    }
+    if closes(pkt) {
+        let link = link_key(conn_key, &value, reply_kind(&value));
+        // SAFETY: the value is copied out at once.
+        if let Some(backend) = unsafe { maps::CONNTRACK.get(link) }.copied()
+            && !backend.win.admits(pkt.seq)
+        {
+            return Found::OutOfWindow;
+        }
+    }
     // SAFETY: as above.
-    unsafe { touch(conn, pkt, false, cfg, now) };
+    unsafe {
+        record_sender(&raw mut (*conn).win, pkt);
+        touch(conn, pkt, false, cfg, now);
+    }
     Found::Live(value)
 }
 
@@ -232,12 +317,17 @@ pub fn delete(key: &CtKey4) -> bool {
 }
 
 /// A link entry derived from its connection: same translation data, trusted
-/// for `LINK_REFRESH_S`.
+/// for `LINK_REFRESH_S`; the backend's side starts unknown (its SYN-ACK
+/// brings its window scale).
 #[inline(always)]
 pub fn link_value(conn: &CtEntry4, flags: u16, now: u32) -> CtEntry4 {
     CtEntry4 {
         flags,
         lifetime_s: now.wrapping_add(ct_timeouts::LINK_REFRESH_S),
+        win: TcpWin {
+            scale: TcpWin::SCALE_UNKNOWN,
+            ..TcpWin::default()
+        },
         ..*conn
     }
 }
@@ -303,6 +393,17 @@ pub fn create(
     Ok(())
 }
 
+/// What following a link gives a packet.
+pub enum Followed {
+    /// The link's translation applies.
+    Translate(CtEntry4),
+    /// No live connection has this link: the packet passes as it is.
+    Pass,
+    /// A RST or FIN outside the window the receiving side accepts: dropped,
+    /// the connection left as it is.
+    OutOfWindow,
+}
+
 /// Follows a link for a packet: returns the link's translation when it may
 /// be applied. `reply`: whether the packet travels in the connection's reply
 /// direction (decided from the link, see EGRESS).
@@ -311,22 +412,36 @@ pub fn create(
 /// control packet. Otherwise its connection is looked up: when the
 /// connection is alive and still has this very link, the packet is recorded
 /// in it and the link is trusted for another `LINK_REFRESH_S`; when not, the
-/// link is stale, so it is deleted and `None` lets the packet pass as it is.
+/// link is stale, so it is deleted and the packet passes as it is. A RST or
+/// FIN must lie within the receiver's window: the client's (in the
+/// connection) for a reply, the backend's (in the EGRESS link itself) for a
+/// forward packet.
+///
+/// The backend's side is recorded in the link that holds it (REPLY, or
+/// EGRESS for a reply); a NAT_IN link only translates.
 #[inline(always)]
 pub fn follow(
     link_key_: &CtKey4,
     pkt: &Packet,
     cfg: &DatapathConfig,
     reply: impl FnOnce(&CtEntry4) -> bool,
-) -> Option<CtEntry4> {
-    let link = maps::CONNTRACK.get_ptr_mut(link_key_)?;
+) -> Followed {
+    let Some(link) = maps::CONNTRACK.get_ptr_mut(link_key_) else {
+        return Followed::Pass;
+    };
     // The clock is read only once a packet is known to be tracked: most
     // packets on these hooks are not, and pay for one lookup only.
     let now = now_s();
     // SAFETY: pointer to a live map value, copied out.
     let value = unsafe { *link };
+    let is_reply = reply(&value);
+    let holds_sender = is_reply && link_key_.kind != ct_kind::NAT_IN;
     if now < value.lifetime_s && !is_control(pkt) {
-        return Some(value);
+        if holds_sender {
+            // SAFETY: pointer to a live map value.
+            unsafe { record_sender(&raw mut (*link).win, pkt) };
+        }
+        return Followed::Translate(value);
     }
     let conn_key = netlb_common::ct_link_owner(link_key_, &value);
     if let Some(conn) = maps::CONNTRACK.get_ptr_mut(conn_key) {
@@ -344,17 +459,26 @@ pub fn follow(
             && !reused
             && link_key(&conn_key, &conn_value, link_key_.kind) == *link_key_
         {
+            if closes(pkt) {
+                let receiver = if is_reply { conn_value.win } else { value.win };
+                if !receiver.admits(pkt.seq) {
+                    return Followed::OutOfWindow;
+                }
+            }
             // SAFETY: both pointers are live map values; plain stores.
             unsafe {
-                touch(conn, pkt, reply(&value), cfg, now);
+                if holds_sender {
+                    record_sender(&raw mut (*link).win, pkt);
+                }
+                touch(conn, pkt, is_reply, cfg, now);
                 (*link).lifetime_s = now.wrapping_add(ct_timeouts::LINK_REFRESH_S);
             }
-            return Some(value);
+            return Followed::Translate(value);
         }
     }
     remove(link_key_);
     maps::count(netlb_common::stat::CT_STALE_LINK);
-    None
+    Followed::Pass
 }
 
 /// Looks up a link without recording anything (ICMP errors): returns it if

@@ -26,7 +26,7 @@ use netlb_common::{
 };
 
 use crate::{
-    conntrack::{self, tuple},
+    conntrack::{self, Followed, tuple},
     lb::Frontend,
     maps, nat,
     parse::Packet,
@@ -60,6 +60,7 @@ pub fn create_flow(
         lifetime_s: now
             .wrapping_add(cfg.timeout_s(pkt.proto, netlb_common::CtState::of(pkt.proto, 0))),
         created_s: now,
+        win: conntrack::client_side(pkt),
         ..Default::default()
     };
     let snat = backend.flags & backend_flags::LOCAL == 0 && cfg.snat_addr_be != 0;
@@ -185,8 +186,10 @@ fn random_port(min: u32, max: u32) -> u32 {
 #[inline(always)]
 pub fn restore_reply(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<bool, Reason> {
     let key = conntrack::key(pkt, ct_kind::NAT_IN);
-    let Some(link) = conntrack::follow(&key, pkt, cfg, |_| true) else {
-        return Ok(false);
+    let link = match conntrack::follow(&key, pkt, cfg, |_| true) {
+        Followed::Translate(link) => link,
+        Followed::Pass => return Ok(false),
+        Followed::OutOfWindow => return Err(Reason::CtOutOfWindow),
     };
     nat::dnat(ctx, pkt, link.target_addr, link.target_port_be)?;
     maps::count(stat::SNAT_REVERSE);
@@ -203,11 +206,15 @@ pub fn egress(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<(),
     let swapped = netlb_common::ct_normalize(&mut key);
     // The packet travels client -> backend when the client end is its source.
     let from_client = |link: &CtEntry4| (link.flags & ct_flags::CLIENT_IS_SADDR != 0) != swapped;
-    let Some(link) = conntrack::follow(&key, pkt, cfg, |l| !from_client(l)) else {
-        if pkt.proto == proto::UDP {
-            record_host_flow(pkt, cfg);
+    let link = match conntrack::follow(&key, pkt, cfg, |l| !from_client(l)) {
+        Followed::Translate(link) => link,
+        Followed::Pass => {
+            if pkt.proto == proto::UDP {
+                record_host_flow(pkt, cfg);
+            }
+            return Ok(());
         }
-        return Ok(());
+        Followed::OutOfWindow => return Err(Reason::CtOutOfWindow),
     };
     if from_client(&link) {
         if link.flags & ct_flags::SNAT != 0 {

@@ -104,6 +104,114 @@ pub struct Packet {
     pub pad: u8,
     /// Offset of the L4 checksum field.
     pub l4_csum_off: usize,
+    /// TCP sequence and acknowledgment numbers. Host byte order (compared
+    /// with wrapping arithmetic, never written back).
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP receive window as in the header (unscaled). Host byte order.
+    pub win: u16,
+    /// A SYN's window scale option (0 without it); 0 for other packets.
+    pub wscale: u8,
+    /// Always zero.
+    pub pad2: u8,
+}
+
+impl Packet {
+    /// A tuple without TCP header fields (ICMP quotes, later fragments,
+    /// socket addresses).
+    #[inline(always)]
+    pub const fn tuple(
+        saddr_be: u32,
+        sport_be: u16,
+        daddr_be: u32,
+        dport_be: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto,
+            tcp_flags: 0,
+            no_l4: false,
+            pad: 0,
+            l4_csum_off: 0,
+            seq: 0,
+            ack: 0,
+            win: 0,
+            wscale: 0,
+            pad2: 0,
+        }
+    }
+}
+
+/// The fixed part of a TCP header after the ports, as on the wire.
+#[repr(C)]
+struct TcpFields {
+    /// Network byte order.
+    seq_be: u32,
+    /// Network byte order.
+    ack_be: u32,
+    /// Data offset (high nibble) and reserved bits.
+    doff: u8,
+    flags: u8,
+    /// Network byte order.
+    win_be: u16,
+}
+
+/// Longest TCP header (data offset 15).
+const TCP_MAX_HLEN: usize = 60;
+/// Options walked in a SYN before giving up (a SYN carries five at most in
+/// practice: MSS, SACK permitted, timestamps, NOP, window scale).
+const TCP_MAX_OPTIONS: usize = 12;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WINDOW: u8 = 3;
+
+/// The window scale option of a SYN whose header is `hlen` bytes long (0
+/// without one). Bounded for the verifier: at most `TCP_MAX_OPTIONS`
+/// options. The option bytes are read with `bpf_skb_load_bytes`
+/// (`TcContext::load`), not through packet pointers: with a variable
+/// offset, LLVM folds `data + off + 1 > data_end` into
+/// `data + off >= data_end`, whose fall-through the verifier grants no
+/// readable range ("R3 offset is outside of the packet"). Only SYNs pay for
+/// these helper calls.
+#[inline(always)]
+fn syn_wscale(ctx: &TcContext, hlen: usize) -> u8 {
+    let end = L4_OFF
+        + if hlen > TCP_MAX_HLEN {
+            TCP_MAX_HLEN
+        } else {
+            hlen
+        };
+    let mut off = L4_OFF + TCP_HLEN;
+    for _ in 0..TCP_MAX_OPTIONS {
+        if off >= end {
+            break;
+        }
+        let Ok(kind) = ctx.load::<u8>(off) else {
+            break;
+        };
+        if kind == TCPOPT_EOL {
+            break;
+        }
+        if kind == TCPOPT_NOP {
+            off += 1;
+            continue;
+        }
+        let Ok(len) = ctx.load::<u8>(off + 1) else {
+            break;
+        };
+        if len < 2 {
+            break;
+        }
+        if kind == TCPOPT_WINDOW && len == 3 {
+            return ctx.load::<u8>(off + 2).unwrap_or(0);
+        }
+        off += usize::from(len);
+    }
+    0
 }
 
 /// An ICMP error quoting a TCP or UDP header: the outer addresses and the
@@ -127,8 +235,6 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-/// Offset of the TCP flags byte.
-const TCP_FLAGS_OFF: usize = L4_OFF + 13;
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
@@ -177,17 +283,13 @@ fn icmp_error(ctx: &TcContext, outer: (u32, u32)) -> Option<IcmpError> {
     Some(IcmpError {
         outer_saddr_be: outer.0,
         outer_daddr_be: outer.1,
-        inner: Packet {
-            saddr_be: inner.saddr_be,
-            daddr_be: inner.daddr_be,
+        inner: Packet::tuple(
+            inner.saddr_be,
             sport_be,
+            inner.daddr_be,
             dport_be,
-            proto: inner.protocol,
-            tcp_flags: 0,
-            l4_csum_off: 0,
-            no_l4: false,
-            pad: 0,
-        },
+            inner.protocol,
+        ),
     })
 }
 
@@ -242,15 +344,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
             return Ok(None);
         };
         return Ok(Some(Parsed::L4(Packet {
-            saddr_be,
-            daddr_be,
-            sport_be: ports.sport_be,
-            dport_be: ports.dport_be,
-            proto: protocol,
-            tcp_flags: 0,
-            l4_csum_off: 0,
             no_l4: true,
-            pad: 0,
+            ..Packet::tuple(saddr_be, ports.sport_be, daddr_be, ports.dport_be, protocol)
         })));
     }
     if ctx.data() + L4_OFF + l4_len > ctx.data_end() {
@@ -259,28 +354,28 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Parsed>, Reason> {
     let ports = ptr_at::<[u16; 2]>(ctx, L4_OFF).ok_or(Reason::TruncatedL4)?;
     // SAFETY: `ptr_at` checked the bounds.
     let [sport_be, dport_be] = unsafe { *ports };
-    let tcp_flags = if protocol == proto::TCP {
-        let flags = ptr_at::<u8>(ctx, TCP_FLAGS_OFF).ok_or(Reason::TruncatedL4)?;
-        // SAFETY: `ptr_at` checked the bounds.
-        unsafe { *flags }
-    } else {
-        0
+    let mut pkt = Packet {
+        l4_csum_off,
+        ..Packet::tuple(saddr_be, sport_be, daddr_be, dport_be, protocol)
     };
+    if protocol == proto::TCP {
+        let tcp = ptr_at::<TcpFields>(ctx, L4_OFF + 4).ok_or(Reason::TruncatedL4)?;
+        // SAFETY: `ptr_at` checked the bounds.
+        let tcp = unsafe { &*tcp };
+        pkt.tcp_flags = tcp.flags;
+        pkt.seq = u32::from_be(tcp.seq_be);
+        pkt.ack = u32::from_be(tcp.ack_be);
+        pkt.win = u16::from_be(tcp.win_be);
+        if tcp.flags & TCP_SYN != 0 {
+            let hlen = usize::from(tcp.doff >> 4) * 4;
+            pkt.wscale = syn_wscale(ctx, hlen);
+        }
+    }
     if frag != 0 {
         // The first fragment (MF set, offset 0): its ports for the others.
         // Best effort: without the entry the later fragments pass as they
         // are.
         let _ = maps::FRAGMENTS.insert(frag_key, FragPorts { sport_be, dport_be }, 0);
     }
-    Ok(Some(Parsed::L4(Packet {
-        saddr_be,
-        daddr_be,
-        sport_be,
-        dport_be,
-        proto: protocol,
-        tcp_flags,
-        l4_csum_off,
-        no_l4: false,
-        pad: 0,
-    })))
+    Ok(Some(Parsed::L4(pkt)))
 }

@@ -11,7 +11,7 @@ use netlb_common::{
 };
 
 use crate::{
-    conntrack::{self, Found},
+    conntrack::{self, Followed, Found},
     icmp,
     lb::{self, Frontend},
     maps, nat, nodeport,
@@ -127,11 +127,15 @@ fn to_frontend(
     // `Option<CtEntry4>`, whose `None` leaves the payload undefined; a copy
     // of undefined bytes may be read from a register a helper call
     // clobbered, which the verifier rejects (`R3 !read_ok`).
-    let (stale, old) = match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg) {
-        Found::Live(conn) => return Ok(Ok(Flow::Existing(conn))),
-        Found::Stale(old) => (true, old),
-        Found::Missing => (false, CtEntry4::default()),
-    };
+    let north_south = link_kind == ct_kind::EGRESS;
+    let (stale, old) =
+        match conntrack::find(&conn_key, pkt, fe.value.rev_nat_index, cfg, north_south) {
+            Found::Live(conn) => return Ok(Ok(Flow::Existing(conn))),
+            Found::Stale(old) => (true, old),
+            Found::Missing => (false, CtEntry4::default()),
+            Found::OutOfWindow => return Err(Reason::CtOutOfWindow),
+            Found::WrongSide => return Err(Reason::CtWrongSide),
+        };
     if !conntrack::can_open(pkt) {
         return not_new().map(Err);
     }
@@ -191,12 +195,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
         // since the reply is addressed to the client's own pod, and send it
         // straight back (see `nat::bounce`).
         let key = conntrack::key(&pkt, ct_kind::REPLY);
-        if let Some(link) = conntrack::follow(&key, &pkt, &cfg, |_| true) {
-            nat::snat_to_frontend(ctx, &pkt, &link)?;
-            nat::dnat_addr(ctx, &pkt, pkt.saddr_be)?;
-            return nat::bounce(ctx);
-        }
-        return Ok(NEXT);
+        return match conntrack::follow(&key, &pkt, &cfg, |_| true) {
+            Followed::Translate(link) => {
+                nat::snat_to_frontend(ctx, &pkt, &link)?;
+                nat::dnat_addr(ctx, &pkt, pkt.saddr_be)?;
+                nat::bounce(ctx)
+            }
+            Followed::Pass => Ok(NEXT),
+            Followed::OutOfWindow => Err(Reason::CtOutOfWindow),
+        };
     }
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
         if !conntrack::can_open(&pkt) {
@@ -236,6 +243,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
                 rev_nat_index: fe.value.rev_nat_index,
                 lifetime_s: now.wrapping_add(cfg.timeout_s(pkt.proto, CtState::of(pkt.proto, 0))),
                 created_s: now,
+                win: conntrack::client_side(&pkt),
                 ..Default::default()
             };
             let reply = conntrack::link_key(conn_key, &conn, ct_kind::REPLY);
@@ -278,8 +286,10 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Reason> {
     };
     let key = conntrack::key(&pkt, ct_kind::REPLY);
     let cfg = maps::config();
-    if let Some(link) = conntrack::follow(&key, &pkt, &cfg, |_| true) {
-        nat::snat_to_frontend(ctx, &pkt, &link)?;
+    match conntrack::follow(&key, &pkt, &cfg, |_| true) {
+        Followed::Translate(link) => nat::snat_to_frontend(ctx, &pkt, &link)?,
+        Followed::Pass => {}
+        Followed::OutOfWindow => return Err(Reason::CtOutOfWindow),
     }
     Ok(NEXT)
 }

@@ -65,17 +65,13 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // The socket cookie stands in for the source in the hash: a socket
     // keeps its backend while the backend set does not change (an
     // unconnected UDP socket sending to one VIP, say).
-    let pkt = Packet {
-        saddr_be: cookie as u32,
-        daddr_be: daddr,
-        sport_be: (cookie >> 32) as u16,
+    let pkt = Packet::tuple(
+        cookie as u32,
+        (cookie >> 32) as u16,
+        daddr,
         dport_be,
-        proto: protocol,
-        tcp_flags: 0,
-        l4_csum_off: 0,
-        no_l4: false,
-        pad: 0,
-    };
+        protocol,
+    );
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
         // A cluster IP's undefined port: refused; an unallocated Service
         // address: as a dropped SYN would end, at once.

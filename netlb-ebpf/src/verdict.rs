@@ -26,6 +26,8 @@ pub enum Reason {
     SourceRange = stat::DROP_SOURCE_RANGE,
     UnallocatedServiceIp = stat::DROP_UNALLOCATED_SERVICE_IP,
     TupleCollision = stat::DROP_TUPLE_COLLISION,
+    CtOutOfWindow = stat::DROP_CT_OUT_OF_WINDOW,
+    CtWrongSide = stat::DROP_CT_WRONG_SIDE,
 }
 
 impl From<Reason> for i32 {

@@ -59,6 +59,10 @@ pub struct PacketBuilder {
     options: Vec<u8>,
     fragment_offset: u16,
     zero_udp_checksum: bool,
+    seq: u32,
+    ack_number: Option<u32>,
+    window: u16,
+    tcp_options: Vec<u8>,
 }
 
 impl PacketBuilder {
@@ -74,7 +78,39 @@ impl PacketBuilder {
             options: Vec::new(),
             fragment_offset: 0,
             zero_udp_checksum: false,
+            seq: 1000,
+            ack_number: None,
+            window: 64240,
+            tcp_options: Vec::new(),
         }
+    }
+
+    /// TCP sequence number (default 1000).
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// TCP acknowledgment number (sets ACK; default 2000 with `ack()`).
+    pub fn ack_number(mut self, ack: u32) -> Self {
+        self.tcp_flags |= 0x10;
+        self.ack_number = Some(ack);
+        self
+    }
+
+    /// TCP window field (default 64240).
+    pub fn window(mut self, window: u16) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// TCP options (padded to a multiple of 4 bytes with EOL).
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        while !self.tcp_options.len().is_multiple_of(4) {
+            self.tcp_options.push(0);
+        }
+        self
     }
 
     pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
@@ -186,14 +222,19 @@ impl PacketBuilder {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         let csum_at = if self.protocol == proto::TCP {
-            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            let ack: u32 = if self.tcp_flags & 0x10 != 0 { 2000 } else { 0 };
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            let ack: u32 = match self.ack_number {
+                Some(ack) => ack,
+                None if self.tcp_flags & 0x10 != 0 => 2000,
+                None => 0,
+            };
             l4.extend_from_slice(&ack.to_be_bytes());
-            l4.push(5 << 4); // data offset
+            l4.push(((5 + self.tcp_options.len() / 4) as u8) << 4); // data offset
             l4.push(self.tcp_flags);
-            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+            l4.extend_from_slice(&self.window.to_be_bytes());
             l4.extend_from_slice(&[0, 0]); // checksum
             l4.extend_from_slice(&[0, 0]); // urgent
+            l4.extend_from_slice(&self.tcp_options);
             16
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());

@@ -53,11 +53,20 @@ fn init_logging(verbosity: u8, json: bool) -> anyhow::Result<()> {
         3..=4 => "debug",
         _ => "trace",
     };
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.is_empty() => tracing_subscriber::EnvFilter::try_new(value)
-            .context("RUST_LOG is not a valid filter")?,
-        _ => tracing_subscriber::EnvFilter::new(level),
+    let mut spec = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.is_empty() => value,
+        _ => level.to_owned(),
     };
+    // kube's client logs an ERROR for every failed request (and a WARN
+    // when a watch stream is cut), its watcher a WARN for every 403; the
+    // agent's watchers report the same failures once per outage, with a
+    // summary a minute, and the metrics count each. A filter that names
+    // kube's targets itself brings them back.
+    if !spec.contains("kube_") {
+        spec.push_str(",kube_client::client=error,kube_client::client::builder=off,kube_runtime::watcher=error");
+    }
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&spec).context("RUST_LOG is not a valid filter")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -133,9 +142,10 @@ enum Command {
         /// Default: the node's cgroup2 mount. "" turns it off.
         #[arg(long, env = "NETLB_CGROUP_ROOT")]
         cgroup_root: Option<String>,
-        /// Renew API watches this often; a watch silent for this long plus
-        /// 5 s is re-established (a half-open connection).
-        #[arg(long, default_value_t = 290, env = "NETLB_WATCH_TIMEOUT_S")]
+        /// Renew API watches about this often (each within 8/9 to 10/9 of
+        /// it); a connection silent for this long plus 10 s is taken for
+        /// dead and replaced (a half-open connection).
+        #[arg(long, default_value_t = 45, env = "NETLB_WATCH_TIMEOUT_S")]
         watch_timeout_s: u64,
         /// /healthz and /livez address (kube-proxy's default); "" disables.
         #[arg(

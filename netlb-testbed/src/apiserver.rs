@@ -29,7 +29,12 @@
 //! [`FakeApiServer::set_resource_forbidden`] answers 403 as RBAC would, and
 //! [`FakeApiServer::stop_serving`] / [`FakeApiServer::serve_again`] close the
 //! listening socket (connections refused) and reopen it with the same state,
-//! as a restarted API server.
+//! as a restarted API server. [`FakeApiServer::set_throttled`] answers 429
+//! with `Retry-After` as API Priority and Fairness does,
+//! [`FakeApiServer::set_reject_watches`] serves lists but answers every
+//! watch with an error, and [`FakeApiServer::stall_watches`] makes open
+//! watches go silent; [`FakeApiServer::requests`] logs when each request
+//! came and how it was answered.
 //!
 //! Objects are stored as their JSON text (served as is) with the few fields
 //! selectors need, so that the double holds 100k realistic Services and
@@ -299,10 +304,26 @@ struct Shared {
     /// (epoch below this) stay connected but send nothing.
     stall_epoch: AtomicU64,
     stopped: AtomicBool,
+    /// `Retry-After` seconds of the 429 every request gets while set.
+    throttled: Mutex<Option<u64>>,
+    /// Watch requests answered 500 while set (lists are served).
+    reject_watches: AtomicBool,
+    /// Every request: when, what, the status code.
+    log: Mutex<Vec<RequestRecord>>,
     /// Requests served, by kind ("list"/"watch"), for assertions.
     lists: AtomicU64,
     watches: AtomicU64,
     gone: AtomicU64,
+}
+
+/// One request the double answered.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub at: Instant,
+    pub resource: Option<Resource>,
+    pub watch: bool,
+    /// The HTTP status it got (200 for a watch that was served).
+    pub status: u16,
 }
 
 /// A running test double. Dropping it stops accepting connections.
@@ -355,6 +376,9 @@ impl FakeApiServer {
             listener: Mutex::new(Some(listener)),
             stall_epoch: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            throttled: Mutex::new(None),
+            reject_watches: AtomicBool::new(false),
+            log: Mutex::new(Vec::new()),
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
             gone: AtomicU64::new(0),
@@ -599,6 +623,39 @@ impl FakeApiServer {
         self.shared.stall_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Answers every request with `429 Too Many Requests` and a
+    /// `Retry-After` of `retry_after_s` while set (API Priority and
+    /// Fairness rejecting a flow), and cuts open watches; `None`: served
+    /// normally again.
+    pub fn set_throttled(&self, retry_after_s: Option<u64>) {
+        *self
+            .shared
+            .throttled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = retry_after_s;
+        if retry_after_s.is_some() {
+            self.drop_watches();
+        }
+    }
+
+    /// Serves lists but answers every watch with `500 Internal Server
+    /// Error` while set, and cuts open watches.
+    pub fn set_reject_watches(&self, reject: bool) {
+        self.shared.reject_watches.store(reject, Ordering::SeqCst);
+        if reject {
+            self.drop_watches();
+        }
+    }
+
+    /// Every request answered so far.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// (lists, watches, 410 answers) served so far.
     pub fn request_counts(&self) -> (u64, u64, u64) {
         (
@@ -700,9 +757,22 @@ fn respond(stream: &TcpStream, status: &str, body: &Value) {
     respond_text(stream, status, &body.to_string());
 }
 
-fn respond_text(mut stream: &TcpStream, status: &str, body: &str) {
+fn respond_text(stream: &TcpStream, status: &str, body: &str) {
+    respond_with_headers(stream, status, &[], body);
+}
+
+fn respond_with_headers(
+    mut stream: &TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes());
@@ -833,7 +903,24 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     if delay > 0 {
         std::thread::sleep(Duration::from_millis(delay));
     }
+    let watch = matches!(
+        request.query.get("watch").map(String::as_str),
+        Some("1" | "true")
+    );
+    let record = |status: u16| {
+        shared
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RequestRecord {
+                at: Instant::now(),
+                resource: route(&request.path).map(|(r, _)| r),
+                watch,
+                status,
+            });
+    };
     if shared.unavailable.load(Ordering::SeqCst) {
+        record(503);
         respond(
             &stream,
             "503 Service Unavailable",
@@ -841,7 +928,36 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         );
         return;
     }
+    let throttled = *shared.throttled.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(retry_after) = throttled {
+        record(429);
+        // As API Priority and Fairness answers: the header, and a Status
+        // with the same delay in its details.
+        let mut status = status_object(
+            429,
+            "TooManyRequests",
+            "Too many requests, please try again later.",
+        );
+        status["details"] = json!({ "retryAfterSeconds": retry_after });
+        respond_with_headers(
+            &stream,
+            "429 Too Many Requests",
+            &[("Retry-After", retry_after.to_string())],
+            &status.to_string(),
+        );
+        return;
+    }
+    if watch && shared.reject_watches.load(Ordering::SeqCst) {
+        record(500);
+        respond(
+            &stream,
+            "500 Internal Server Error",
+            &status_object(500, "InternalError", "test double: watches rejected"),
+        );
+        return;
+    }
     if request.method != "GET" {
+        record(405);
         respond(
             &stream,
             "405 Method Not Allowed",
@@ -854,6 +970,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         return;
     }
     let Some((resource, namespace)) = route(&request.path) else {
+        record(404);
         respond(
             &stream,
             "404 Not Found",
@@ -889,6 +1006,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             ),
         );
         status["details"] = json!({"group": group, "kind": plural});
+        record(403);
         respond(&stream, "403 Forbidden", &status);
         return;
     }
@@ -898,6 +1016,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         .unwrap_or_else(|e| e.into_inner())
         .contains(&resource)
     {
+        record(503);
         respond(
             &stream,
             "503 Service Unavailable",
@@ -909,10 +1028,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         );
         return;
     }
-    let watch = matches!(
-        request.query.get("watch").map(String::as_str),
-        Some("1" | "true")
-    );
+    record(200);
     if watch {
         serve_watch(stream, shared, resource, namespace, &request.query);
     } else {

@@ -18,6 +18,12 @@ use std::path::PathBuf;
 /// A binary built by this workspace, next to the running executable's
 /// target directory (`target/<profile>/`, skipping `deps/`).
 pub fn find_binary(name: &str) -> PathBuf {
+    // Another build of the agent (an earlier release, to compare).
+    if name == "netlb-agent"
+        && let Some(path) = std::env::var_os("NETLB_TEST_AGENT")
+    {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") {

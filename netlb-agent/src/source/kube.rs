@@ -16,9 +16,13 @@
 //! completed a first list (the store's `synced`).
 //!
 //! The watches use kube-proxy's label selector (no foreign
-//! `service-proxy-name`, no headless slices), and a short bounded backoff
-//! that resets on success, so that lists and watches are back within a
-//! second of the API server answering again after a restart.
+//! `service-proxy-name`, no headless slices). Failed requests are retried
+//! on [`retry`]'s schedule (a fast first retry, then growing with jitter to
+//! 30 s, `Retry-After` honoured, starting over once a watch is
+//! established), and an outage is logged as one line, a summary a minute,
+//! and one line when it ends. Watches end every 40-50 s (the server's
+//! `timeoutSeconds`) and a connection that stays silent for 55 s is taken
+//! for dead: a half-open connection is replaced within a minute.
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +32,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         mpsc::Sender,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tracing::Instrument as _;
 
@@ -38,9 +42,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::watcher,
 };
 
+use super::retry::{Backoff, Outage, OutageLog, RetryAfter, RetryPolicy};
 use crate::{
     objects::{
         DecodeError, HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject,
@@ -194,9 +199,12 @@ pub struct ApiConfig {
     pub node_name: Option<String>,
     /// `--proxy-name`: Services labelled with it are ours too.
     pub proxy_name: Option<String>,
-    /// Watches are renewed this often (the server ends them); a watch that
-    /// stays silent for this long plus 5 s is taken for a dead (half-open)
-    /// connection and re-established. kube-rs' defaults: 290 s and 295 s.
+    /// Watches are renewed about this often (the server ends them; each
+    /// watch takes a random value between 8/9 and 10/9 of it, so that nodes
+    /// do not renew in step); a connection that stays silent for this long
+    /// plus 10 s is taken for a dead (half-open) one and replaced. kube-rs'
+    /// defaults are 290 s and 295 s; 45 s keeps a dead connection's
+    /// detection under a minute.
     pub watch_timeout: Duration,
 }
 
@@ -207,7 +215,7 @@ impl Default for ApiConfig {
             master: None,
             node_name: None,
             proxy_name: None,
-            watch_timeout: Duration::from_secs(290),
+            watch_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -268,45 +276,6 @@ impl Drop for ApiSource {
         for task in &self.tasks {
             task.abort();
         }
-    }
-}
-
-/// Retries after 100 ms, doubling up to 500 ms, each delay shortened by up
-/// to a fifth at random (so that a restarted API server is not met by
-/// every node at the same instant), and starts over after every successful
-/// event: a watch is back within half a second of the API server answering
-/// again (kube-rs' default grows to 30 s, which left a restarted API
-/// server's changes unserved for seconds). Three watches retrying twice a
-/// second is no load for a server that answers nothing.
-#[derive(Clone, Debug)]
-struct QuickBackoff {
-    next: Duration,
-}
-
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
-
-impl Iterator for QuickBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let delay = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        // A random fraction from the standard library's hasher seeds.
-        let random = {
-            use std::hash::{BuildHasher as _, Hasher as _};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(delay.as_nanos() as u64);
-            h.finish()
-        };
-        let fifth = delay.as_micros() as u64 / 5;
-        Some(delay - Duration::from_micros(random % fifth.max(1)))
-    }
-}
-
-impl kube::runtime::utils::Backoff for QuickBackoff {
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
     }
 }
 
@@ -404,7 +373,8 @@ fn forget<W: WireKind>(store: &mut ObjectStore, obj: &Watched<W>) {
 }
 
 /// Spawns a watcher for `kind` that records into `store` and wakes
-/// `notify` on every event.
+/// `notify` on every event; failures are retried on [`retry`]'s schedule
+/// and logged as an [`Outage`].
 fn spawn_watcher<W: Record>(
     runtime: &tokio::runtime::Handle,
     client: Client,
@@ -413,15 +383,32 @@ fn spawn_watcher<W: Record>(
 ) -> tokio::task::JoinHandle<()> {
     let kind = W::KIND;
     let api: Api<Watched<W>> = Api::all(client);
-    let stream = watcher(api, config).backoff(QuickBackoff { next: BACKOFF_MIN });
+    // No `.backoff()`: the loop below waits between failures itself, so
+    // that it can honour `Retry-After` and reset only once a watch is
+    // established.
+    let stream = watcher(api, config);
     runtime.spawn(
         async move {
             let mut stream = std::pin::pin!(stream);
+            let mut backoff = Backoff::new(RetryPolicy::default());
+            let mut outage = Outage::default();
             loop {
                 let event = stream.try_next().await;
                 match event {
                     Ok(Some(event)) => {
                         sink.stats.events.fetch_add(1, Ordering::Relaxed);
+                        if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_)) {
+                            backoff.established();
+                        }
+                        if let Some(OutageLog::Recovered { errors, lasted }) =
+                            outage.succeeded(Instant::now())
+                        {
+                            log::info!(
+                                "{} watch recovered after {errors} failed attempts in {:.0?}",
+                                kind.name(),
+                                lasted
+                            );
+                        }
                         // Objects of a (re)list wake the sync loop once, when
                         // the list is complete (it cannot use a partial list).
                         let wake = !matches!(event, watcher::Event::InitApply(_));
@@ -453,6 +440,8 @@ fn spawn_watcher<W: Record>(
                     Ok(None) => return,
                     Err(e) => {
                         sink.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        let delay = backoff.failed(now, sink.retry_after.floor(now));
                         let status = match &e {
                             watcher::Error::InitialListFailed(kube::Error::Api(status))
                             | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
@@ -462,15 +451,24 @@ fn spawn_watcher<W: Record>(
                         };
                         if matches!(status, Some(403 | 404)) {
                             let message = format!("listing {}s fails: {e}", kind.name());
-                            let mut failing =
-                                sink.failing.lock().unwrap_or_else(|e| e.into_inner());
-                            if failing.insert(kind, message.clone()).is_none() {
-                                log::error!("{message}");
-                            }
-                        } else {
-                            log::warn!("{} watch: {e}", kind.name());
+                            sink.failing
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(kind, message);
+                        }
+                        match outage.failed(now) {
+                            Some(OutageLog::Started) => log::warn!(
+                                "{} watch failing: {e}; retrying in {delay:.1?}, then less and less often (a summary a minute until it recovers)",
+                                kind.name()
+                            ),
+                            Some(OutageLog::Summary { recent, total }) => log::warn!(
+                                "{} watch still failing: {recent} failed attempts in the last minute, {total} in all; last: {e}; next attempt in {delay:.1?}",
+                                kind.name()
+                            ),
+                            _ => {}
                         }
                         let _ = sink.notify.send(());
+                        tokio::time::sleep(delay).await;
                     }
                 }
             }
@@ -491,6 +489,18 @@ struct Sink {
     notify: Sender<()>,
     stats: Arc<WatchStats>,
     failing: Arc<Mutex<BTreeMap<Kind, String>>>,
+    retry_after: RetryAfter,
+}
+
+/// A watch's `timeoutSeconds`: 8/9 to 10/9 of `timeout`, at random, so
+/// that the nodes of a cluster do not renew their watches in step.
+fn watch_timeout_s(timeout: Duration) -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(timeout.as_nanos() as u64);
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    let s = timeout.as_secs_f64() * (8.0 + 2.0 * unit) / 9.0;
+    (s.round() as u32).max(1)
 }
 
 impl ApiSource {
@@ -504,8 +514,14 @@ impl ApiSource {
         notify: Sender<()>,
     ) -> Result<Self, ApiSourceError> {
         let mut config = runtime.block_on(client_config(&cfg))?;
-        // Each read on a watch must see bytes within this time.
-        config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(5));
+        // Each read must see bytes within this time: a watch ends (the
+        // server's timeoutSeconds, at most 10/9 of the watch timeout)
+        // before it, so only a dead connection stays silent this long.
+        config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(10));
+        // The watchers retry on their own schedule (see `retry`); the
+        // client's built-in retry of 429/503/504 would add a second,
+        // invisible one.
+        config.default_retry = false;
         // kube-proxy's informer selector: no foreign service-proxy-name (a
         // proxy name of our own is filtered by the model), no headless
         // slices (nor Services labelled so).
@@ -513,12 +529,25 @@ impl ApiSource {
             None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
             Some(_) => format!("!{HEADLESS_LABEL}"),
         };
-        let watch_config = watcher::Config::default()
-            .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
-            .labels(&labels);
+        let watch_config = |timeout| {
+            watcher::Config::default()
+                .timeout(watch_timeout_s(timeout))
+                .labels(&labels)
+        };
         log::info!("API server {}", config.cluster_url);
+        let retry_after = RetryAfter::default();
+        let observed = retry_after.clone();
+        // Kube's errors carry the status, not the headers: a layer notes
+        // the `Retry-After` of every 429 and 503 for the watch that gets
+        // the error.
+        let capture = tower::util::MapResponseLayer::new(move |response: http::Response<_>| {
+            observed.observe(response.status(), response.headers(), Instant::now());
+            response
+        });
         let client = runtime.block_on(async {
-            Client::try_from(config).map_err(|source| ApiSourceError::Client { source })
+            kube::client::ClientBuilder::try_from(config)
+                .map(|builder| builder.with_layer(&capture).build())
+                .map_err(|source| ApiSourceError::Client { source })
         })?;
         let stats = Arc::new(WatchStats::default());
         let failing = Arc::new(Mutex::new(BTreeMap::new()));
@@ -527,19 +556,20 @@ impl ApiSource {
             notify,
             stats: Arc::clone(&stats),
             failing: Arc::clone(&failing),
+            retry_after,
         };
         let _guard = runtime.enter();
         let mut tasks = vec![
             spawn_watcher::<wire::Service>(
                 runtime,
                 client.clone(),
-                watch_config.clone(),
+                watch_config(cfg.watch_timeout),
                 sink.clone(),
             ),
             spawn_watcher::<wire::EndpointSlice>(
                 runtime,
                 client.clone(),
-                watch_config,
+                watch_config(cfg.watch_timeout),
                 sink.clone(),
             ),
         ];
@@ -548,7 +578,7 @@ impl ApiSource {
                 runtime,
                 client.clone(),
                 watcher::Config::default()
-                    .timeout(cfg.watch_timeout.as_secs().max(1) as u32)
+                    .timeout(watch_timeout_s(cfg.watch_timeout))
                     .fields(&format!("metadata.name={name}")),
                 sink,
             ));

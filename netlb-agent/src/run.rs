@@ -680,10 +680,7 @@ fn sync_step(
                 // Topology hints depend on the zone: every Service again.
                 log::info!("this node's zone: {}", zone.as_deref().unwrap_or("(none)"));
                 p.node.zone = zone;
-                store.mark_all();
-                let more = store.take_changes();
-                changes.services = more.services;
-                changes.triggers.extend(more.triggers);
+                changes = store.widen_to_all(changes);
             }
         }
         let undecodable = store.undecodable_objects();

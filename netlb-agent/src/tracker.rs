@@ -286,6 +286,21 @@ impl ObjectStore {
         }
     }
 
+    /// `taken` (changes already taken this step) widened to every Service,
+    /// for a change of something every Service's model depends on (the
+    /// node's zone): the Services of `taken` stay in it, a deleted one
+    /// (which `mark_all` no longer knows) included, with every other one
+    /// added. No change is lost however events combine in one step.
+    pub fn widen_to_all(&mut self, mut taken: Changes) -> Changes {
+        self.mark_services(taken.services.drain(..).map(|c| c.key));
+        self.mark_all();
+        let all = self.take_changes();
+        taken.services = all.services;
+        taken.triggers.extend(all.triggers);
+        taken.node = taken.node.or(all.node);
+        taken
+    }
+
     /// Marks the given Services dirty (verification resync, retries).
     pub fn mark_services(&mut self, keys: impl IntoIterator<Item = ObjectKey>) {
         for key in keys {
@@ -394,6 +409,37 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// A Service deleted in the same step as a zone change of the Node: the
+    /// step recomputes every Service, the deleted one included (it would
+    /// otherwise stay programmed, and keep its cluster IP from a new
+    /// Service).
+    #[test]
+    fn a_deletion_in_the_same_step_as_a_zone_change_is_not_lost() {
+        let mut store = ObjectStore::default();
+        for name in ["a", "b"] {
+            let s = svc(&mut store, name, 80);
+            store.apply_service(s);
+        }
+        store.take_changes();
+        store.delete_service("default", "a");
+        let zone = store.names().intern("zone-b");
+        store.apply_node(NodeObject {
+            zone: Some(zone),
+            deleting: false,
+        });
+        let taken = store.take_changes();
+        assert!(taken.node.is_some());
+        let widened = store.widen_to_all(taken);
+        let keys: Vec<(String, bool)> = widened
+            .services
+            .iter()
+            .map(|c| (c.key.1.to_string(), c.service.is_some()))
+            .collect();
+        assert_eq!(keys, [("a".into(), false), ("b".into(), true)]);
+        assert!(widened.node.is_some());
+        assert!(store.take_changes().services.is_empty());
     }
 
     #[test]

@@ -715,3 +715,82 @@ fn ten_thousand_realistic_services_program_and_one_change_is_followed() {
         .to_owned();
     assert!(last.contains(": 1 Services recomputed"), "{last}");
 }
+
+/// Issue 17, item 5: a Service deleted in the same sync step as a zone
+/// change of this node (both events wait out the minimum sync period
+/// together) is removed from the datapath, and a new Service that gets its
+/// cluster IP is served.
+#[test]
+fn a_deletion_in_the_same_step_as_a_zone_change_is_programmed() {
+    let mut a = ApiCluster::new(&["myapp-1"]);
+    a.api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node0", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        }))
+        .unwrap();
+    a.api.apply(my_service()).unwrap();
+    a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
+    let agent = a.spawn_agent(&["--min-sync-period", "2s"], "agent.log");
+    assert!(
+        agent.wait_for_log("initial sync complete", 1, Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    a.c.agent = Some(agent);
+    a.wait_for_backends(&["myapp-1"]);
+    // A sync right now (another Service), so that the next two events
+    // wait out the minimum sync period together and land in one step.
+    std::thread::sleep(Duration::from_secs(3));
+    let synced = a.c.agent_log().matches("synced ").count();
+    a.api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "trigger", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80, "protocol": "TCP"}]},
+        }))
+        .unwrap();
+    let agent = a.c.agent.as_ref().unwrap();
+    assert!(
+        agent.wait_for_log("synced ", synced + 1, Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    // The Service and its slice (the garbage collector deletes it with the
+    // Service).
+    a.api.delete(Resource::Services, "default", "my-service");
+    a.api
+        .delete(Resource::EndpointSlices, "default", "my-service-abc12");
+    a.api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node0", "labels": {"topology.kubernetes.io/zone": "zone-b"}},
+        }))
+        .unwrap();
+    let agent = a.c.agent.as_ref().unwrap();
+    assert!(
+        agent.wait_for_log("this node's zone: zone-b", 1, Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    let only_trigger = vec![("10.96.0.12:80".to_owned(), Vec::new())];
+    wait_until(Duration::from_secs(10), || {
+        (a.programmed() == only_trigger).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "still programmed: {:?}\n{}",
+            a.programmed(),
+            a.c.agent_log()
+        )
+    });
+    // The cluster IP goes to a new Service.
+    let mut other = my_service();
+    other["metadata"]["name"] = json!("other-service");
+    a.api.apply(other).unwrap();
+    let mut slice = my_slice(&a.pods(&["myapp-1"]));
+    slice["metadata"]["name"] = json!("other-service-xyz");
+    slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!("other-service");
+    a.api.apply(slice).unwrap();
+    a.wait_for_backends(&["myapp-1"]);
+}

@@ -2,6 +2,7 @@
 //! conntrack garbage collector: port ranges, Go-style durations, conntrack
 //! timeouts and the datapath's runtime configuration.
 
+use std::path::{Path, PathBuf};
 use std::{net::Ipv4Addr, str::FromStr, time::Duration};
 
 use netlb_common::{DatapathConfig, be_addr, config_flags, ct_timeouts, port_ranges};
@@ -212,7 +213,15 @@ fn mask(prefix: u8) -> u32 {
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
 pub fn ephemeral_ports() -> Option<PortRange> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    ephemeral_ports_in(Path::new(SYSCTL_IPV4))
+}
+
+/// Where the network namespace's IPv4 sysctls are (per namespace: the
+/// agent's, once it entered the node's).
+const SYSCTL_IPV4: &str = "/proc/sys/net/ipv4";
+
+fn ephemeral_ports_in(dir: &Path) -> Option<PortRange> {
+    let text = std::fs::read_to_string(dir.join("ip_local_port_range")).ok()?;
     let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
     match (parts.next(), parts.next()) {
         (Some(Ok(min)), Some(Ok(max))) if min > 0 && min <= max => Some(PortRange { min, max }),
@@ -220,9 +229,148 @@ pub fn ephemeral_ports() -> Option<PortRange> {
     }
 }
 
+/// The ranges of `net.ipv4.ip_local_reserved_ports` (`1024-2047,8080`).
+fn parse_reserved(text: &str) -> Vec<PortRange> {
+    text.trim()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .filter_map(|p| match p.split_once('-') {
+            Some(_) => p.parse().ok(),
+            None => p
+                .trim()
+                .parse()
+                .ok()
+                .filter(|port: &u16| *port > 0)
+                .map(|port| PortRange {
+                    min: port,
+                    max: port,
+                }),
+        })
+        .collect()
+}
+
+/// What [`reserve_nat_ports`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NatPortReservation {
+    /// The NAT ports lie outside the ephemeral range: nothing to do.
+    NotNeeded,
+    /// The overlap was reserved already.
+    AlreadyReserved(PortRange),
+    /// The overlap was added to `ip_local_reserved_ports`.
+    Reserved(PortRange),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the NAT port range {nat} overlaps the kernel's ephemeral ports {ephemeral} \
+     (net.ipv4.ip_local_port_range), so host connections could be handed NAT ports, \
+     and {overlap} cannot be reserved in {path}; either choose a --nat-port-range \
+     outside {ephemeral}, or reserve {overlap} on the node \
+     (sysctl -w net.ipv4.ip_local_reserved_ports={overlap}) before netlb starts"
+)]
+pub struct NatPortsError {
+    nat: PortRange,
+    ephemeral: PortRange,
+    overlap: PortRange,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Makes sure no host connection is ever handed a NAT port: where the NAT
+/// port range overlaps the kernel's ephemeral ports, the overlap is added
+/// to `net.ipv4.ip_local_reserved_ports` (what the kernel never picks for
+/// an unbound socket), keeping what is reserved already. A reservation
+/// that cannot be written is an error: the agent refuses to start rather
+/// than let a host connection collide with a source-NATed flow.
+pub fn reserve_nat_ports(nat: PortRange) -> Result<NatPortReservation, NatPortsError> {
+    reserve_nat_ports_in(Path::new(SYSCTL_IPV4), nat)
+}
+
+fn reserve_nat_ports_in(dir: &Path, nat: PortRange) -> Result<NatPortReservation, NatPortsError> {
+    let Some(ephemeral) = ephemeral_ports_in(dir) else {
+        return Ok(NatPortReservation::NotNeeded);
+    };
+    if !nat.overlaps(&ephemeral) {
+        return Ok(NatPortReservation::NotNeeded);
+    }
+    let overlap = PortRange {
+        min: nat.min.max(ephemeral.min),
+        max: nat.max.min(ephemeral.max),
+    };
+    let path = dir.join("ip_local_reserved_ports");
+    let error = |source| NatPortsError {
+        nat,
+        ephemeral,
+        overlap,
+        path: path.clone(),
+        source,
+    };
+    let current = std::fs::read_to_string(&path).map_err(error)?;
+    let mut ranges = parse_reserved(&current);
+    let covered = (overlap.min..=overlap.max).all(|port| ranges.iter().any(|r| r.contains(port)));
+    if covered {
+        return Ok(NatPortReservation::AlreadyReserved(overlap));
+    }
+    ranges.push(overlap);
+    let text: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    std::fs::write(&path, text.join(",")).map_err(error)?;
+    Ok(NatPortReservation::Reserved(overlap))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sysctls(port_range: &str, reserved: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "netlb-sysctl-{}-{}",
+            std::process::id(),
+            port_range.replace(' ', "-")
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ip_local_port_range"), port_range).unwrap();
+        std::fs::write(dir.join("ip_local_reserved_ports"), reserved).unwrap();
+        dir
+    }
+
+    #[test]
+    fn nat_ports_that_overlap_the_ephemeral_ports_are_reserved() {
+        let nat: PortRange = "1024-29999".parse().unwrap();
+        // The kernel's default range: nothing to do.
+        let dir = sysctls("32768\t60999\n", "\n");
+        assert_eq!(
+            reserve_nat_ports_in(&dir, nat).unwrap(),
+            NatPortReservation::NotNeeded
+        );
+        // A common tuning: the overlap is added to what is reserved.
+        let dir = sysctls("1024 65535\n", "8080,9000-9100\n");
+        assert_eq!(
+            reserve_nat_ports_in(&dir, nat).unwrap(),
+            NatPortReservation::Reserved("1024-29999".parse().unwrap())
+        );
+        let written = std::fs::read_to_string(dir.join("ip_local_reserved_ports")).unwrap();
+        assert_eq!(written, "8080-8080,9000-9100,1024-29999");
+        assert_eq!(
+            reserve_nat_ports_in(&dir, nat).unwrap(),
+            NatPortReservation::AlreadyReserved("1024-29999".parse().unwrap())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_be_written_is_an_error_that_says_how_to_fix_it() {
+        let nat: PortRange = "1024-29999".parse().unwrap();
+        let dir = sysctls("20000 40000", "");
+        // A directory where the file should be: the write fails.
+        std::fs::remove_file(dir.join("ip_local_reserved_ports")).unwrap();
+        std::fs::create_dir(dir.join("ip_local_reserved_ports")).unwrap();
+        let e = reserve_nat_ports_in(&dir, nat).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("20000-29999"), "{text}");
+        assert!(text.contains("--nat-port-range"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn port_ranges_parse_and_compare() {

@@ -100,6 +100,8 @@ pub enum RunError {
     Api(#[from] crate::source::kube::ApiSourceError),
     #[error(transparent)]
     Listen(#[from] http::ListenError),
+    #[error(transparent)]
+    NatPorts(#[from] crate::config::NatPortsError),
     #[error("failed to watch network interfaces")]
     Interfaces {
         #[source]
@@ -350,7 +352,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         host_netns_cookie,
         ..opts.datapath.clone()
     };
-    warn_about_nat_ports(&settings);
+    check_nat_ports(&settings)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(opts.pin_dir.clone()),
         settings: settings.clone(),
@@ -951,9 +953,11 @@ fn reconcile_pod_sources(pod_sources: &mut PodSources, pods: &[NamePattern]) {
     }
 }
 
-/// Warns when the NAT port range could hand out ports the node uses
-/// otherwise.
-fn warn_about_nat_ports(settings: &DatapathSettings) {
+/// Keeps the NAT port range from colliding with the node's own ports: it
+/// is reserved where it overlaps the kernel's ephemeral ports (or the agent
+/// refuses to start, before anything is loaded), and an overlap with the
+/// NodePort range is warned about.
+fn check_nat_ports(settings: &DatapathSettings) -> Result<(), RunError> {
     let nat = settings.nat_ports;
     if nat.overlaps(&settings.node_ports) {
         log::warn!(
@@ -961,13 +965,16 @@ fn warn_about_nat_ports(settings: &DatapathSettings) {
             settings.node_ports
         );
     }
-    if let Some(ephemeral) = crate::config::ephemeral_ports()
-        && nat.overlaps(&ephemeral)
-    {
-        log::warn!(
-            "the NAT port range {nat} overlaps the kernel's ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): a host connection to a backend may collide with a NATed flow"
-        );
+    match crate::config::reserve_nat_ports(nat)? {
+        crate::config::NatPortReservation::NotNeeded => {}
+        crate::config::NatPortReservation::AlreadyReserved(range) => {
+            log::info!("NAT ports {range} are reserved (net.ipv4.ip_local_reserved_ports)")
+        }
+        crate::config::NatPortReservation::Reserved(range) => log::info!(
+            "reserved NAT ports {range} in net.ipv4.ip_local_reserved_ports: they overlap the kernel's ephemeral ports, which host connections must not get"
+        ),
     }
+    Ok(())
 }
 
 /// Attaches to new matching interfaces (uplinks get the netdev programs,

@@ -128,6 +128,7 @@ fn measure(services: usize, agent_binary: &std::path::Path) -> Row {
             extra_args: vec![],
             cleanup_on_exit: true,
             capabilities: None,
+            wrapper: Vec::new(),
         },
         &tb.dir.join("agent.log"),
     )

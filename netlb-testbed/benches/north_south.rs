@@ -107,6 +107,7 @@ fn main() {
                 extra_args: vec![],
                 cleanup_on_exit: true,
                 capabilities: None,
+                wrapper: Vec::new(),
             },
             &tb.dir.join(format!("agent-node{}.log", node.index)),
         )

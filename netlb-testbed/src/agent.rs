@@ -33,6 +33,9 @@ pub struct AgentOptions {
     /// them), instead of entering the namespace itself (`--netns`, which
     /// needs SYS_ADMIN). `None`: all of root's.
     pub capabilities: Option<Vec<String>>,
+    /// A command the agent runs under (e.g. `unshare` with a read-only
+    /// mount); empty: none.
+    pub wrapper: Vec<String>,
 }
 
 pub struct AgentProcess {
@@ -46,6 +49,15 @@ impl AgentProcess {
     /// `ip netns exec` would remount /sys and hide /sys/fs/bpf).
     pub fn start(node: &Node, opts: &AgentOptions, log: &Path) -> Result<Self, ProcessError> {
         let mut cmd = match &opts.capabilities {
+            None if !opts.wrapper.is_empty() => {
+                let mut cmd = Command::new(&opts.wrapper[0]);
+                cmd.args(&opts.wrapper[1..])
+                    .arg(&opts.binary)
+                    .arg("run")
+                    .arg("--netns")
+                    .arg(node.netns_path());
+                cmd
+            }
             None => {
                 let mut cmd = Command::new(&opts.binary);
                 cmd.arg("run").arg("--netns").arg(node.netns_path());
@@ -134,6 +146,11 @@ impl AgentProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// Waits for the agent to exit by itself (a refusal to start).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.child.wait(timeout)
     }
 
     /// SIGSTOP: the agent is frozen (an OOM-thrashing or stuck agent, a

@@ -94,6 +94,7 @@ impl ApiCluster {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             cleanup_on_exit: true,
             capabilities: None,
+            wrapper: Vec::new(),
         }
     }
 

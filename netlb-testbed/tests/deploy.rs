@@ -52,6 +52,7 @@ fn the_agent_runs_with_exactly_the_overlays_capabilities() {
             extra_args: vec![],
             cleanup_on_exit: true,
             capabilities: Some(caps.clone()),
+            wrapper: Vec::new(),
         },
         &c.tb.dir.join("agent-caps.log"),
     )

@@ -87,3 +87,100 @@ fn with_the_agent_stopped_the_table_never_fills_with_dead_connections() {
     );
     assert!(reclaimed >= 2 * u64::from(TABLE), "{reclaimed}");
 }
+
+/// The local ports the kernel hands `n` unbound UDP sockets of `netns`
+/// (a `connect` to the node's own loopback picks one; nothing is sent).
+fn ephemeral_ports_in(netns: &str, n: usize) -> Vec<u16> {
+    let path = std::path::PathBuf::from("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(&path).expect("netns");
+        // SAFETY: setns on a namespace fd we own, in a thread of our own
+        // that ends here.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let sockets: Vec<std::net::UdpSocket> = (0..n)
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                s.connect("127.0.0.1:9").expect("connect");
+                s
+            })
+            .collect();
+        sockets
+            .iter()
+            .map(|s| s.local_addr().expect("addr").port())
+            .collect()
+    })
+    .join()
+    .expect("socket thread")
+}
+
+fn sysctl(c: &Cluster, name: &str) -> String {
+    let out =
+        c.tb.exec(&c.tb.nodes[0].netns, &["sysctl", "-n", name])
+            .expect("sysctl");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Issue 17, item 8: the node's ephemeral ports cover the NAT port range
+/// (`1024 65535`, a common tuning): the agent reserves the overlap, so no
+/// host socket is handed a NAT port; where the reservation cannot be
+/// written, it refuses to start, says how to fix it, and pins nothing.
+#[test]
+fn nat_ports_that_overlap_the_ephemeral_ports_are_reserved_or_the_agent_refuses() {
+    let mut c = Cluster::new(&["nat-1"]);
+    c.expose("nat", "10.96.0.72", "TCP", (80, 9376), &["nat-1"]);
+    let node = c.tb.nodes[0].netns.clone();
+    c.tb.exec(
+        &node,
+        &["sysctl", "-w", "net.ipv4.ip_local_port_range=1024 65535"],
+    )
+    .expect("sysctl");
+    // Refused: /proc/sys read-only in the agent's mount namespace.
+    let mut refused = netlb_testbed::agent::AgentProcess::start(
+        &c.tb.nodes[0],
+        &netlb_testbed::agent::AgentOptions {
+            binary: netlb_testbed::find_binary("netlb-agent"),
+            source: netlb_testbed::agent::AgentSource::Manifests(c.manifests.clone()),
+            extra_args: vec![],
+            cleanup_on_exit: true,
+            capabilities: None,
+            wrapper: vec![
+                "unshare".into(),
+                "--mount".into(),
+                "--propagation".into(),
+                "private".into(),
+                "sh".into(),
+                "-c".into(),
+                "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"".into(),
+                "sh".into(),
+            ],
+        },
+        &c.tb.dir.join("refused.log"),
+    )
+    .expect("agent");
+    let status = refused.wait_exit(Duration::from_secs(20));
+    let log = refused.log();
+    println!("{log}");
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{log}");
+    assert!(log.contains("--nat-port-range"), "{log}");
+    assert!(
+        std::fs::read_dir(&c.tb.nodes[0].bpffs).map_or(true, |mut d| d.next().is_none()),
+        "something was pinned"
+    );
+    // Reserved.
+    c.start_agent();
+    let reserved = sysctl(&c, "net.ipv4.ip_local_reserved_ports");
+    assert!(reserved.contains("1024-29999"), "{reserved:?}");
+    assert!(c.agent_log().contains("reserved NAT ports 1024-29999"));
+    let ports = ephemeral_ports_in(&node, 3000);
+    let taken: Vec<u16> = ports.iter().copied().filter(|p| *p <= 29_999).collect();
+    assert!(taken.is_empty(), "host sockets got NAT ports: {taken:?}");
+    println!(
+        "3,000 host sockets, ports {}-{}",
+        ports.iter().min().unwrap(),
+        ports.iter().max().unwrap()
+    );
+}

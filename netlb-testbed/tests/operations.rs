@@ -116,6 +116,7 @@ fn a_flood_of_idle_connections_takes_no_thread_and_leaves_healthz_answering() {
             extra_args: vec![],
             cleanup_on_exit: true,
             capabilities: None,
+            wrapper: Vec::new(),
         },
         &tb.dir.join("agent.log"),
     )
@@ -307,6 +308,7 @@ fn a_kubeadm_kube_proxy_configuration_starts_the_agent_and_flags_override_it() {
             ],
             cleanup_on_exit: true,
             capabilities: None,
+            wrapper: Vec::new(),
         },
         &tb.dir.join("agent.log"),
     )

@@ -155,6 +155,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 extra_args: vec![],
                 cleanup_on_exit: true,
                 capabilities: None,
+                wrapper: Vec::new(),
             },
             &log,
         )?;

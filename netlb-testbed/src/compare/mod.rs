@@ -579,6 +579,7 @@ impl Bench<'_> {
                         extra_args: vec!["--cluster-cidr".into(), CLUSTER_CIDR.into()],
                         cleanup_on_exit: true,
                         capabilities: None,
+                        wrapper: Vec::new(),
                     },
                     &log,
                 )?;

@@ -236,6 +236,7 @@ impl Cluster {
                 extra_args: args.iter().map(|a| a.to_string()).collect(),
                 cleanup_on_exit,
                 capabilities: None,
+                wrapper: Vec::new(),
             },
             &self.tb.dir.join(log),
         )
@@ -275,6 +276,7 @@ impl Cluster {
                     extra_args: args.iter().map(|a| a.to_string()).collect(),
                     cleanup_on_exit: true,
                     capabilities: None,
+                    wrapper: Vec::new(),
                 },
                 &self.tb.dir.join(format!("agent-node{}.log", node.index)),
             )

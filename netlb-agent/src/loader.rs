@@ -29,8 +29,10 @@ use crate::config::DatapathSettings;
 /// The datapath object, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlb"));
 
-/// Map sizes (max entries).
-#[derive(Clone, Copy, Debug)]
+/// Map sizes (max entries): one per map that fills, each with its
+/// `--max-*` flag. The fixed arrays (`STATS`, `CONFIG`, `CT_GC`) have none;
+/// `BACKEND_STATS` follows `backends`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub service_entries: u32,
     pub backends: u32,
@@ -41,6 +43,9 @@ pub struct MapSizes {
     pub source_ranges: u32,
     pub affinity: u32,
     pub affinity_matches: u32,
+    pub cluster_ips: u32,
+    pub service_cidrs: u32,
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
@@ -55,7 +60,31 @@ impl Default for MapSizes {
             source_ranges: limits::MAX_SOURCE_RANGES,
             affinity: limits::MAX_AFFINITY,
             affinity_matches: limits::MAX_AFFINITY_MATCH,
+            cluster_ips: limits::MAX_CLUSTER_IPS,
+            service_cidrs: limits::MAX_SERVICE_CIDRS,
+            fragments: limits::MAX_FRAGMENTS,
         }
+    }
+}
+
+impl MapSizes {
+    /// Each map's size by name, as the agent programs them (the maps whose
+    /// size has a flag).
+    pub fn by_map(&self) -> [(&'static str, u32); 12] {
+        [
+            (map_names::SERVICES, self.service_entries),
+            (map_names::BACKENDS, self.backends),
+            (map_names::REV_NAT, self.rev_nat),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::POD_SOURCES, self.pod_sources),
+            (map_names::SOCK_REV, self.sock_rev),
+            (map_names::SOURCE_RANGES, self.source_ranges),
+            (map_names::AFFINITY, self.affinity),
+            (map_names::AFFINITY_MATCH, self.affinity_matches),
+            (map_names::CLUSTER_IPS, self.cluster_ips),
+            (map_names::SERVICE_CIDRS, self.service_cidrs),
+            (map_names::FRAGMENTS, self.fragments),
+        ]
     }
 }
 
@@ -129,8 +158,21 @@ pub enum LoaderError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+    #[error("cannot list the network interfaces")]
+    Interfaces {
+        #[source]
+        source: io::Error,
+    },
     #[error("arming the in-kernel conntrack collector failed at step {step}")]
     ArmCollector { step: u32 },
+    #[error(
+        "pinned map {path} has the shape {found}, not {want}: remove it (netlb-agent cleanup) and start again"
+    )]
+    Shape {
+        path: PathBuf,
+        found: String,
+        want: String,
+    },
     #[error("failed to remove {path}")]
     Remove {
         path: PathBuf,
@@ -199,8 +241,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
 /// Options for [`load`].
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// bpffs directory for pinned maps and links; `None` = nothing pinned
-    /// (datapath tests).
+    /// The instance's bpffs directory: maps are pinned in this build's
+    /// generation below it (see `layout`), links in `links/`; `None` =
+    /// nothing pinned (datapath tests).
     pub pin_dir: Option<PathBuf>,
     /// The runtime configuration; [`write_config`] changes it later.
     pub settings: DatapathSettings,
@@ -208,9 +251,8 @@ pub struct LoadOptions {
 }
 
 /// What a map of the object looks like: its type, key and value sizes and
-/// entries. A pinned map that differs (an older agent's layout, or other
-/// sizes given on the command line) cannot be adopted.
-fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize, u32)> {
+/// entries (a generation's name is made of these, see `layout`).
+pub fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize, u32)> {
     use std::mem::size_of;
     Some(match name {
         map_names::SERVICES => (
@@ -271,24 +313,22 @@ fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize
             1,
             sizes.affinity_matches,
         ),
-        map_names::CLUSTER_IPS => (MapType::Hash, 4, 1, limits::MAX_CLUSTER_IPS),
-        map_names::SERVICE_CIDRS => (MapType::LpmTrie, 8, 1, limits::MAX_SERVICE_CIDRS),
+        map_names::CLUSTER_IPS => (MapType::Hash, 4, 1, sizes.cluster_ips),
+        map_names::SERVICE_CIDRS => (MapType::LpmTrie, 8, 1, sizes.service_cidrs),
         map_names::FRAGMENTS => (
             MapType::LruHash,
             size_of::<FragKey>(),
             size_of::<FragPorts>(),
-            limits::MAX_FRAGMENTS,
+            sizes.fragments,
         ),
         _ => return None,
     })
 }
 
-/// Removes the pin of a map whose shape is not the one this agent loads, so
-/// that a fresh map is created (a map's layout cannot change in place). The
-/// old map lives on while programs still use it, so traffic keeps flowing
-/// until the new programs replace them in the pinned links; a replaced
-/// conntrack map loses the connections it tracked.
-fn drop_incompatible_pin(
+/// Checks that a map pinned in this build's generation has the shape it
+/// expects (a generation's name is made of its maps' shapes, so only a
+/// damaged bpffs differs).
+fn check_pinned_shape(
     name: &'static str,
     path: &Path,
     sizes: &MapSizes,
@@ -306,12 +346,11 @@ fn drop_incompatible_pin(
         info.max_entries(),
     );
     if found != (Some(kind), key, value, entries) {
-        log::warn!(
-            "pinned map {} has another shape ({found:?}, want {:?}); creating it anew",
-            path.display(),
-            (kind, key, value, entries)
-        );
-        remove_file(path)?;
+        return Err(LoaderError::Shape {
+            path: path.to_owned(),
+            found: format!("{found:?}"),
+            want: format!("{:?}", (kind, key, value, entries)),
+        });
     }
     Ok(())
 }
@@ -350,11 +389,15 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         .map_max_entries(map_names::SOCK_REV, opts.sizes.sock_rev)
         .map_max_entries(map_names::SOURCE_RANGES, opts.sizes.source_ranges)
         .map_max_entries(map_names::AFFINITY, opts.sizes.affinity)
-        .map_max_entries(map_names::AFFINITY_MATCH, opts.sizes.affinity_matches);
+        .map_max_entries(map_names::AFFINITY_MATCH, opts.sizes.affinity_matches)
+        .map_max_entries(map_names::CLUSTER_IPS, opts.sizes.cluster_ips)
+        .map_max_entries(map_names::SERVICE_CIDRS, opts.sizes.service_cidrs)
+        .map_max_entries(map_names::FRAGMENTS, opts.sizes.fragments);
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
-        Some(dir) => {
-            ensure_bpffs(dir)?;
-            std::fs::create_dir_all(dir).map_err(|source| LoaderError::PinDir {
+        Some(pin_dir) => {
+            ensure_bpffs(pin_dir)?;
+            let dir = crate::layout::generation_dir(pin_dir, &opts.sizes);
+            std::fs::create_dir_all(&dir).map_err(|source| LoaderError::PinDir {
                 path: dir.clone(),
                 source,
             })?;
@@ -366,7 +409,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
         None => Vec::new(),
     };
     for (name, path) in &map_paths {
-        drop_incompatible_pin(name, path, &opts.sizes)?;
+        check_pinned_shape(name, path, &opts.sizes)?;
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader
@@ -631,70 +674,109 @@ impl Attacher {
     /// new TCX link is created and pinned.
     #[tracing::instrument(level = "debug", skip(self, ebpf), fields(interface = ifname, role = ?role))]
     pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str, role: Role) -> Result<(), LoaderError> {
-        for (program, attach_type, direction) in role.hooks() {
-            let pin = self.pin_path(ifname, direction);
-            let prog = program_mut(ebpf, program)?;
-            let attach_err = |source| LoaderError::Attach {
-                program,
-                interface: ifname.to_owned(),
-                direction,
-                source: Box::new(source),
-            };
-            let replaced = match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old));
-                    match link.map(|link| prog.attach_to_link(link)) {
-                        Ok(Ok(id)) => Some(id),
-                        // The pinned link is stale (its interface was
-                        // recreated, or it is not a TCX link): drop the pin
-                        // and attach afresh.
-                        Ok(Err(_)) | Err(_) => {
-                            remove_file(&pin)?;
-                            None
-                        }
-                    }
-                }
-                Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-                    None
-                }
-                Err(_) => {
-                    remove_file(&pin)?;
-                    None
-                }
-            };
-            match replaced {
-                Some(id) => {
-                    // The pin already refers to this link; dropping our handle
-                    // leaves it attached.
-                    drop(prog.take_link(id).map_err(attach_err)?);
-                }
-                None => {
-                    // First in the TCX chain: every program after netlb's (a
-                    // CNI's policy, the bandwidth plugin's classic clsact
-                    // filters, which run after all TCX programs) sees packets
-                    // as kube-proxy's NAT leaves them (DNATed on ingress,
-                    // SNATed on egress), and netlb hands every packet on
-                    // with TCX_NEXT.
-                    let id = prog
-                        .attach_with_options(
-                            ifname,
-                            attach_type,
-                            TcAttachOptions::TcxOrder(LinkOrder::first()),
-                        )
-                        .map_err(attach_err)?;
-                    let link = prog.take_link(id).map_err(attach_err)?;
-                    let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
-                        interface: ifname.to_owned(),
-                        source: Box::new(source),
-                    })?;
-                    fd_link.pin(&pin).map_err(|source| LoaderError::PinLink {
-                        path: pin.clone(),
-                        source: Box::new(source),
-                    })?;
+        for hook in role.hooks() {
+            self.attach_hook(ebpf, ifname, hook)?;
+        }
+        self.attached.insert(ifname.to_owned(), role);
+        Ok(())
+    }
+
+    /// Switches every pinned link of `present` interfaces to this object's
+    /// programs in place (`bpf_link_update`): every egress hook first, then
+    /// every ingress hook, so that a connection a new ingress program opens
+    /// (in the new maps) is known to every egress program it meets. An
+    /// upgrade's switch from one generation of maps to the next.
+    pub fn switch_all(
+        &mut self,
+        ebpf: &mut Ebpf,
+        present: &BTreeMap<String, Role>,
+    ) -> Result<usize, LoaderError> {
+        let pinned: Vec<String> = self.pinned_interfaces();
+        let mut switched = 0;
+        for direction in ["egress", "ingress"] {
+            for ifname in &pinned {
+                let Some(role) = present.get(ifname) else {
+                    continue;
+                };
+                for hook in role.hooks().into_iter().filter(|h| h.2 == direction) {
+                    self.attach_hook(ebpf, ifname, hook)?;
+                    switched += 1;
                 }
             }
         }
-        self.attached.insert(ifname.to_owned(), role);
+        for ifname in pinned {
+            if let Some(role) = present.get(&ifname) {
+                self.attached.insert(ifname, *role);
+            }
+        }
+        Ok(switched)
+    }
+
+    fn attach_hook(
+        &mut self,
+        ebpf: &mut Ebpf,
+        ifname: &str,
+        (program, attach_type, direction): (&'static str, TcAttachType, &'static str),
+    ) -> Result<(), LoaderError> {
+        let pin = self.pin_path(ifname, direction);
+        let prog = program_mut(ebpf, program)?;
+        let attach_err = |source| LoaderError::Attach {
+            program,
+            interface: ifname.to_owned(),
+            direction,
+            source: Box::new(source),
+        };
+        let replaced = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old));
+                match link.map(|link| prog.attach_to_link(link)) {
+                    Ok(Ok(id)) => Some(id),
+                    // The pinned link is stale (its interface was
+                    // recreated, or it is not a TCX link): drop the pin
+                    // and attach afresh.
+                    Ok(Err(_)) | Err(_) => {
+                        remove_file(&pin)?;
+                        None
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => None,
+            Err(_) => {
+                remove_file(&pin)?;
+                None
+            }
+        };
+        match replaced {
+            Some(id) => {
+                // The pin already refers to this link; dropping our handle
+                // leaves it attached.
+                drop(prog.take_link(id).map_err(attach_err)?);
+            }
+            None => {
+                // First in the TCX chain: every program after netlb's (a
+                // CNI's policy, the bandwidth plugin's classic clsact
+                // filters, which run after all TCX programs) sees packets
+                // as kube-proxy's NAT leaves them (DNATed on ingress,
+                // SNATed on egress), and netlb hands every packet on with
+                // TCX_NEXT.
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
+                    interface: ifname.to_owned(),
+                    source: Box::new(source),
+                })?;
+                fd_link.pin(&pin).map_err(|source| LoaderError::PinLink {
+                    path: pin.clone(),
+                    source: Box::new(source),
+                })?;
+            }
+        }
         Ok(())
     }
 

@@ -240,6 +240,32 @@ enum Command {
         max_rev_nat: u32,
         #[arg(long, default_value_t = MapSizes::default().conntrack, env = "NETLB_MAX_CONNTRACK")]
         max_conntrack: u32,
+        /// Pod addresses for source validation (`NETLB_POD_SOURCES`).
+        #[arg(long, default_value_t = MapSizes::default().pod_sources, env = "NETLB_MAX_POD_SOURCES")]
+        max_pod_sources: u32,
+        /// Socket-level reverse translations (an LRU: a lost one shows the
+        /// backend as a host socket's peer).
+        #[arg(long, default_value_t = MapSizes::default().sock_rev, env = "NETLB_MAX_SOCK_REV")]
+        max_sock_rev: u32,
+        /// loadBalancerSourceRanges entries (one per frontend and CIDR).
+        #[arg(long, default_value_t = MapSizes::default().source_ranges, env = "NETLB_MAX_SOURCE_RANGES")]
+        max_source_ranges: u32,
+        /// Session-affinity clients (an LRU: a lost one only loses its
+        /// stickiness).
+        #[arg(long, default_value_t = MapSizes::default().affinity, env = "NETLB_MAX_AFFINITY")]
+        max_affinity: u32,
+        /// (backend, affinity frontend) pairs.
+        #[arg(long, default_value_t = MapSizes::default().affinity_matches, env = "NETLB_MAX_AFFINITY_MATCHES")]
+        max_affinity_matches: u32,
+        /// Cluster IPs.
+        #[arg(long, default_value_t = MapSizes::default().cluster_ips, env = "NETLB_MAX_CLUSTER_IPS")]
+        max_cluster_ips: u32,
+        /// Service CIDRs (--service-cluster-ip-range).
+        #[arg(long, default_value_t = MapSizes::default().service_cidrs, env = "NETLB_MAX_SERVICE_CIDRS")]
+        max_service_cidrs: u32,
+        /// Fragmented datagrams in flight (an LRU).
+        #[arg(long, default_value_t = MapSizes::default().fragments, env = "NETLB_MAX_FRAGMENTS")]
+        max_fragments: u32,
         /// Conntrack: TCP connections with a SYN but no reply yet expire
         /// after this idle time (Go duration syntax).
         #[arg(long, default_value = "60s", env = "NETLB_CONNTRACK_TCP_TIMEOUT_SYN")]
@@ -460,6 +486,14 @@ fn main() -> anyhow::Result<()> {
             max_backends,
             max_rev_nat,
             max_conntrack,
+            max_pod_sources,
+            max_sock_rev,
+            max_source_ranges,
+            max_affinity,
+            max_affinity_matches,
+            max_cluster_ips,
+            max_service_cidrs,
+            max_fragments,
             conntrack_tcp_timeout_syn,
             conntrack_tcp_timeout_established,
             conntrack_tcp_timeout_close,
@@ -563,7 +597,14 @@ fn main() -> anyhow::Result<()> {
                     backends: max_backends,
                     rev_nat: max_rev_nat,
                     conntrack: max_conntrack,
-                    ..MapSizes::default()
+                    pod_sources: max_pod_sources,
+                    sock_rev: max_sock_rev,
+                    source_ranges: max_source_ranges,
+                    affinity: max_affinity,
+                    affinity_matches: max_affinity_matches,
+                    cluster_ips: max_cluster_ips,
+                    service_cidrs: max_service_cidrs,
+                    fragments: max_fragments,
                 },
                 min_sync_interval: min_sync_period
                     .map(|d| d.0)
@@ -713,7 +754,7 @@ fn print_status(
             .errors
             .push(format!("{metrics_address}/metrics: {e:#}")),
     }
-    match list::fill(bpffs) {
+    match list::fill(&netlb_agent::layout::maps_dir(bpffs)) {
         Ok(maps) => status.maps = maps,
         Err(e) => status
             .errors
@@ -808,10 +849,11 @@ fn os_hostname() -> Option<String> {
 }
 
 fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow::Result<()> {
-    let ctx = || format!("reading the maps pinned in {}", bpffs.display());
+    let maps = netlb_agent::layout::maps_dir(bpffs);
+    let ctx = || format!("reading the maps pinned in {}", maps.display());
     let (json, header, rows): (serde_json::Value, &[&str], Vec<Vec<String>>) = match what {
         ListWhat::Services => {
-            let rows = list::services(bpffs).with_context(ctx)?;
+            let rows = list::services(&maps).with_context(ctx)?;
             let table = rows
                 .iter()
                 .map(|r| {
@@ -835,7 +877,7 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
             )
         }
         ListWhat::Backends => {
-            let rows = list::backends(bpffs).with_context(ctx)?;
+            let rows = list::backends(&maps).with_context(ctx)?;
             let table = rows
                 .iter()
                 .map(|r| {
@@ -854,7 +896,7 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
             )
         }
         ListWhat::Conntrack => {
-            let rows = list::conntrack(bpffs).with_context(ctx)?;
+            let rows = list::conntrack(&maps).with_context(ctx)?;
             let table = rows
                 .iter()
                 .map(|r| {
@@ -888,7 +930,7 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
             )
         }
         ListWhat::Stats => {
-            let rows = list::stats(bpffs).with_context(ctx)?;
+            let rows = list::stats(&maps).with_context(ctx)?;
             let table = rows
                 .iter()
                 .map(|r| vec![r.counter.to_owned(), r.value.to_string()])

@@ -28,8 +28,10 @@ use crate::{
     healthcheck::ServiceHealthServer,
     http, ifaces,
     ifaces::{Ipv4Cidr, NamePattern},
+    layout,
     loader::{self, Attacher, LoadOptions, MapSizes, Role},
     metrics::Metrics,
+    migrate,
     model::{self, Model, NodeContext},
     objects::{ServiceObject, SliceObject},
     source::{
@@ -102,6 +104,8 @@ pub enum RunError {
     Listen(#[from] http::ListenError),
     #[error(transparent)]
     NatPorts(#[from] crate::config::NatPortsError),
+    #[error("carrying the pinned state over into this agent's maps failed")]
+    Migrate(#[source] Box<migrate::RunMigrationError<loader::LoaderError>>),
     #[error("failed to watch network interfaces")]
     Interfaces {
         #[source]
@@ -353,11 +357,26 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         ..opts.datapath.clone()
     };
     check_nat_ports(&settings)?;
+    let plan = plan_layout(&opts.pin_dir, &opts.sizes)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(opts.pin_dir.clone()),
         settings: settings.clone(),
         sizes: opts.sizes,
     })?;
+    let mut attacher = Attacher::new(&opts.pin_dir)?;
+    let migrated = match &plan.from {
+        Some(from) => {
+            migrate_from(from, &plan.target, &mut ebpf, &mut attacher, &opts)?;
+            true
+        }
+        None => false,
+    };
+    for stale in &plan.stale {
+        match migrate::remove_generation(stale) {
+            Ok(()) => log::info!("removed the unused maps of {}", stale.dir.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", stale.dir.display()),
+        }
+    }
     let mut dataplane = AyaDataplane::from_ebpf(&mut ebpf)?;
     // (Until the trie is filled the flag finds nothing in it: every address
     // passes, as before the flag.)
@@ -372,12 +391,17 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let collector = Collector::spawn(Box::new(conntrack), opts.gc_interval, Arc::clone(&metrics))
         .map_err(|source| RunError::Threads { source })?;
     let syncer = Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
-    log::info!(
-        "loaded datapath, maps pinned in {}; adopted what an earlier agent programmed",
-        opts.pin_dir.display(),
-    );
-    let mut attacher = Attacher::new(&opts.pin_dir)?;
-    if let Some(cgroup) = &opts.cgroup_root {
+    if syncer.frontend_count() > 0 {
+        log::info!(
+            "loaded datapath, maps pinned in {}; adopted {} frontends and {} backends an earlier agent programmed",
+            plan.target.display(),
+            syncer.frontend_count(),
+            syncer.backend_count(),
+        );
+    } else {
+        log::info!("loaded datapath, maps pinned in {}", plan.target.display());
+    }
+    if let Some(cgroup) = opts.cgroup_root.as_ref().filter(|_| !migrated) {
         loader::attach_cgroup(&mut ebpf, &opts.pin_dir, cgroup)?;
         log::info!(
             "socket-level load balancing for processes in {} (this network namespace only)",
@@ -628,6 +652,130 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         );
     }
     Ok(())
+}
+
+/// Which pinned generation of maps this agent uses, and what becomes of
+/// the others (see `layout` and `migrate`).
+#[derive(Debug)]
+struct LayoutPlan {
+    /// This build's generation for its sizes.
+    target: PathBuf,
+    /// The live generation to carry over, when it is another one.
+    from: Option<layout::Generation>,
+    /// Generations nothing uses (left by a crash or an earlier migration).
+    stale: Vec<layout::Generation>,
+}
+
+fn plan_layout(pin_dir: &std::path::Path, sizes: &MapSizes) -> Result<LayoutPlan, RunError> {
+    let generations = layout::pinned_generations(pin_dir);
+    let target = layout::generation_dir(pin_dir, sizes);
+    let live = layout::live_generation(pin_dir, &generations);
+    let from = match live {
+        Some(g) if g.dir != target => Some(g),
+        Some(_) => None,
+        // Nothing attached: the newest other generation's state, if this
+        // build has none yet.
+        None if !target.exists() => generations
+            .iter()
+            .filter(|g| g.dir != target)
+            .max_by_key(|g| (g.version, g.dir.clone()))
+            .cloned(),
+        None => None,
+    };
+    if from.is_some() && target.exists() {
+        // Half built by an agent that crashed before switching to it: the
+        // live generation is still the other one. Start over.
+        log::warn!(
+            "removing {} (a migration into it was interrupted)",
+            target.display()
+        );
+        std::fs::remove_dir_all(&target).map_err(|source| {
+            RunError::Loader(loader::LoaderError::Remove {
+                path: target.clone(),
+                source,
+            })
+        })?;
+    }
+    let stale = generations
+        .into_iter()
+        .filter(|g| g.dir != target && Some(&g.dir) != from.as_ref().map(|f| &f.dir))
+        .collect();
+    Ok(LayoutPlan {
+        target,
+        from,
+        stale,
+    })
+}
+
+/// Switches the programs of a migration (see `migrate::Switch`).
+struct Switcher<'a> {
+    ebpf: &'a mut aya::Ebpf,
+    attacher: &'a mut Attacher,
+    opts: &'a RunOptions,
+}
+
+impl migrate::Switch for Switcher<'_> {
+    type Error = loader::LoaderError;
+
+    fn sockets(&mut self) -> Result<(), Self::Error> {
+        match &self.opts.cgroup_root {
+            Some(cgroup) => loader::attach_cgroup(self.ebpf, &self.opts.pin_dir, cgroup),
+            // The old socket programs would keep the old (frozen) maps.
+            None => loader::detach_cgroup(&self.opts.pin_dir),
+        }
+    }
+
+    fn tc(&mut self) -> Result<(), Self::Error> {
+        let present = present_interfaces(&self.opts.pod_ifaces, &self.opts.netdevs)
+            .map_err(|source| loader::LoaderError::Interfaces { source })?;
+        let n = self.attacher.switch_all(self.ebpf, &present)?;
+        log::info!("switched {n} TC hooks to the new maps");
+        Ok(())
+    }
+}
+
+/// Carries the live generation `from` over into this agent's maps and
+/// switches the programs to them; on failure the old datapath keeps
+/// running and this agent's half-built maps go.
+fn migrate_from(
+    from: &layout::Generation,
+    target: &std::path::Path,
+    ebpf: &mut aya::Ebpf,
+    attacher: &mut Attacher,
+    opts: &RunOptions,
+) -> Result<(), RunError> {
+    log::info!(
+        "the pinned maps in {} are of layout {} or other sizes: carrying their state over into {}",
+        from.dir.display(),
+        from.version,
+        target.display()
+    );
+    let mut switcher = Switcher {
+        ebpf,
+        attacher,
+        opts,
+    };
+    match migrate::run(from, target, &mut switcher) {
+        Ok(report) => {
+            log::info!(
+                "migrated in {:.0?}: copied {:?}; {} frontends frozen for {:.0?}, {} live entries copied again, {} added after the switch",
+                report.took,
+                report.copied,
+                report.frozen,
+                report.frozen_for,
+                report.recopied,
+                report.late
+            );
+            if let Err(e) = migrate::remove_generation(from) {
+                log::warn!("cannot remove {}: {e}", from.dir.display());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(target);
+            Err(RunError::Migrate(Box::new(e)))
+        }
+    }
 }
 
 /// What a sync step did.
@@ -977,24 +1125,13 @@ fn check_nat_ports(settings: &DatapathSettings) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Attaches to new matching interfaces (uplinks get the netdev programs,
-/// pod interfaces the pod programs; a name matching both is an uplink) and
-/// drops the pins of vanished ones.
-#[tracing::instrument(name = "attach", level = "debug", skip_all)]
-fn reconcile_interfaces(
-    ebpf: &mut aya::Ebpf,
-    attacher: &mut Attacher,
+/// The interfaces that get programs, by role (a name matching both kinds
+/// of pattern is an uplink).
+fn present_interfaces(
     pods: &[NamePattern],
     netdevs: &[NamePattern],
-) {
-    let names = match ifaces::interface_names() {
-        Ok(names) => names,
-        Err(e) => {
-            log::error!("cannot list interfaces: {e}");
-            return;
-        }
-    };
-    let present: BTreeMap<String, Role> = names
+) -> std::io::Result<BTreeMap<String, Role>> {
+    Ok(ifaces::interface_names()?
         .into_iter()
         .filter_map(|name| {
             let role = if netdevs.iter().any(|p| p.matches(&name)) {
@@ -1006,7 +1143,26 @@ fn reconcile_interfaces(
             };
             Some((name, role))
         })
-        .collect();
+        .collect())
+}
+
+/// Attaches to new matching interfaces (uplinks get the netdev programs,
+/// pod interfaces the pod programs; a name matching both is an uplink) and
+/// drops the pins of vanished ones.
+#[tracing::instrument(name = "attach", level = "debug", skip_all)]
+fn reconcile_interfaces(
+    ebpf: &mut aya::Ebpf,
+    attacher: &mut Attacher,
+    pods: &[NamePattern],
+    netdevs: &[NamePattern],
+) {
+    let present = match present_interfaces(pods, netdevs) {
+        Ok(present) => present,
+        Err(e) => {
+            log::error!("cannot list interfaces: {e}");
+            return;
+        }
+    };
     for (ifname, role) in &present {
         if attacher.role(ifname) != Some(*role) {
             match attacher.attach(ebpf, ifname, *role) {

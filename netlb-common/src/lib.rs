@@ -28,8 +28,20 @@ pub fn from_be_addr(be: u32) -> core::net::Ipv4Addr {
     core::net::Ipv4Addr::from(be.to_ne_bytes())
 }
 
+/// The version of the pinned layout: the maps' types, keys and values as
+/// this crate defines them. A new agent that finds maps of another version
+/// (or other sizes) pinned builds its own beside them and migrates the
+/// state (see the agent's `migrate`); every change of a map's layout bumps
+/// it and is recorded in CHANGELOG.md.
+///
+/// - 1: netlb v0.1.0 (maps pinned directly in the bpffs directory).
+/// - 2: conntrack values carry a TCP window side ([`TcpWin`]), `STATS` has
+///   room for 64 counters, the in-kernel collector's `CT_GC`; maps pinned
+///   in `maps/v2-<sizes>/`.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Names of the maps in the eBPF object; the agent finds them by these names
-/// and pins them under `<bpffs>/<name>`.
+/// and pins them under `<bpffs>/maps/<generation>/<name>`.
 pub mod map_names {
     pub const SERVICES: &str = "NETLB_SERVICES";
     pub const BACKENDS: &str = "NETLB_BACKENDS";
@@ -196,6 +208,12 @@ pub mod svc_flags {
     /// (`AFFINITY_MATCH`) and the last was less than the timeout ago. The
     /// timeout (seconds) is in slot 0's `backend_id`, unused otherwise.
     pub const AFFINITY: u16 = 1 << 8;
+    /// Set only in the maps of a datapath being replaced (an upgrade or a
+    /// resize), with `DROP` and a count of 0: new connections wait (their
+    /// SYN is retransmitted) until the new datapath takes over, so that none
+    /// is opened in maps that are no longer copied. The slots stay; the
+    /// count is restored from them if the migration is abandoned.
+    pub const FROZEN: u16 = 1 << 15;
 }
 
 /// `BackendValue::flags` bits.

@@ -38,15 +38,7 @@ fn with_the_agent_stopped_the_table_never_fills_with_dead_connections() {
             (stat(&c, 0, "ct_gc_kernel_sweeps") > 0).then_some(())
         })
         .is_some(),
-        "the in-kernel collector never swept: {}\n{}",
-        String::from_utf8_lossy(
-            &std::process::Command::new("bpftool")
-                .args(["map", "dump", "pinned"])
-                .arg(c.tb.nodes[0].bpffs.join("NETLB_CT_GC"))
-                .output()
-                .unwrap()
-                .stdout
-        ),
+        "the in-kernel collector never swept:\n{}",
         c.agent_log()
     );
     // 3 x 2048 connections, 250 a second: a closed connection's two
@@ -183,4 +175,238 @@ fn nat_ports_that_overlap_the_ephemeral_ports_are_reserved_or_the_agent_refuses(
         ports.iter().min().unwrap(),
         ports.iter().max().unwrap()
     );
+}
+
+/// Every `--max-*` flag, with `scale` applied to its default.
+fn sizes(divide: u32) -> Vec<String> {
+    let defaults: [(&str, u32); 12] = [
+        ("--max-service-entries", 1_048_576),
+        ("--max-backends", 524_288),
+        ("--max-rev-nat", 262_144),
+        ("--max-conntrack", 524_288),
+        ("--max-pod-sources", 65_536),
+        ("--max-sock-rev", 131_072),
+        ("--max-source-ranges", 65_536),
+        ("--max-affinity", 131_072),
+        ("--max-affinity-matches", 262_144),
+        ("--max-cluster-ips", 262_144),
+        ("--max-service-cidrs", 16),
+        ("--max-fragments", 8_192),
+    ];
+    defaults
+        .iter()
+        .flat_map(|(flag, value)| [flag.to_string(), (value / divide).to_string()])
+        .collect()
+}
+
+/// Load through two Services while the test restarts the agent: keep-alive
+/// echo connections (each fails on the first line that does not come back,
+/// so a connection moved to another backend fails) and new HTTP
+/// connections every 50 ms. Returns the clients to wait for.
+struct Load {
+    keepalive: Vec<(netlb_testbed::process::ChildGuard, std::path::PathBuf)>,
+    new_connections: (netlb_testbed::process::ChildGuard, std::path::PathBuf),
+}
+
+fn start_load(c: &Cluster, echo_vip: &str, web_vip: &str, seconds: u32) -> Load {
+    let keepalive = (0..4)
+        .map(|i| {
+            let log = c.tb.dir.join(format!("keepalive-{i}.log"));
+            let child = common::spawn_echo(
+                &c.client(),
+                &[
+                    "tcp-client",
+                    "--connect",
+                    &format!("{echo_vip}:7000"),
+                    "--interval-ms",
+                    "50",
+                    "--duration-s",
+                    &seconds.to_string(),
+                ],
+                &log,
+            );
+            (child, log)
+        })
+        .collect();
+    let log = c.tb.dir.join("new-connections.log");
+    let child = common::spawn_echo(
+        &c.client(),
+        &[
+            "connect-rate",
+            "--connect",
+            &format!("{web_vip}:80"),
+            "--threads",
+            "1",
+            "--rate",
+            "20",
+            "--duration-s",
+            &seconds.to_string(),
+        ],
+        &log,
+    );
+    Load {
+        keepalive,
+        new_connections: (child, log),
+    }
+}
+
+impl Load {
+    /// Waits for the clients; panics with their output and `logs` unless
+    /// every request succeeded and no keep-alive connection moved.
+    fn check(self, logs: &str) -> (u64, usize) {
+        let mut lines = 0;
+        for (mut child, log) in self.keepalive {
+            let status = child.wait(Duration::from_secs(60)).expect("client ended");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                status.success(),
+                "a keep-alive connection broke:\n{text}\n{logs}"
+            );
+            lines += text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("ok: ")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .unwrap_or(0);
+        }
+        let (mut child, log) = self.new_connections;
+        child.wait(Duration::from_secs(60)).expect("loop ended");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let (ok, failed) = connect_rate_result(&text);
+        assert_eq!(failed, 0, "new connections failed: {text}\n{logs}");
+        (ok, lines)
+    }
+}
+
+/// The backend each keep-alive client is connected to.
+fn keepalive_backends(c: &Cluster, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let log = c.tb.dir.join(format!("keepalive-{i}.log"));
+            wait_until(Duration::from_secs(5), || {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("connected to ").map(str::to_owned))
+            })
+            .expect("keep-alive client connected")
+        })
+        .collect()
+}
+
+/// Restarts node 0's agent (SIGTERM, pins kept) with `args`, and waits for
+/// its first sync.
+fn restart_agent(c: &mut Cluster, log: &str, args: &[String], binary: std::path::PathBuf) {
+    if let Some(mut agent) = c.agent.take() {
+        agent.stop();
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let source = netlb_testbed::agent::AgentSource::Manifests(c.manifests.clone());
+    c.start_agent_opts(source, log, &args, binary, false);
+}
+
+fn generations(c: &Cluster) -> Vec<String> {
+    std::fs::read_dir(c.tb.nodes[0].bpffs.join("maps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Issue 17, item 1: restarts under load that halve every `--max-*` flag
+/// and then restore them (what an upgrade that changes a map's layout
+/// does too) lose no request, move no keep-alive connection, and leave one
+/// generation of maps pinned.
+#[test]
+fn restarts_that_resize_every_map_lose_no_connection() {
+    let mut c = Cluster::new(&["rs-1", "rs-2"]);
+    c.expose(
+        "rs-echo",
+        "10.96.0.73",
+        "TCP",
+        (7000, 7000),
+        &["rs-1", "rs-2"],
+    );
+    c.expose("rs-web", "10.96.0.74", "TCP", (80, 9376), &["rs-1", "rs-2"]);
+    let agent = netlb_testbed::find_binary("netlb-agent");
+    restart_agent(&mut c, "agent-1.log", &sizes(1), agent.clone());
+    let load = start_load(&c, "10.96.0.73", "10.96.0.74", 12);
+    let before = keepalive_backends(&c, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    restart_agent(&mut c, "agent-2.log", &sizes(2), agent.clone());
+    let log2 = std::fs::read_to_string(c.tb.dir.join("agent-2.log")).unwrap_or_default();
+    assert!(log2.contains("migrated in"), "{log2}");
+    std::thread::sleep(Duration::from_secs(3));
+    restart_agent(&mut c, "agent-3.log", &sizes(1), agent);
+    let log3 = std::fs::read_to_string(c.tb.dir.join("agent-3.log")).unwrap_or_default();
+    assert!(log3.contains("migrated in"), "{log3}");
+    let logs = format!("{log2}\n{log3}");
+    let (ok, lines) = load.check(&logs);
+    println!(
+        "two resizing restarts under load: {ok} new connections and {lines} keep-alive requests, 0 failed"
+    );
+    for line in log2
+        .lines()
+        .chain(log3.lines())
+        .filter(|l| l.contains("migrated in"))
+    {
+        println!("{line}");
+    }
+    assert_eq!(keepalive_backends(&c, 4), before);
+    assert_eq!(generations(&c).len(), 1, "{:?}", generations(&c));
+}
+
+/// Issue 17, item 1: v0.1.0's agent runs the node (its maps pinned in the
+/// bpffs directory, layout 1) and is replaced by this build under load, as
+/// a DaemonSet upgrade does: no request fails, no keep-alive connection
+/// moves, and only this build's generation stays pinned. `cargo xtask
+/// test` builds v0.1.0 from its tag and names it in `NETLB_PREVIOUS_AGENT`.
+#[test]
+fn an_upgrade_from_v0_1_0_loses_no_connection() {
+    let previous = std::env::var_os("NETLB_PREVIOUS_AGENT")
+        .map(std::path::PathBuf::from)
+        .expect("NETLB_PREVIOUS_AGENT names v0.1.0's agent (cargo xtask test builds it)");
+    let mut c = Cluster::new(&["up-1", "up-2"]);
+    c.expose(
+        "up-echo",
+        "10.96.0.75",
+        "TCP",
+        (7000, 7000),
+        &["up-1", "up-2"],
+    );
+    c.expose("up-web", "10.96.0.76", "TCP", (80, 9376), &["up-1", "up-2"]);
+    restart_agent(&mut c, "agent-v0.1.0.log", &[], previous);
+    assert!(
+        c.tb.nodes[0].bpffs.join("NETLB_CT").exists(),
+        "v0.1.0's layout"
+    );
+    let load = start_load(&c, "10.96.0.75", "10.96.0.76", 10);
+    let before = keepalive_backends(&c, 4);
+    std::thread::sleep(Duration::from_secs(4));
+    let current = netlb_testbed::find_binary("netlb-agent");
+    restart_agent(&mut c, "agent-upgraded.log", &[], current);
+    let log = std::fs::read_to_string(c.tb.dir.join("agent-upgraded.log")).unwrap_or_default();
+    assert!(log.contains("are of layout 1"), "{log}");
+    assert!(log.contains("migrated in"), "{log}");
+    let (ok, requests) = load.check(&log);
+    println!(
+        "upgrade from v0.1.0 under load: {ok} new connections and {requests} keep-alive requests, 0 failed"
+    );
+    for line in log.lines().filter(|l| l.contains("migrated in")) {
+        println!("{line}");
+    }
+    assert_eq!(keepalive_backends(&c, 4), before);
+    assert_eq!(generations(&c).len(), 1, "{:?}", generations(&c));
+    assert!(
+        !c.tb.nodes[0].bpffs.join("NETLB_CT").exists(),
+        "v0.1.0's maps left pinned"
+    );
+    // The carried-over datapath keeps serving.
+    let names = common::curl_many(&c, &c.client(), "http://10.96.0.76/", 10);
+    assert_eq!(names.len(), 10);
 }

@@ -116,12 +116,75 @@ fn require_root(task: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The previous release, whose running agent and pins the upgrade test
+/// replaces: its tag, and the commit the tag names (for a clone without
+/// tags).
+const PREVIOUS_RELEASE: (&str, &str) = ("v0.1.0", "bd2564338a187cac386e96b1a78977b3d459e58f");
+
+/// Builds the previous release's agent from git into
+/// `target/<release>/` (once; its own target directory, so that this
+/// workspace's build stays as it is) and returns the binary.
+fn build_previous_release() -> anyhow::Result<PathBuf> {
+    let (tag, commit) = PREVIOUS_RELEASE;
+    let dir = root().join("target").join(tag);
+    let binary = dir.join("target/debug/netlb-agent");
+    let src = dir.join("src");
+    if !src.join("Cargo.toml").exists() {
+        let tagged = Command::new("git")
+            .args(["rev-parse", "--verify", "--quiet"])
+            .arg(format!("{tag}^{{commit}}"))
+            .current_dir(root())
+            .output()
+            .context("running git")?;
+        let rev = if tagged.status.success() { tag } else { commit };
+        std::fs::create_dir_all(&src)?;
+        eprintln!("+ git archive {rev} | tar -x -C {}", src.display());
+        let archive = Command::new("git")
+            .args(["archive", "--format=tar", rev])
+            .current_dir(root())
+            .output()
+            .context("running git archive")?;
+        if !archive.status.success() {
+            bail!(
+                "cannot read {tag} ({commit}) from git: {}",
+                String::from_utf8_lossy(&archive.stderr)
+            );
+        }
+        let mut tar = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(&src)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("running tar")?;
+        std::io::Write::write_all(tar.stdin.as_mut().context("tar's stdin")?, &archive.stdout)?;
+        if !tar.wait()?.success() {
+            bail!("unpacking {tag} failed");
+        }
+    }
+    eprintln!("+ cargo build -p netlb-agent --bins (in {})", src.display());
+    let status = Command::new("cargo")
+        .args(["build", "-p", "netlb-agent", "--bins"])
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .current_dir(&src)
+        .status()
+        .context("building the previous release")?;
+    if !status.success() || !binary.exists() {
+        bail!("building {tag}'s agent failed: {status}");
+    }
+    Ok(binary)
+}
+
 fn test() -> anyhow::Result<()> {
     let started = Instant::now();
     setup::setup()?;
     require_root("test")?;
     netlb_testbed::topology::cleanup_stale(None);
     cmd("cargo", &["build", "--workspace", "--bins"])?;
+    let previous = build_previous_release()?;
+    // SAFETY: single-threaded here; the variable is read by the test
+    // processes started below.
+    unsafe { std::env::set_var("NETLB_PREVIOUS_AGENT", &previous) };
     // Unprivileged: unit tests of every crate.
     cmd("cargo", &["test", "--workspace"])?;
     // Privileged: datapath (BPF_PROG_TEST_RUN) and namespace tests, one at a

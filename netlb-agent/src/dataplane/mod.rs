@@ -6,6 +6,7 @@
 
 pub mod fake;
 pub mod kernel;
+pub mod raw;
 
 use netlb_common::{
     AffinityMatchKey, BackendValue, CtEntry4, CtKey4, RevNatValue, ServiceKey, ServiceValue,

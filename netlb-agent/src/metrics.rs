@@ -110,6 +110,8 @@ struct State {
     syncs: u64,
     sync_errors: BTreeMap<String, u64>,
     invalid_objects: BTreeMap<String, u64>,
+    /// Map entries the verification resync found different, by map.
+    repairs: BTreeMap<&'static str, u64>,
     programmed_frontends: u64,
     programmed_backends: u64,
     healthz: BTreeMap<u16, u64>,
@@ -197,6 +199,7 @@ impl Metrics {
                 syncs: 0,
                 sync_errors: BTreeMap::new(),
                 invalid_objects: BTreeMap::new(),
+                repairs: BTreeMap::new(),
                 programmed_frontends: 0,
                 programmed_backends: 0,
                 healthz: BTreeMap::new(),
@@ -280,6 +283,12 @@ impl Metrics {
             .sync_errors
             .entry(reason.to_owned())
             .or_default() += 1;
+    }
+
+    /// The verification resync found `n` entries of `map` different from
+    /// what was programmed (and repairs them).
+    pub fn repaired(&self, map: &'static str, n: u64) {
+        *self.lock().repairs.entry(map).or_default() += n;
     }
 
     pub fn invalid_object(&self, kind: &str) {
@@ -622,6 +631,13 @@ impl Collector for Snapshot {
             "Failed syncs by reason.",
             "reason",
             s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v)),
+        )?;
+        counter_family(
+            e,
+            "netlb_sync_repairs",
+            "Map entries the verification resync found different from what the agent programmed (lost writes, a crash's leftovers, changes behind its back) and repaired, by map.",
+            "map",
+            s.repairs.iter().map(|(k, v)| (*k, *v)),
         )?;
         counter_family(
             e,

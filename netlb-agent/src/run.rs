@@ -281,6 +281,9 @@ struct Pipeline {
     /// the last frontend checked against the kernel.
     verify_services: Vec<ObjectKey>,
     verify_after: Option<crate::desired::FrontendKey>,
+    /// The verification walked every programmed frontend (and compared the
+    /// whole maps) in this cycle.
+    verify_walked: bool,
     verifying: bool,
     /// Set once the initial sync is done.
     synced_once: bool,
@@ -449,6 +452,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         started: SystemTime::now(),
         verify_services: Vec::new(),
         verify_after: None,
+        verify_walked: false,
         verifying: false,
         synced_once: false,
     };
@@ -506,6 +510,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             pipeline.verify_services = lock(&store).service_keys();
             pipeline.verify_services.reverse();
             pipeline.verify_after = None;
+            pipeline.verify_walked = false;
         }
         if pipeline.verifying || retry_at.is_some_and(|t| Instant::now() >= t) {
             dirty = true;
@@ -898,8 +903,10 @@ fn sync_step(
         };
     }
     if verify_turn {
-        verify_kernel(p, dataplane);
-        if p.verify_services.is_empty() && p.verify_after.is_none() {
+        if !p.verify_walked {
+            verify_kernel(p, dataplane, metrics);
+        }
+        if p.verify_services.is_empty() && p.verify_walked {
             p.verifying = false;
             // Once per resync interval: forget names nothing uses any more
             // (deleted Services and slices).
@@ -1028,26 +1035,44 @@ fn report_issues(p: &mut Pipeline, key: &ObjectKey, model: &Model, metrics: &Met
     }
 }
 
-/// Compares a chunk of programmed frontends with what the kernel holds in
-/// their slot 0; a difference (a write lost, an entry changed behind the
-/// agent's back) makes the frontend rewritten.
-fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane) {
-    let chunk = p.syncer.programmed_chunk(p.verify_after, VERIFY_CHUNK);
-    p.verify_after = chunk.last().map(|(k, _, _)| *k);
-    let mut wrong = Vec::new();
-    for (fk, key, want) in chunk {
-        match dataplane.service(&key) {
-            Ok(Some(have)) if have == want => {}
-            Ok(_) => wrong.push(fk),
-            Err(e) => log::warn!("verification: {e}"),
+/// The verification resync's comparison of what is programmed with what
+/// the kernel holds: a chunk of frontends per turn (every slot, the
+/// backends they name, their rev-NAT entries), and once the walk is over
+/// the whole maps (entries nothing owns, missing auxiliary entries and
+/// cluster IPs). What differs is repaired by the sync that follows, and
+/// counted by map (`netlb_sync_repairs_total`).
+fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane, metrics: &Metrics) {
+    let mut repairs = match p
+        .syncer
+        .verify_chunk(dataplane, p.verify_after, VERIFY_CHUNK)
+    {
+        Ok((last, repairs)) => {
+            p.verify_after = last;
+            repairs
+        }
+        Err(e) => {
+            log::warn!("verification: {e}: {}", error_chain(&e));
+            return;
+        }
+    };
+    if p.verify_after.is_none() {
+        p.verify_walked = true;
+        match crate::dataplane::Dataplane::dump(dataplane) {
+            Ok(maps) => {
+                for (map, n) in p.syncer.verify_all(&maps) {
+                    *repairs.entry(map).or_default() += n;
+                }
+            }
+            Err(e) => log::warn!("verification: {e}: {}", error_chain(&e)),
         }
     }
-    if !wrong.is_empty() {
+    if !repairs.is_empty() {
         log::warn!(
-            "verification: {} frontends differ from what the kernel holds; rewriting them",
-            wrong.len()
+            "verification: the kernel holds entries that differ from what this agent programmed, repairing them: {repairs:?}"
         );
-        p.syncer.mark_unknown(wrong);
+        for (map, n) in repairs {
+            metrics.repaired(map, n);
+        }
     }
 }
 

@@ -42,7 +42,9 @@ use netlb_common::{
 };
 
 use crate::{
-    dataplane::{Aux, BackendId, BatchError, Dataplane, DataplaneError, RevNatIndex},
+    dataplane::{
+        Aux, BackendId, BatchError, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
+    },
     desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
     objects::Name,
     tracker::ObjectKey,
@@ -246,6 +248,30 @@ fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
     }
 }
 
+/// The frontend a service map key belongs to.
+fn frontend_of(key: &ServiceKey) -> FrontendKey {
+    FrontendKey {
+        address: from_be_addr(key.address_be),
+        port: u16::from_be(key.port_be),
+        proto: key.proto,
+        scope: key.scope,
+    }
+}
+
+/// A backend's map value.
+fn backend_value(addr: &BackendAddr, flags: u8) -> BackendValue {
+    BackendValue {
+        address_be: be_addr(addr.address),
+        port_be: addr.port.to_be(),
+        proto: addr.proto,
+        flags,
+    }
+}
+
+/// What a verification found different from the mirror and marked for
+/// repair, by map name.
+pub type Repairs = BTreeMap<&'static str, u64>;
+
 /// Flags value marking a frontend whose programmed header is unknown.
 const UNKNOWN_FLAGS: u16 = u16::MAX;
 
@@ -367,6 +393,14 @@ pub struct Syncer {
     /// Auxiliary entries of no programmed frontend (adopted, or whose
     /// deletion failed), deleted by the next apply.
     stray_aux: Vec<Aux>,
+    /// Backends and rev-NAT entries the mirror does not know (found by the
+    /// verification), deleted by the next apply.
+    stray_backends: Vec<BackendId>,
+    stray_rev_nat: Vec<RevNatIndex>,
+    /// Backends and rev-NAT entries the kernel holds differently from the
+    /// mirror (found by the verification), rewritten by the next apply.
+    rewrite_backends: BTreeSet<BackendId>,
+    rewrite_rev_nat: BTreeSet<RevNatIndex>,
     /// Frontends to reconcile on the next [`apply`](Self::apply).
     dirty: BTreeSet<FrontendKey>,
     /// Backends and rev-NAT entries whose references dropped to zero (or
@@ -411,6 +445,10 @@ impl Syncer {
             backend_ids: Ids::new(max_backends),
             rev_nat_ids: Ids::new(max_rev_nat),
             stray_slots: Vec::new(),
+            stray_backends: Vec::new(),
+            stray_rev_nat: Vec::new(),
+            rewrite_backends: BTreeSet::new(),
+            rewrite_rev_nat: BTreeSet::new(),
             stray_aux: Vec::new(),
             dirty: BTreeSet::new(),
             unreferenced_backends: BTreeSet::new(),
@@ -728,35 +766,171 @@ impl Syncer {
         }
     }
 
-    /// Some programmed frontends, from `after` on, at most `limit` (the
-    /// verification resync walks them in chunks): (key, what slot 0 should
-    /// hold).
-    pub fn programmed_chunk(
-        &self,
+    /// Compares programmed frontends from `after` on (at most `limit`) with
+    /// what the kernel holds: slot 0, every backend slot, the backends the
+    /// slots name and the frontend's rev-NAT entry. What differs is marked
+    /// for the next [`apply`](Self::apply) to repair (a frontend is
+    /// rewritten whole, a backend or rev-NAT entry rewritten). Returns the
+    /// last frontend checked (`None`: the walk is over) and the repairs.
+    pub fn verify_chunk(
+        &mut self,
+        dp: &dyn Dataplane,
         after: Option<FrontendKey>,
         limit: usize,
-    ) -> Vec<(FrontendKey, ServiceKey, ServiceValue)> {
+    ) -> Result<(Option<FrontendKey>, Repairs), SyncError> {
         let range = match after {
             Some(a) => self
                 .frontends
                 .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
             None => self.frontends.range(..),
         };
-        range
-            .take(limit)
-            .map(|(k, f)| {
-                (
-                    *k,
-                    service_key(k, 0),
-                    ServiceValue {
-                        backend_id: f.timeout,
-                        rev_nat_index: f.rev_nat,
-                        count: f.slots.len() as u16,
-                        flags: f.flags,
-                    },
-                )
-            })
-            .collect()
+        let chunk: Vec<(FrontendKey, Frontend)> =
+            range.take(limit).map(|(k, f)| (*k, f.clone())).collect();
+        let mut repairs = Repairs::new();
+        let mut rewrite = Vec::new();
+        let mut checked_backends: HashSet<BackendId> = HashSet::default();
+        for (key, f) in &chunk {
+            if f.flags == UNKNOWN_FLAGS {
+                // Being rewritten already.
+                continue;
+            }
+            let head = ServiceValue {
+                backend_id: f.timeout,
+                rev_nat_index: f.rev_nat,
+                count: f.slots.len() as u16,
+                flags: f.flags,
+            };
+            let mut whole = dp.read_service(&service_key(key, 0))? == Some(head);
+            for (i, id) in f.slots.iter().enumerate() {
+                if !whole {
+                    break;
+                }
+                whole = dp
+                    .read_service(&service_key(key, i as u16 + 1))?
+                    .is_some_and(|v| v.backend_id == *id);
+            }
+            if !whole {
+                *repairs
+                    .entry(netlb_common::map_names::SERVICES)
+                    .or_default() += 1;
+                rewrite.push(*key);
+            }
+            for id in &f.slots {
+                if !checked_backends.insert(*id) {
+                    continue;
+                }
+                let Some(addr) = self.backend_addrs.get(id) else {
+                    continue;
+                };
+                let Some(backend) = self.backends.get(addr) else {
+                    continue;
+                };
+                if dp.read_backend(*id)? != Some(backend_value(addr, backend.flags)) {
+                    *repairs
+                        .entry(netlb_common::map_names::BACKENDS)
+                        .or_default() += 1;
+                    self.rewrite_backends.insert(*id);
+                }
+            }
+            let want_rev = RevNatValue {
+                address_be: be_addr(key.address),
+                port_be: key.port.to_be(),
+                pad: [0; 2],
+            };
+            if dp.read_rev_nat(f.rev_nat)? != Some(want_rev)
+                && self.rewrite_rev_nat.insert(f.rev_nat)
+            {
+                *repairs.entry(netlb_common::map_names::REV_NAT).or_default() += 1;
+            }
+        }
+        self.mark_unknown(rewrite);
+        let last = chunk.last().map(|(k, _)| *k);
+        Ok((last, repairs))
+    }
+
+    /// Compares every entry the kernel holds with the mirror (a whole
+    /// `dump`): entries nothing programmed owns (a crashed agent's, or
+    /// written behind the agent's back) are marked for deletion, auxiliary
+    /// entries and cluster IPs that are missing for rewriting. Returns the
+    /// repairs.
+    pub fn verify_all(&mut self, maps: &ProgrammedMaps) -> Repairs {
+        use netlb_common::map_names;
+        let mut repairs = Repairs::new();
+        let pending_slots: HashSet<ServiceKey> = self.stray_slots.iter().copied().collect();
+        for (key, _) in &maps.services {
+            let fk = frontend_of(key);
+            let owned = self
+                .frontends
+                .get(&fk)
+                .is_some_and(|f| usize::from(key.backend_slot) <= f.slots.len());
+            if !owned && !pending_slots.contains(key) {
+                *repairs.entry(map_names::SERVICES).or_default() += 1;
+                self.stray_slots.push(*key);
+            }
+        }
+        let pending: HashSet<BackendId> = self.stray_backends.iter().copied().collect();
+        for (id, _) in &maps.backends {
+            if !self.backend_addrs.contains_key(id) && !pending.contains(id) {
+                *repairs.entry(map_names::BACKENDS).or_default() += 1;
+                self.stray_backends.push(*id);
+            }
+        }
+        let known_rev: HashSet<RevNatIndex> = self.rev_nat.values().map(|r| r.index).collect();
+        let pending: HashSet<RevNatIndex> = self.stray_rev_nat.iter().copied().collect();
+        for (index, _) in &maps.rev_nat {
+            if !known_rev.contains(index) && !pending.contains(index) {
+                *repairs.entry(map_names::REV_NAT).or_default() += 1;
+                self.stray_rev_nat.push(*index);
+            }
+        }
+        // Auxiliary entries: the kernel's against the frontends'.
+        let held: HashSet<Aux> = maps
+            .source_ranges
+            .iter()
+            .map(|r| Aux::SourceRange(*r))
+            .chain(maps.affinity_matches.iter().map(|m| Aux::AffinityMatch(*m)))
+            .collect();
+        let aux_map = |a: &Aux| match a {
+            Aux::SourceRange(_) => map_names::SOURCE_RANGES,
+            Aux::AffinityMatch(_) => map_names::AFFINITY_MATCH,
+        };
+        let mut owned_aux: HashSet<Aux> = HashSet::default();
+        let mut rewrite = Vec::new();
+        for (key, f) in &self.frontends {
+            owned_aux.extend(f.aux.iter().copied());
+            if f.flags == UNKNOWN_FLAGS {
+                continue;
+            }
+            if let Some(missing) = f.aux.iter().find(|a| !held.contains(a)) {
+                *repairs.entry(aux_map(missing)).or_default() += 1;
+                rewrite.push(*key);
+            }
+        }
+        self.mark_unknown(rewrite);
+        let pending: HashSet<Aux> = self.stray_aux.iter().copied().collect();
+        for a in held {
+            if !owned_aux.contains(&a) && !pending.contains(&a) {
+                *repairs.entry(aux_map(&a)).or_default() += 1;
+                self.stray_aux.push(a);
+            }
+        }
+        // Cluster IPs: what the kernel holds is what the mirror says it
+        // holds; `sync_cluster_ips` then makes it what is wanted.
+        let held: HashSet<Ipv4Addr> = maps.cluster_ips.iter().copied().collect();
+        let differ: Vec<Ipv4Addr> = held
+            .symmetric_difference(&self.cluster_ips)
+            .copied()
+            .collect();
+        for ip in differ {
+            *repairs.entry(map_names::CLUSTER_IPS).or_default() += 1;
+            if held.contains(&ip) {
+                self.cluster_ips.insert(ip);
+            } else {
+                self.cluster_ips.remove(&ip);
+            }
+            self.cluster_ips_dirty.insert(ip);
+        }
+        repairs
     }
 
     /// Frontends two Services claim, with the one that got it.
@@ -853,6 +1027,10 @@ impl Syncer {
         !self.dirty.is_empty()
             || !self.stray_slots.is_empty()
             || !self.stray_aux.is_empty()
+            || !self.stray_backends.is_empty()
+            || !self.stray_rev_nat.is_empty()
+            || !self.rewrite_backends.is_empty()
+            || !self.rewrite_rev_nat.is_empty()
             || !self.cluster_ips_dirty.is_empty()
             || !self.unreferenced_backends.is_empty()
             || !self.unreferenced_rev_nat.is_empty()
@@ -931,6 +1109,11 @@ impl Syncer {
                 None => {}
             }
         }
+
+        // 0. What the verification found: entries nothing owns go (before
+        // any id is handed out), entries the kernel holds differently are
+        // rewritten from the mirror.
+        self.repair(dp, &mut report);
 
         // 1. Backends: new ones get ids, changed flags are rewritten.
         let mut backend_writes: Vec<Planned<(BackendId, BackendValue)>> = Vec::new();
@@ -1400,6 +1583,10 @@ impl Syncer {
                 );
             }
         }
+        // Strays are what no programmed frontend had when they were found
+        // (left by a crashed agent, or deletions that failed); a frontend
+        // written since may have taken the same keys: those are its own now.
+        self.forget_owned_strays();
         if !self.stray_aux.is_empty() {
             // One call per entry: a failure keeps that entry alone.
             for entry in std::mem::take(&mut self.stray_aux) {
@@ -1497,6 +1684,98 @@ impl Syncer {
         report.backends = self.backends.len();
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    /// Applies the verification's findings (see [`verify_chunk`] and
+    /// [`verify_all`]); what fails stays for the next apply.
+    ///
+    /// [`verify_chunk`]: Self::verify_chunk
+    /// [`verify_all`]: Self::verify_all
+    fn repair(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
+        for index in std::mem::take(&mut self.stray_rev_nat) {
+            match dp.delete_rev_nat(index) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    log::warn!("deleting stray rev-NAT entry {index}: {e}");
+                    self.stray_rev_nat.push(index);
+                    report.failed_deletes += 1;
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.stray_backends) {
+            match dp.delete_backend(id) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    log::warn!("deleting stray backend {id}: {e}");
+                    self.stray_backends.push(id);
+                    report.failed_deletes += 1;
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.rewrite_backends) {
+            let Some((addr, flags)) = self
+                .backend_addrs
+                .get(&id)
+                .and_then(|a| self.backends.get(a).map(|b| (*a, b.flags)))
+            else {
+                continue;
+            };
+            match dp.upsert_backend(id, &backend_value(&addr, flags)) {
+                Ok(()) => report.writes += 1,
+                Err(e) => {
+                    log::warn!("rewriting backend {id}: {e}");
+                    self.rewrite_backends.insert(id);
+                }
+            }
+        }
+        let revs: Vec<((Ipv4Addr, u16), RevNatIndex)> = self
+            .rev_nat
+            .iter()
+            .filter(|(_, r)| self.rewrite_rev_nat.contains(&r.index))
+            .map(|(k, r)| (*k, r.index))
+            .collect();
+        self.rewrite_rev_nat.clear();
+        for ((address, port), index) in revs {
+            let value = RevNatValue {
+                address_be: be_addr(address),
+                port_be: port.to_be(),
+                pad: [0; 2],
+            };
+            match dp.upsert_rev_nat(index, &value) {
+                Ok(()) => report.writes += 1,
+                Err(e) => {
+                    log::warn!("rewriting rev-NAT entry {index}: {e}");
+                    self.rewrite_rev_nat.insert(index);
+                }
+            }
+        }
+    }
+
+    /// Drops from the strays the slots and auxiliary entries that a
+    /// programmed frontend has (its slots `1..=count`, its aux entries): a
+    /// crashed agent's leftovers whose keys a frontend written since uses.
+    fn forget_owned_strays(&mut self) {
+        let frontends = &self.frontends;
+        self.stray_slots.retain(|k| {
+            let fk = FrontendKey {
+                address: from_be_addr(k.address_be),
+                port: u16::from_be(k.port_be),
+                proto: k.proto,
+                scope: k.scope,
+            };
+            frontends
+                .get(&fk)
+                .is_none_or(|f| usize::from(k.backend_slot) > f.slots.len())
+        });
+        if self.stray_aux.is_empty() {
+            return;
+        }
+        let owned: HashSet<Aux> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.aux.iter().copied())
+            .collect();
+        self.stray_aux.retain(|a| !owned.contains(a));
     }
 
     fn sync_cluster_ips(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
@@ -1656,6 +1935,84 @@ mod tests {
 
     fn matches(dp: &FakeDataplane) -> Vec<u32> {
         dp.affinity_matches.iter().map(|m| m.backend_id).collect()
+    }
+
+    /// Entries damaged by hand (a slot pointing elsewhere, a header with
+    /// another count, a backend rewritten, a rev-NAT entry deleted, an
+    /// affinity match deleted, a cluster IP deleted, strays added) are all
+    /// found by the verification, counted by map, and repaired by the next
+    /// apply: the maps then equal a fresh sync's.
+    #[test]
+    fn the_verification_finds_and_repairs_every_damaged_entry() {
+        let want = {
+            let mut w = with_affinity(&[1, 2, 3], Some(60));
+            w.frontends
+                .extend(desired(&[(11, &[4, 5]), (12, &[6])]).frontends);
+            w
+        };
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut dp, &want).unwrap();
+        let mut fresh = FakeDataplane::new();
+        Syncer::new().sync(&mut fresh, &want).unwrap();
+        assert_eq!(dp.services, fresh.services);
+        // Nothing to repair in a healthy datapath.
+        let (_, repairs) = syncer.verify_chunk(&dp, None, usize::MAX).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(syncer.verify_all(&dp.dump().unwrap()).is_empty());
+        // Damage.
+        let slot = service_key(&fe(11), 2);
+        dp.services.get_mut(&slot).unwrap().backend_id = 99;
+        dp.services.get_mut(&service_key(&fe(12), 0)).unwrap().count = 7;
+        let id = dp.services[&service_key(&fe(10), 1)].backend_id;
+        dp.backends.get_mut(&id).unwrap().port_be = 1234u16.to_be();
+        let rev = dp.services[&service_key(&fe(11), 0)].rev_nat_index;
+        dp.rev_nat.remove(&rev);
+        let m = *dp.affinity_matches.iter().next().unwrap();
+        dp.affinity_matches.remove(&m);
+        dp.cluster_ips.remove(&fe(12).address);
+        dp.services
+            .insert(service_key(&fe(13), 0), ServiceValue::default());
+        dp.services
+            .insert(service_key(&fe(10), 9), ServiceValue::default());
+        dp.backends.insert(77, BackendValue::default());
+        dp.rev_nat.insert(55, RevNatValue::default());
+        // Found, by map.
+        let (last, mut repairs) = syncer.verify_chunk(&dp, None, 2).unwrap();
+        assert_eq!(last, Some(fe(11)));
+        let (last, more) = syncer.verify_chunk(&dp, last, 2).unwrap();
+        assert_eq!(last, Some(fe(12)));
+        for (map, n) in more
+            .into_iter()
+            .chain(syncer.verify_all(&dp.dump().unwrap()))
+        {
+            *repairs.entry(map).or_default() += n;
+        }
+        use netlb_common::map_names;
+        assert_eq!(
+            repairs,
+            Repairs::from([
+                (map_names::SERVICES, 2 + 2),
+                (map_names::BACKENDS, 1 + 1),
+                (map_names::REV_NAT, 1 + 1),
+                (map_names::AFFINITY_MATCH, 1),
+                (map_names::CLUSTER_IPS, 1),
+            ])
+        );
+        // Repaired.
+        let report = syncer.apply(&mut dp).unwrap();
+        assert_eq!(report.failed, 0);
+        dp.check_consistent().unwrap();
+        dp.check_affinity_matches().unwrap();
+        assert_eq!(dp.services, fresh.services);
+        assert_eq!(dp.backends, fresh.backends);
+        assert_eq!(dp.rev_nat, fresh.rev_nat);
+        assert_eq!(dp.affinity_matches, fresh.affinity_matches);
+        assert_eq!(dp.cluster_ips, fresh.cluster_ips);
+        // And found nothing more.
+        let (_, repairs) = syncer.verify_chunk(&dp, None, usize::MAX).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(syncer.verify_all(&dp.dump().unwrap()).is_empty());
     }
 
     #[test]

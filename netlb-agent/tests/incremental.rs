@@ -395,11 +395,21 @@ fn random_change_sequences_program_what_a_fresh_agent_would() {
                     _ => g.pod_change(&mut store),
                 }
             }
+            // Now and then the agent is killed in the middle of a step (no
+            // later operation happens) and a new one starts: it adopts what
+            // the maps hold and syncs every Service it lists.
+            if g.rng.u8(..4) == 0 {
+                dp.crash_at = Some(dp.attempts() + g.rng.usize(0..40));
+                step(&mut store, &node, &mut syncer, &mut dp);
+                dp.crash_at = None;
+                syncer = Syncer::adopt(&dp).expect("adopt");
+                store.mark_all();
+            }
             // Now and then one map operation of the step fails; the next
             // step must finish the job.
             let inject = g.rng.u8(..4) == 0;
             if inject {
-                dp.fail_at = Some(dp.ops.len() + g.rng.usize(0..12));
+                dp.fail_at = Some(dp.attempts() + g.rng.usize(0..12));
             }
             let (_, report) = step(&mut store, &node, &mut syncer, &mut dp);
             syncer

@@ -38,7 +38,7 @@ impl Op {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct FakeDataplane {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendId, BackendValue>,
@@ -52,6 +52,9 @@ pub struct FakeDataplane {
     /// Fail the operation with this index (counting every attempted
     /// operation from 0), once.
     pub fail_at: Option<usize>,
+    /// The agent is killed before the operation with this index: it and
+    /// every later one never happen (they fail), until cleared.
+    pub crash_at: Option<usize>,
     attempts: usize,
 }
 
@@ -65,11 +68,19 @@ impl FakeDataplane {
         std::mem::take(&mut self.ops)
     }
 
+    /// Operations attempted so far (`fail_at` and `crash_at` count these).
+    pub fn attempts(&self) -> usize {
+        self.attempts
+    }
+
     fn attempt(&mut self, op: Op) -> Result<(), DataplaneError> {
         let n = self.attempts;
         self.attempts += 1;
-        if self.fail_at == Some(n) {
-            self.fail_at = None;
+        let crashed = self.crash_at.is_some_and(|at| n >= at);
+        if self.fail_at == Some(n) || crashed {
+            if !crashed {
+                self.fail_at = None;
+            }
             let source = std::io::Error::other("injected failure");
             return Err(if op.is_write() {
                 DataplaneError::Write {
@@ -261,6 +272,18 @@ impl Dataplane for FakeDataplane {
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
         self.stats_reset.push(id);
         Ok(())
+    }
+
+    fn read_service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
+        Ok(self.services.get(key).copied())
+    }
+
+    fn read_backend(&self, id: BackendId) -> Result<Option<BackendValue>, DataplaneError> {
+        Ok(self.backends.get(&id).copied())
+    }
+
+    fn read_rev_nat(&self, index: RevNatIndex) -> Result<Option<RevNatValue>, DataplaneError> {
+        Ok(self.rev_nat.get(&index).copied())
     }
 
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {

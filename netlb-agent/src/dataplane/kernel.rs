@@ -134,17 +134,7 @@ impl AyaDataplane {
 
     /// One entry of the service map as the kernel holds it.
     pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
-        match self.services.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::NotFound => {
-                Ok(None)
-            }
-            Err(e) => Err(DataplaneError::Read {
-                map: map_names::SERVICES,
-                source: io_error(e),
-            }),
-        }
+        found(self.services.get(key, 0), map_names::SERVICES)
     }
 
     /// Makes the Service CIDRs exactly `cidrs` ((network, prefix length)).
@@ -201,6 +191,19 @@ impl AyaDataplane {
                 map: map_names::BACKEND_STATS,
                 source: io_error(e),
             })
+    }
+}
+
+/// A lookup's result: `None` for a missing key.
+fn found<V>(r: Result<V, MapError>, map: &'static str) -> Result<Option<V>, DataplaneError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DataplaneError::Read {
+            map,
+            source: io_error(e),
+        }),
     }
 }
 
@@ -383,6 +386,18 @@ impl Dataplane for AyaDataplane {
     fn delete_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError> {
         let keys: Vec<u32> = items.iter().map(|ip| netlb_common::be_addr(*ip)).collect();
         delete_batch(map_fd(&self.cluster_ips), map_names::CLUSTER_IPS, &keys)
+    }
+
+    fn read_service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
+        self.service(key)
+    }
+
+    fn read_backend(&self, id: BackendId) -> Result<Option<BackendValue>, DataplaneError> {
+        found(self.backends.get(&id, 0), map_names::BACKENDS)
+    }
+
+    fn read_rev_nat(&self, index: RevNatIndex) -> Result<Option<RevNatValue>, DataplaneError> {
+        found(self.rev_nat.get(&index, 0), map_names::REV_NAT)
     }
 
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError> {

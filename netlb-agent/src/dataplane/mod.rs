@@ -138,8 +138,15 @@ pub trait Dataplane {
     fn delete_cluster_ips(&mut self, items: &[std::net::Ipv4Addr]) -> Result<(), BatchError>;
     /// Zeroes a backend id's counters (before the id is handed out again).
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError>;
-    /// Reads back everything programmed (adoption after a restart).
+    /// Reads back everything programmed (adoption after a restart, and the
+    /// verification resync's search for entries nothing owns).
     fn dump(&self) -> Result<ProgrammedMaps, DataplaneError>;
+    /// One service map entry as the kernel holds it (verification).
+    fn read_service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError>;
+    /// One backend (verification).
+    fn read_backend(&self, id: BackendId) -> Result<Option<BackendValue>, DataplaneError>;
+    /// One rev-NAT entry (verification).
+    fn read_rev_nat(&self, index: RevNatIndex) -> Result<Option<RevNatValue>, DataplaneError>;
 }
 
 /// The conntrack table as the garbage collector sees it.

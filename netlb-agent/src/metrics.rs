@@ -112,6 +112,9 @@ struct State {
     invalid_objects: BTreeMap<String, u64>,
     /// Map entries the verification resync found different, by map.
     repairs: BTreeMap<&'static str, u64>,
+    /// Frontends programmed without a feature because its map is full, by
+    /// map: (now, ever).
+    degraded: BTreeMap<&'static str, (u64, u64)>,
     programmed_frontends: u64,
     programmed_backends: u64,
     healthz: BTreeMap<u16, u64>,
@@ -200,6 +203,7 @@ impl Metrics {
                 sync_errors: BTreeMap::new(),
                 invalid_objects: BTreeMap::new(),
                 repairs: BTreeMap::new(),
+                degraded: BTreeMap::new(),
                 programmed_frontends: 0,
                 programmed_backends: 0,
                 healthz: BTreeMap::new(),
@@ -342,6 +346,18 @@ impl Metrics {
     /// A map's entries in use and its capacity.
     pub fn set_map_fill(&self, map: &'static str, entries: u64, capacity: u64) {
         self.lock().map_fill.insert(map, (entries, capacity));
+    }
+
+    /// Frontends programmed without a feature because `map` is full: how
+    /// many now, and how many ever became so.
+    pub fn set_degraded(&self, map: &'static str, now: u64, ever: u64) {
+        self.lock().degraded.insert(map, (now, ever));
+    }
+
+    /// Conntrack entries at the last sweep.
+    pub fn conntrack_entries(&self) -> Option<u64> {
+        let s = self.lock();
+        (s.conntrack.sweeps > 0).then_some(s.conntrack.entries)
     }
 
     pub fn fill_crossed(&self, map: &'static str, percent: u8) -> bool {
@@ -688,16 +704,30 @@ impl Collector for Snapshot {
         gauge_family(
             e,
             "netlb_map_entries",
-            "Entries in use of the datapath maps the syncer fills, by map.",
+            "Entries in use of the datapath maps, by map (the LRUs counted now and then, conntrack at the last sweep).",
             "map",
             s.map_fill.iter().map(|(m, (n, _))| (*m, *n as f64)),
         )?;
         gauge_family(
             e,
             "netlb_map_capacity",
-            "Capacity of the datapath maps the syncer fills, by map.",
+            "Capacity of the datapath maps, by map (their --max-* flags).",
             "map",
             s.map_fill.iter().map(|(m, (_, c))| (*m, *c as f64)),
+        )?;
+        gauge_family(
+            e,
+            "netlb_frontends_degraded",
+            "Frontends programmed without a feature because its map is full (session affinity, new loadBalancerSourceRanges), by map; retried until they fit.",
+            "map",
+            s.degraded.iter().map(|(m, (now, _))| (*m, *now as f64)),
+        )?;
+        counter_family(
+            e,
+            "netlb_map_full",
+            "Times a frontend had to be programmed without a feature because its map was full, by map.",
+            "map",
+            s.degraded.iter().map(|(m, (_, ever))| (*m, *ever)),
         )?;
         gauge(
             e,

@@ -287,6 +287,10 @@ struct Pipeline {
     verifying: bool,
     /// Set once the initial sync is done.
     synced_once: bool,
+    /// Pod addresses registered for source validation.
+    pod_source_count: usize,
+    /// Entries of the LRU maps, counted now and then.
+    lru_fill: BTreeMap<&'static str, u64>,
 }
 
 /// Raises the soft limit on open files to the hard limit (Go programs such
@@ -393,7 +397,11 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     loader::arm_ct_gc(&mut ebpf)?;
     let collector = Collector::spawn(Box::new(conntrack), opts.gc_interval, Arc::clone(&metrics))
         .map_err(|source| RunError::Threads { source })?;
-    let syncer = Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
+    let mut syncer =
+        Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
+    syncer.set_aux_capacity(opts.sizes.source_ranges, opts.sizes.affinity_matches);
+    let lru_maps = crate::dataplane::kernel::LruCounter::open(&plan.target);
+    let mut last_lru_count: Option<Instant> = None;
     if syncer.frontend_count() > 0 {
         log::info!(
             "loaded datapath, maps pinned in {}; adopted {} frontends and {} backends an earlier agent programmed",
@@ -453,6 +461,8 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         verify_services: Vec::new(),
         verify_after: None,
         verify_walked: false,
+        pod_source_count: 0,
+        lru_fill: BTreeMap::new(),
         verifying: false,
         synced_once: false,
     };
@@ -477,6 +487,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             last_links = Instant::now();
             reconcile_interfaces(&mut ebpf, &mut attacher, &opts.pod_ifaces, &opts.netdevs);
             reconcile_pod_sources(&mut pod_sources, &opts.pod_ifaces);
+            pipeline.pod_source_count = pod_sources.len();
+        }
+        // The LRUs fill by design; their fill level is a figure for the
+        // metrics, counted every ten seconds.
+        if last_lru_count.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            last_lru_count = Some(Instant::now());
+            pipeline.lru_fill = lru_maps.count();
         }
         if let Some((generation, report)) = collector.take_report() {
             let freed =
@@ -960,7 +977,14 @@ fn sync_step(
             recomputed: recomputed as u64,
         },
     );
-    warn_about_fill(opts, &p.syncer, metrics);
+    report_fill(
+        opts,
+        &p.syncer,
+        p.pod_source_count,
+        metrics.conntrack_entries(),
+        &p.lru_fill,
+        metrics,
+    );
     if report.writes + report.deletes > 0 {
         log::info!(
             "synced {} frontends, {} backends: {recomputed} Services recomputed, {} writes, {} deletes in {:?}",
@@ -1076,40 +1100,60 @@ fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane, metrics: &Metrics) 
     }
 }
 
-/// Warns once a map is 90 % full (and again each time it grows past a
-/// further 1 %).
-fn warn_about_fill(opts: &RunOptions, syncer: &Syncer, metrics: &Metrics) {
-    let fills = [
+/// Reports every map's fill level (`netlb_map_entries`,
+/// `netlb_map_capacity`) and warns once a map is 90 % full (and again each
+/// time it grows past a further 1 %): the maps the syncer fills from its
+/// mirror, the pod sources, conntrack (at the last sweep) and the LRUs
+/// (counted now and then, `lru`).
+fn report_fill(
+    opts: &RunOptions,
+    syncer: &Syncer,
+    pod_sources: usize,
+    conntrack: Option<u64>,
+    lru: &BTreeMap<&'static str, u64>,
+    metrics: &Metrics,
+) {
+    use netlb_common::map_names;
+    let mut used: BTreeMap<&'static str, u64> = [
+        (map_names::BACKENDS, syncer.backend_count()),
+        (map_names::SERVICES, syncer.service_entry_count()),
+        (map_names::REV_NAT, syncer.rev_nat_count()),
         (
-            "backends",
-            "max-backends",
-            netlb_common::map_names::BACKENDS,
-            syncer.backend_count(),
-            opts.sizes.backends,
+            map_names::SOURCE_RANGES,
+            syncer.aux_count(crate::sync::AuxKind::SourceRange),
         ),
         (
-            "service entries",
-            "max-service-entries",
-            netlb_common::map_names::SERVICES,
-            syncer.service_entry_count(),
-            opts.sizes.service_entries,
+            map_names::AFFINITY_MATCH,
+            syncer.aux_count(crate::sync::AuxKind::AffinityMatch),
         ),
-        (
-            "rev-NAT entries",
-            "max-rev-nat",
-            netlb_common::map_names::REV_NAT,
-            syncer.rev_nat_count(),
-            opts.sizes.rev_nat,
-        ),
-    ];
-    for (what, flag, map, used, size) in fills {
-        metrics.set_map_fill(map, used as u64, u64::from(size));
-        let percent = (used as u64 * 100 / u64::from(size.max(1))) as u8;
-        if metrics.fill_crossed(what, percent) {
+        (map_names::CLUSTER_IPS, syncer.cluster_ip_count()),
+        (map_names::SERVICE_CIDRS, opts.datapath.service_cidrs.len()),
+        (map_names::POD_SOURCES, pod_sources),
+    ]
+    .into_iter()
+    .map(|(m, n)| (m, n as u64))
+    .collect();
+    if let Some(n) = conntrack {
+        used.insert(map_names::CONNTRACK, n);
+    }
+    used.extend(lru.iter().map(|(m, n)| (*m, *n)));
+    for (map, size) in opts.sizes.by_map() {
+        let Some(n) = used.get(map).copied() else {
+            continue;
+        };
+        metrics.set_map_fill(map, n, u64::from(size));
+        let percent = (n * 100 / u64::from(size.max(1))) as u8;
+        // LRUs are full by design once used: only a note in the metrics.
+        let lru_map = lru.contains_key(map);
+        if !lru_map && metrics.fill_crossed(map, percent) {
             log::warn!(
-                "{what}: {used} of {size} in use ({percent} %); raise --{flag} before it fills"
+                "{map}: {n} of {size} entries in use ({percent} %); raise its --max-* flag before it fills"
             );
         }
+    }
+    for kind in crate::sync::AuxKind::ALL {
+        let (now, ever) = syncer.degraded(kind);
+        metrics.set_degraded(kind.map(), now as u64, ever);
     }
 }
 

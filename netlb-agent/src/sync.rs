@@ -268,6 +268,42 @@ fn backend_value(addr: &BackendAddr, flags: u8) -> BackendValue {
     }
 }
 
+/// The kinds of auxiliary entries, as indices: their maps fill
+/// independently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuxKind {
+    SourceRange = 0,
+    AffinityMatch = 1,
+}
+
+impl AuxKind {
+    pub const ALL: [AuxKind; 2] = [AuxKind::SourceRange, AuxKind::AffinityMatch];
+
+    fn of(aux: &Aux) -> Self {
+        match aux {
+            Aux::SourceRange(_) => Self::SourceRange,
+            Aux::AffinityMatch(_) => Self::AffinityMatch,
+        }
+    }
+
+    /// The map it lives in.
+    pub fn map(self) -> &'static str {
+        match self {
+            Self::SourceRange => netlb_common::map_names::SOURCE_RANGES,
+            Self::AffinityMatch => netlb_common::map_names::AFFINITY_MATCH,
+        }
+    }
+}
+
+/// Entries of each kind in `aux`.
+fn aux_counts<'a>(aux: impl IntoIterator<Item = &'a Aux>) -> [usize; 2] {
+    let mut counts = [0; 2];
+    for a in aux {
+        counts[AuxKind::of(a) as usize] += 1;
+    }
+    counts
+}
+
 /// What a verification found different from the mirror and marked for
 /// repair, by map name.
 pub type Repairs = BTreeMap<&'static str, u64>;
@@ -393,6 +429,15 @@ pub struct Syncer {
     /// Auxiliary entries of no programmed frontend (adopted, or whose
     /// deletion failed), deleted by the next apply.
     stray_aux: Vec<Aux>,
+    /// Auxiliary entries the programmed frontends hold, by kind
+    /// ([`AuxKind`]), and the maps' sizes.
+    aux_counts: [usize; 2],
+    aux_capacity: [usize; 2],
+    /// Frontends programmed without a feature whose map is full (by kind),
+    /// retried until it fits.
+    degraded: BTreeMap<FrontendKey, [bool; 2]>,
+    /// Frontends that became degraded, by map, since the syncer started.
+    degraded_total: [u64; 2],
     /// Backends and rev-NAT entries the mirror does not know (found by the
     /// verification), deleted by the next apply.
     stray_backends: Vec<BackendId>,
@@ -445,6 +490,13 @@ impl Syncer {
             backend_ids: Ids::new(max_backends),
             rev_nat_ids: Ids::new(max_rev_nat),
             stray_slots: Vec::new(),
+            aux_counts: [0; 2],
+            aux_capacity: [
+                limits::MAX_SOURCE_RANGES as usize,
+                limits::MAX_AFFINITY_MATCH as usize,
+            ],
+            degraded: BTreeMap::new(),
+            degraded_total: [0; 2],
             stray_backends: Vec::new(),
             stray_rev_nat: Vec::new(),
             rewrite_backends: BTreeSet::new(),
@@ -597,6 +649,7 @@ impl Syncer {
         for f in syncer.frontends.values_mut() {
             f.aux.sort();
         }
+        syncer.aux_counts = aux_counts(syncer.frontends.values().flat_map(|f| f.aux.iter()));
         // Reference counts from what the frontends use.
         let frontends: Vec<(FrontendKey, Frontend)> = syncer
             .frontends
@@ -1010,9 +1063,36 @@ impl Syncer {
 
     fn set_frontend(&mut self, key: FrontendKey, f: Frontend) {
         self.service_entries += 1 + f.slots.len();
+        for (count, n) in self.aux_counts.iter_mut().zip(aux_counts(&f.aux)) {
+            *count += n;
+        }
         if let Some(old) = self.frontends.insert(key, f) {
             self.service_entries -= 1 + old.slots.len();
+            for (count, n) in self.aux_counts.iter_mut().zip(aux_counts(&old.aux)) {
+                *count -= n;
+            }
         }
+    }
+
+    /// Sets the sizes of the auxiliary maps (`--max-source-ranges`,
+    /// `--max-affinity-matches`): a frontend whose new entries do not fit
+    /// is programmed without them (see [`apply`](Self::apply)).
+    pub fn set_aux_capacity(&mut self, source_ranges: u32, affinity_matches: u32) {
+        self.aux_capacity = [source_ranges as usize, affinity_matches as usize];
+    }
+
+    /// Entries the programmed frontends hold in an auxiliary map.
+    pub fn aux_count(&self, kind: AuxKind) -> usize {
+        self.aux_counts[kind as usize]
+    }
+
+    /// Frontends programmed without a feature because its map is full, by
+    /// kind: (now, ever).
+    pub fn degraded(&self, kind: AuxKind) -> (usize, u64) {
+        (
+            self.degraded.values().filter(|d| d[kind as usize]).count(),
+            self.degraded_total[kind as usize],
+        )
     }
 
     /// Entries of the service map in use: every frontend's slot 0 and
@@ -1034,6 +1114,11 @@ impl Syncer {
             || !self.cluster_ips_dirty.is_empty()
             || !self.unreferenced_backends.is_empty()
             || !self.unreferenced_rev_nat.is_empty()
+    }
+
+    /// Number of cluster IPs programmed.
+    pub fn cluster_ip_count(&self) -> usize {
+        self.cluster_ips.len()
     }
 
     /// Number of rev-NAT entries programmed.
@@ -1307,6 +1392,13 @@ impl Syncer {
         let mut plans: Vec<Plan> = Vec::new();
         let mut slot_writes: Vec<Planned<(ServiceKey, ServiceValue)>> = Vec::new();
         let mut aux_writes: Vec<Planned<Aux>> = Vec::new();
+        // Room left in each auxiliary map (strays still take theirs).
+        let strays = aux_counts(&self.stray_aux);
+        let mut aux_room = [0, 1].map(|k| {
+            self.aux_capacity[k]
+                .saturating_sub(self.aux_counts[k])
+                .saturating_sub(strays[k])
+        });
         for (key, want) in &changes {
             let Some(want) = want else { continue };
             if failed.contains(key) {
@@ -1336,9 +1428,10 @@ impl Syncer {
                     });
                 }
             }
-            let new_aux = aux_entries(key, rev_nat, want.flags, &want.source_ranges, &slots);
             // An unknown frontend may lack any entry: all are written again.
             let known = old.as_ref().filter(|f| f.flags != UNKNOWN_FLAGS);
+            let (flags, timeout, new_aux) =
+                self.fit_aux(key, rev_nat, want, &slots, known, &mut aux_room);
             let old_aux: &[Aux] = old.as_ref().map(|f| f.aux.as_slice()).unwrap_or_default();
             for entry in &new_aux {
                 if known.is_none_or(|f| f.aux.binary_search(entry).is_err()) {
@@ -1353,9 +1446,9 @@ impl Syncer {
                 .filter(|r| new_aux.binary_search(r).is_err())
                 .copied()
                 .collect();
-            let mut new = Frontend::new(rev_nat, want.flags, slots);
+            let mut new = Frontend::new(rev_nat, flags, slots);
             new.aux = new_aux;
-            new.timeout = want.affinity_timeout;
+            new.timeout = timeout;
             plans.push(Plan {
                 key: *key,
                 old,
@@ -1572,6 +1665,10 @@ impl Syncer {
             }
             if let Some(f) = self.frontends.remove(key) {
                 self.service_entries -= 1 + f.slots.len();
+                for (count, n) in self.aux_counts.iter_mut().zip(aux_counts(&f.aux)) {
+                    *count -= n;
+                }
+                self.degraded.remove(key);
                 self.stray_aux.extend(f.aux.iter().copied());
                 self.add_refs(key, &f, -1);
                 // Its slots are unreachable now; delete them below (and on
@@ -1676,6 +1773,9 @@ impl Syncer {
 
         report.failed = failed.len();
         self.dirty.extend(failed);
+        // Frontends without a feature whose map is full: tried again by
+        // every apply, until their entries fit.
+        self.dirty.extend(self.degraded.keys().copied());
         // Cluster IPs, after the frontends (a new Service's address must not
         // reject its own port before its frontend exists; a removed one's
         // goes after its frontend).
@@ -1684,6 +1784,88 @@ impl Syncer {
         report.backends = self.backends.len();
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    /// The header flags, affinity timeout and auxiliary entries frontend
+    /// `key` gets with `slots`: what `want` says, unless its new entries of
+    /// a kind do not fit the room left (`room`, decreased by what is
+    /// planned). Then the frontend keeps its endpoints right and goes
+    /// without the feature: with no room for its affinity matches it is
+    /// programmed without session affinity (new connections are balanced,
+    /// none goes to a backend it no longer has); with no room for its
+    /// source ranges it keeps the ranges it has (its previous consistent
+    /// state: none, for a new frontend). Such a frontend is counted and
+    /// retried by every apply until its entries fit.
+    fn fit_aux(
+        &mut self,
+        key: &FrontendKey,
+        rev_nat: RevNatIndex,
+        want: &DesiredFrontend,
+        slots: &[BackendId],
+        known: Option<&Frontend>,
+        room: &mut [usize; 2],
+    ) -> (u16, u32, Vec<Aux>) {
+        let mut flags = want.flags;
+        let mut timeout = want.affinity_timeout;
+        let mut aux = aux_entries(key, rev_nat, flags, &want.source_ranges, slots);
+        let adds = |aux: &[Aux]| {
+            aux_counts(
+                aux.iter()
+                    .filter(|a| known.is_none_or(|f| f.aux.binary_search(a).is_err())),
+            )
+        };
+        let mut degraded = [false; 2];
+        let wanted = adds(&aux);
+        if wanted[AuxKind::SourceRange as usize] > room[AuxKind::SourceRange as usize] {
+            degraded[AuxKind::SourceRange as usize] = true;
+            let had = known.map_or(0, |f| f.flags & svc_flags::SOURCE_RANGES);
+            flags = (flags & !svc_flags::SOURCE_RANGES) | had;
+            aux.retain(|a| AuxKind::of(a) != AuxKind::SourceRange);
+            aux.extend(
+                known
+                    .into_iter()
+                    .flat_map(|f| f.aux.iter())
+                    .filter(|a| AuxKind::of(a) == AuxKind::SourceRange)
+                    .copied(),
+            );
+        }
+        if wanted[AuxKind::AffinityMatch as usize] > room[AuxKind::AffinityMatch as usize] {
+            degraded[AuxKind::AffinityMatch as usize] = true;
+            flags &= !svc_flags::AFFINITY;
+            timeout = 0;
+            aux.retain(|a| AuxKind::of(a) != AuxKind::AffinityMatch);
+        }
+        aux.sort();
+        aux.dedup();
+        for (r, n) in room.iter_mut().zip(adds(&aux)) {
+            *r = r.saturating_sub(n);
+        }
+        if degraded.iter().any(|d| *d) {
+            let before = self.degraded.insert(*key, degraded).unwrap_or_default();
+            for kind in AuxKind::ALL {
+                let k = kind as usize;
+                if degraded[k] && !before[k] {
+                    self.degraded_total[k] += 1;
+                    log::warn!(
+                        "{} is full: frontend {}:{} is programmed without {}; raise --max-{} (retried until it fits)",
+                        kind.map(),
+                        key.address,
+                        key.port,
+                        match kind {
+                            AuxKind::SourceRange => "its new loadBalancerSourceRanges",
+                            AuxKind::AffinityMatch => "session affinity",
+                        },
+                        match kind {
+                            AuxKind::SourceRange => "source-ranges",
+                            AuxKind::AffinityMatch => "affinity-matches",
+                        }
+                    );
+                }
+            }
+        } else {
+            self.degraded.remove(key);
+        }
+        (flags, timeout, aux)
     }
 
     /// Applies the verification's findings (see [`verify_chunk`] and
@@ -2013,6 +2195,75 @@ mod tests {
         let (_, repairs) = syncer.verify_chunk(&dp, None, usize::MAX).unwrap();
         assert!(repairs.is_empty(), "{repairs:?}");
         assert!(syncer.verify_all(&dp.dump().unwrap()).is_empty());
+    }
+
+    /// A full affinity-match map: a Service that does not fit is programmed
+    /// without affinity (its endpoints right), one that fits keeps it, a
+    /// rolling update of either never leaves a removed backend in its
+    /// slots, and the counts say what is in use; once room appears the
+    /// degraded frontend gets its affinity back.
+    #[test]
+    fn a_full_affinity_map_leaves_every_service_consistent_and_is_counted() {
+        let both = |a: &[u8], b: &[u8]| {
+            let mut w = with_affinity(a, Some(60));
+            let mut second = with_affinity(b, Some(60));
+            let fe11 = second.frontends.remove(&fe(10)).unwrap();
+            w.frontends.insert(
+                fe(11),
+                DesiredFrontend {
+                    service: ServicePortName {
+                        name: "svc11".into(),
+                        ..fe11.service.clone()
+                    },
+                    ..fe11
+                },
+            );
+            w
+        };
+        let mut dp = FakeDataplane::new();
+        let mut syncer = Syncer::new();
+        syncer.set_aux_capacity(16, 3);
+        syncer.sync(&mut dp, &both(&[1, 2], &[3, 4])).unwrap();
+        dp.check_consistent().unwrap();
+        dp.check_affinity_matches().unwrap();
+        // svc10 got its two matches; svc11's two would not fit.
+        let head = |dp: &FakeDataplane, vip| dp.services[&service_key(&fe(vip), 0)];
+        assert_ne!(head(&dp, 10).flags & svc_flags::AFFINITY, 0);
+        assert_eq!(head(&dp, 11).flags & svc_flags::AFFINITY, 0);
+        assert_eq!(head(&dp, 11).count, 2);
+        assert_eq!(syncer.aux_count(AuxKind::AffinityMatch), 2);
+        assert_eq!(dp.affinity_matches.len(), 2);
+        assert_eq!(syncer.degraded(AuxKind::AffinityMatch), (1, 1));
+        // A rolling update of both: backends 1 and 3 go, 5 and 6 come.
+        syncer.sync(&mut dp, &both(&[2, 5], &[4, 6])).unwrap();
+        dp.check_consistent().unwrap();
+        dp.check_affinity_matches().unwrap();
+        let ids_of = |dp: &FakeDataplane, vip| -> BTreeSet<BackendId> {
+            (1..=head(dp, vip).count)
+                .map(|s| dp.services[&service_key(&fe(vip), s)].backend_id)
+                .collect()
+        };
+        let addrs = |syncer: &Syncer, b: &[u8]| -> BTreeSet<BackendId> {
+            b.iter()
+                .map(|b| syncer.backend_id(&backend(*b).addr).unwrap())
+                .collect()
+        };
+        assert_eq!(ids_of(&dp, 10), addrs(&syncer, &[2, 5]));
+        assert_eq!(ids_of(&dp, 11), addrs(&syncer, &[4, 6]));
+        assert!(dp.affinity_matches.len() <= 3);
+        assert_eq!(syncer.degraded(AuxKind::AffinityMatch), (1, 1));
+        // svc10 goes: its matches are deleted after the step's headers, so
+        // svc11 gets its own at the next apply (the retry).
+        let mut only11 = both(&[2, 5], &[4, 6]);
+        only11.frontends.remove(&fe(10));
+        syncer.sync(&mut dp, &only11).unwrap();
+        assert!(syncer.has_pending());
+        syncer.apply(&mut dp).unwrap();
+        dp.check_consistent().unwrap();
+        dp.check_affinity_matches().unwrap();
+        assert_ne!(head(&dp, 11).flags & svc_flags::AFFINITY, 0);
+        assert_eq!(syncer.degraded(AuxKind::AffinityMatch), (0, 1));
+        assert_eq!(syncer.aux_count(AuxKind::AffinityMatch), 2);
     }
 
     #[test]

@@ -480,3 +480,73 @@ fn a_damaged_map_entry_is_repaired_by_the_verification_and_counted() {
         c.agent_log()
     );
 }
+
+/// A ClusterIP Service with session affinity.
+fn affinity_service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {vip}\n  sessionAffinity: ClientIP\n  selector: {{app: {name}}}\n  ports:\n    - {{protocol: TCP, port: 80, targetPort: 9376}}\n"
+    )
+}
+
+/// Issue 17, item 6: the affinity-match map is full (`--max-affinity-
+/// matches 3`, two Services of two backends): the Service that fits keeps
+/// its affinity, the other is served without it (every request answered,
+/// never by a backend it no longer has, through a rolling update), and the
+/// fill and degraded metrics say so.
+#[test]
+fn a_full_affinity_map_keeps_every_service_consistent_and_shows_in_the_metrics() {
+    let mut c = Cluster::new(&["af-1", "af-2", "af-3", "af-4", "af-5"]);
+    let all: Vec<netlb_testbed::topology::Pod> = c.tb.pods().to_vec();
+    let slice = |service: &str, names: &[&str]| {
+        let refs: Vec<&netlb_testbed::topology::Pod> = all
+            .iter()
+            .filter(|p| names.contains(&p.name.as_str()))
+            .collect();
+        common::slice_yaml(service, "TCP", 9376, &refs)
+    };
+    c.write("aff-a.yaml", &affinity_service("aff-a", "10.96.0.78"));
+    c.write("aff-a-slice.yaml", &slice("aff-a", &["af-1", "af-2"]));
+    c.write("aff-b.yaml", &affinity_service("aff-b", "10.96.0.79"));
+    c.write("aff-b-slice.yaml", &slice("aff-b", &["af-3", "af-4"]));
+    c.start_agent_args(&["--max-affinity-matches", "3"]);
+    let entries = |map: &str| metric(&c, "netlb_map_entries{", map);
+    assert!(
+        wait_until(Duration::from_secs(5), || (entries("NETLB_AFFINITY_MATCH")
+            == 2)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        c.agent_log()
+    );
+    assert_eq!(metric(&c, "netlb_map_capacity{", "NETLB_AFFINITY_MATCH"), 3);
+    assert_eq!(
+        metric(&c, "netlb_frontends_degraded{", "NETLB_AFFINITY_MATCH"),
+        1
+    );
+    assert!(metric(&c, "netlb_map_full_total{", "NETLB_AFFINITY_MATCH") >= 1);
+    let reached = |url: &str| -> std::collections::BTreeSet<String> {
+        common::curl_many(&c, &c.client(), url, 20)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    };
+    // One of them is sticky, the other balanced over both its backends.
+    let a = reached("http://10.96.0.78/");
+    let b = reached("http://10.96.0.79/");
+    println!("aff-a reached {a:?}, aff-b reached {b:?}");
+    assert!(
+        (a.len() == 1 && b.len() == 2) || (a.len() == 2 && b.len() == 1),
+        "{a:?} {b:?}"
+    );
+    // A rolling update of both: af-1 and af-3 leave, af-5 joins each.
+    c.write("aff-a-slice.yaml", &slice("aff-a", &["af-2", "af-5"]));
+    c.write("aff-b-slice.yaml", &slice("aff-b", &["af-4", "af-5"]));
+    let expected_a: std::collections::BTreeSet<String> = ["af-2".into(), "af-5".into()].into();
+    let expected_b: std::collections::BTreeSet<String> = ["af-4".into(), "af-5".into()].into();
+    let settled = wait_until(Duration::from_secs(10), || {
+        let (a, b) = (reached("http://10.96.0.78/"), reached("http://10.96.0.79/"));
+        (a.is_subset(&expected_a) && b.is_subset(&expected_b)).then_some(())
+    });
+    assert!(settled.is_some(), "{}", c.agent_log());
+    assert!(entries("NETLB_AFFINITY_MATCH") <= 3);
+}

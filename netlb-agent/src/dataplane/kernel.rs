@@ -485,6 +485,15 @@ impl PodSources {
         Ok(Self { map, programmed })
     }
 
+    /// Addresses registered.
+    pub fn len(&self) -> usize {
+        self.programmed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.programmed.is_empty()
+    }
+
     /// Makes the map hold exactly `want` (address `be` -> ifindex); returns
     /// the number of writes and deletes.
     pub fn sync(
@@ -517,6 +526,36 @@ impl PodSources {
             ops += 1;
         }
         Ok(ops)
+    }
+}
+
+/// The LRU maps the datapath fills (affinity, socket translations,
+/// fragments), for their fill levels.
+pub struct LruCounter {
+    maps: Vec<(&'static str, super::raw::RawMap)>,
+}
+
+impl LruCounter {
+    /// The LRUs pinned in `dir` (a generation); those that cannot be opened
+    /// are left out.
+    pub fn open(dir: &Path) -> Self {
+        let maps = [
+            map_names::AFFINITY,
+            map_names::SOCK_REV,
+            map_names::FRAGMENTS,
+        ]
+        .into_iter()
+        .filter_map(|name| Some((name, super::raw::RawMap::open(&dir.join(name)).ok()?)))
+        .collect();
+        Self { maps }
+    }
+
+    /// Entries of each map now (a batched read of each).
+    pub fn count(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.maps
+            .iter()
+            .filter_map(|(name, map)| Some((*name, map.entries().ok()?.len() as u64)))
+            .collect()
     }
 }
 

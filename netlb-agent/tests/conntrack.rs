@@ -918,3 +918,67 @@ fn a_pod_forging_an_outside_client_cannot_take_over_its_connection() {
     let out = through_node(&dp, &data(EXT, 21000, NODE, 30080));
     assert_eq!(Ipv4Packet::parse(&out).unwrap().sport(), nat_port);
 }
+
+/// Issue 17, item 3: the agent's collector sweeps the real table in a loop
+/// while connections are opened as fast as BPF_PROG_TEST_RUN goes, across
+/// second boundaries (when a link written just before its connection stops
+/// being fresh): afterwards every connection still translates its replies.
+#[test]
+fn a_sweep_racing_connection_creation_never_breaks_a_connection() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut dp = Datapath::load();
+    dp.add_service(VIP, 80, proto::TCP, &three_backends());
+    let mut table = dp.ct.reopen().expect("second handle");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sweeping = Arc::clone(&stop);
+    let sweeper = std::thread::spawn(move || {
+        let mut sweeps = 0u64;
+        let mut deleted = 0u64;
+        while !sweeping.load(Ordering::Relaxed) {
+            let report = conntrack::sweep(&mut table, &UdpServing::new()).expect("sweep");
+            deleted += report.deleted_total();
+            sweeps += 1;
+        }
+        (sweeps, deleted)
+    });
+    let started = std::time::Instant::now();
+    let mut opened: Vec<(Ipv4Addr, u16, Ipv4Addr)> = Vec::new();
+    'outer: for client in 11..=250u8 {
+        for sport in 20000..21000u16 {
+            if started.elapsed() > Duration::from_millis(3500) {
+                break 'outer;
+            }
+            // Clients of their own (a backend as client would hairpin).
+            let client = Ipv4Addr::new(10, 244, 2, client);
+            let backend = handshake(&dp, client, sport, VIP, 80);
+            opened.push((client, sport, backend));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (sweeps, deleted) = sweeper.join().expect("sweeper");
+    let broken: Vec<_> = opened
+        .iter()
+        .filter(|(client, sport, backend)| {
+            let (_, out) = dp.run(
+                program_names::TO_POD,
+                &data(*backend, 9376, *client, *sport),
+            );
+            Ipv4Packet::parse(&out).unwrap().saddr() != VIP
+        })
+        .collect();
+    println!(
+        "{} connections opened during {sweeps} sweeps ({deleted} entries deleted): {} broken",
+        opened.len(),
+        broken.len()
+    );
+    assert!(sweeps > 10, "{sweeps}");
+    assert!(
+        broken.is_empty(),
+        "{} broken: {:?}",
+        broken.len(),
+        &broken[..broken.len().min(5)]
+    );
+}

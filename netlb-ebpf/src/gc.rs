@@ -204,8 +204,9 @@ extern "C" fn visit(
             }
         }
         kind => {
-            // A fresh link may be written just before its connection.
-            if now < entry.lifetime_s || linked(&key, &entry, kind, now) {
+            // A link is written just before its connection (on another
+            // CPU, maybe): a second of grace past its trusted time.
+            if now <= entry.lifetime_s || linked(&key, &entry, kind, now) {
                 0
             } else {
                 u32::from(conntrack::delete(&key))

@@ -623,6 +623,35 @@ impl KernelConntrack {
         Ok((read(CtGc::KERNEL)?, read(CtGc::AGENT)?))
     }
 
+    /// A second handle on the same maps (another thread's collector, a
+    /// test racing the datapath).
+    pub fn reopen(&self) -> Result<Self, DataplaneError> {
+        let id = |info: Result<aya::maps::MapInfo, MapError>, map| {
+            info.map(|i| i.id()).map_err(|e| DataplaneError::Read {
+                map,
+                source: io_error(e),
+            })
+        };
+        let ct = id(
+            aya::maps::IterableMap::map(&self.map).info(),
+            map_names::CONNTRACK,
+        )?;
+        let gc = id(
+            aya::maps::IterableMap::map(&self.gc).info(),
+            map_names::CT_GC,
+        )?;
+        let open = |id, map| {
+            MapData::from_id(id).map_err(|e| DataplaneError::Read {
+                map,
+                source: io_error(e),
+            })
+        };
+        Self::new(
+            Map::HashMap(open(ct, map_names::CONNTRACK)?),
+            Map::Array(open(gc, map_names::CT_GC)?),
+        )
+    }
+
     /// Inserts or replaces an entry (tests seed the table with it).
     pub fn insert(&mut self, key: &CtKey4, value: &CtEntry4) -> Result<(), DataplaneError> {
         self.map

@@ -296,10 +296,116 @@ fn measure_features() {
     }
 }
 
+/// Fills the conntrack table with `connections` east-west connections
+/// (SERVICE and REPLY entries), every other one expired.
+fn fill_conntrack(table: &mut netlb_agent::dataplane::kernel::KernelConntrack, connections: u32) {
+    use netlb_common::{CtEntry4, CtTuple, ct_kind, ct_link_key};
+    let now = netlb_agent::conntrack::monotonic_now_s();
+    for i in 0..connections {
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i / 50_000);
+        let key = CtTuple {
+            saddr: be_addr(client),
+            daddr: be_addr(vip(1)),
+            sport_be: (10_000 + (i % 50_000) as u16).to_be(),
+            dport_be: 80u16.to_be(),
+            proto: proto::TCP,
+            kind: ct_kind::SERVICE,
+            pad: [0; 2],
+        };
+        let conn = CtEntry4 {
+            target_addr: be_addr(Ipv4Addr::new(10, 244, 0, 21)),
+            target_port_be: 9376u16.to_be(),
+            frontend_addr: be_addr(vip(1)),
+            frontend_port_be: 80u16.to_be(),
+            flags: netlb_common::ct_flags::SEEN_REPLY,
+            backend_id: 1,
+            rev_nat_index: 2,
+            lifetime_s: if i % 2 == 0 { now - 10 } else { now + 3600 },
+            created_s: now - 20,
+            ..Default::default()
+        };
+        let link = ct_link_key(&key, &conn, ct_kind::REPLY);
+        table
+            .insert(
+                &link,
+                &CtEntry4 {
+                    lifetime_s: now - 5,
+                    ..conn
+                },
+            )
+            .expect("link");
+        table.insert(&key, &conn).expect("connection");
+    }
+}
+
+/// What a sweep of a table of 500,000 entries (250,000 connections, half
+/// of them expired) costs: the agent's collector, and the datapath's own
+/// (the in-kernel timer, which runs while the agent is away).
+fn measure_ct_sweep() {
+    use netlb_agent::dataplane::ConntrackTable as _;
+    use netlb_common::stat;
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_dir: None,
+        settings: DatapathSettings::default(),
+        sizes: MapSizes::default(),
+    })
+    .expect("load (needs root)");
+    let mut table =
+        netlb_agent::dataplane::kernel::KernelConntrack::from_ebpf(&mut ebpf).expect("conntrack");
+    let observer = netlb_agent::dataplane::kernel::Observer::from_ebpf(&mut ebpf).expect("stats");
+    fill_conntrack(&mut table, 250_000);
+    let entries = table.entries().expect("entries").len();
+    let report = netlb_agent::conntrack::sweep(&mut table, &Default::default()).expect("sweep");
+    println!(
+        "conntrack sweep, agent: {entries} entries read, {} deleted in {:?} (snapshot, plan, deletions re-checked against their owners)",
+        report.deleted_total(),
+        report.duration
+    );
+    fill_conntrack(&mut table, 250_000);
+    let entries = table.entries().expect("entries").len();
+    // The agent is away: its heartbeat is old, the timer fires every second.
+    table.configure(Duration::from_secs(1)).expect("configure");
+    table.heartbeat(0).expect("heartbeat");
+    loader::arm_ct_gc(&mut ebpf).expect("arm");
+    let stats = || observer.stats().expect("stats");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats()[stat::CT_GC_KERNEL_DELETED as usize] < report.deleted_total()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = stats();
+    let sweeps = s[stat::CT_GC_KERNEL_SWEEPS as usize];
+    let ns = s[stat::CT_GC_KERNEL_NS as usize];
+    println!(
+        "conntrack sweep, kernel: {entries} entries, {} deleted in {sweeps} runs of at most 16,384 deletions, {:?} in all, {:?} a run (softirq)",
+        s[stat::CT_GC_KERNEL_DELETED as usize],
+        Duration::from_nanos(ns),
+        Duration::from_nanos(ns / sweeps.max(1)),
+    );
+    // A walk that finds nothing to delete: the next period's.
+    let before = stats();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stats()[stat::CT_GC_KERNEL_SWEEPS as usize] == before[stat::CT_GC_KERNEL_SWEEPS as usize]
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = stats();
+    println!(
+        "conntrack sweep, kernel, nothing to delete: {} entries walked in {:?}",
+        table.entries().expect("entries").len(),
+        Duration::from_nanos(
+            after[stat::CT_GC_KERNEL_NS as usize] - before[stat::CT_GC_KERNEL_NS as usize]
+        ),
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     for services in [10, 100_000] {
         measure(services);
     }
     measure_features();
+    measure_ct_sweep();
 }

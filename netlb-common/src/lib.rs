@@ -1054,8 +1054,11 @@ pub mod stat {
     /// hook (an outside client's tuple sent by a pod, a pod's tuple arriving
     /// from outside): a forged source.
     pub const DROP_CT_WRONG_SIDE: u32 = 35;
+    /// Nanoseconds the in-kernel collector spent sweeping (its cost: a
+    /// sweep runs in softirq context).
+    pub const CT_GC_KERNEL_NS: u32 = 36;
     /// Number of counters.
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 37;
     /// Slots of the `STATS` array: room for counters added later without
     /// changing the map's shape (an upgrade then keeps it as it is).
     pub const CAPACITY: u32 = 64;
@@ -1098,6 +1101,7 @@ pub mod stat {
         "ct_gc_kernel_deleted",
         "drop_ct_out_of_window",
         "drop_ct_wrong_side",
+        "ct_gc_kernel_ns",
     ];
 
     /// Whether the counter is a drop reason.

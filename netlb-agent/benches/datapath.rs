@@ -364,8 +364,12 @@ fn measure_ct_sweep() {
     fill_conntrack(&mut table, 250_000);
     let entries = table.entries().expect("entries").len();
     // The agent is away: its heartbeat is old, the timer fires every second.
-    table.configure(Duration::from_secs(1)).expect("configure");
-    table.heartbeat(0).expect("heartbeat");
+    let mut heartbeat =
+        netlb_agent::dataplane::kernel::Heartbeat::from_ebpf(&mut ebpf).expect("heartbeat");
+    heartbeat
+        .configure(Duration::from_secs(1))
+        .expect("configure");
+    heartbeat.beat(1, 1).expect("heartbeat");
     loader::arm_ct_gc(&mut ebpf).expect("arm");
     let stats = || observer.stats().expect("stats");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

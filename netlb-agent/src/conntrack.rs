@@ -30,7 +30,7 @@ use std::{
     net::Ipv4Addr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -379,6 +379,8 @@ struct Shared {
     sync_generation: AtomicU64,
     /// The last sweep, with the sync generation current when it started.
     last: Mutex<Option<(u64, SweepReport)>>,
+    /// When the last sweep ended (seconds of `CLOCK_MONOTONIC`).
+    last_sweep_s: AtomicU32,
     stop: AtomicBool,
 }
 
@@ -388,6 +390,7 @@ struct Shared {
 /// second).
 pub struct Collector {
     shared: Arc<Shared>,
+    started_s: u32,
     wake: mpsc::Sender<()>,
     /// A UDP endpoint stopped serving: sweep once the sync is written.
     wake_when_published: AtomicBool,
@@ -427,9 +430,9 @@ impl Collector {
                         .collect();
                     match sweep(table.as_mut(), &serving) {
                         Ok(report) => {
-                            if let Err(e) = table.heartbeat(monotonic_now_s()) {
-                                log::warn!("conntrack heartbeat: {e}");
-                            }
+                            shared
+                                .last_sweep_s
+                                .store(monotonic_now_s(), Ordering::Release);
                             let busy = report.capacity > 0
                                 && report.entries * 2 > report.capacity as usize;
                             wait = if busy {
@@ -457,6 +460,7 @@ impl Collector {
             })?;
         Ok(Self {
             shared,
+            started_s: monotonic_now_s(),
             wake,
             wake_when_published: AtomicBool::new(false),
             thread: Some(thread),
@@ -496,6 +500,16 @@ impl Collector {
             .store(generation, Ordering::Release);
         if self.wake_when_published.swap(false, Ordering::AcqRel) {
             let _ = self.wake.send(());
+        }
+    }
+
+    /// When the last sweep ended (seconds of `CLOCK_MONOTONIC`; the start
+    /// time until the first one): the heartbeat that keeps the kernel's
+    /// collector idle.
+    pub fn last_sweep_s(&self) -> u32 {
+        match self.shared.last_sweep_s.load(Ordering::Acquire) {
+            0 => self.started_s,
+            s => s,
         }
     }
 

@@ -23,7 +23,7 @@ use std::{
 use crate::{
     config::DatapathSettings,
     conntrack::Collector,
-    dataplane::kernel::{AyaDataplane, KernelConntrack, Observer, PodSources},
+    dataplane::kernel::{AyaDataplane, Heartbeat, KernelConntrack, Observer, PodSources},
     desired,
     healthcheck::ServiceHealthServer,
     http, ifaces,
@@ -392,9 +392,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut pod_sources = PodSources::from_ebpf(&mut ebpf)?;
     // The datapath's own collector: idle while ours sweeps, reclaiming
     // expired connections whenever this agent is away.
-    let mut conntrack = KernelConntrack::from_ebpf(&mut ebpf)?;
-    conntrack.configure(opts.gc_interval)?;
+    // The heartbeat (every second) also keeps the socket-level programs
+    // off pod sockets: pods are served by their interfaces' TC programs,
+    // which this agent attaches as interfaces appear.
+    let mut heartbeat = Heartbeat::from_ebpf(&mut ebpf)?;
+    heartbeat.configure(opts.gc_interval)?;
     loader::arm_ct_gc(&mut ebpf)?;
+    let conntrack = KernelConntrack::from_ebpf(&mut ebpf)?;
     let collector = Collector::spawn(Box::new(conntrack), opts.gc_interval, Arc::clone(&metrics))
         .map_err(|source| RunError::Threads { source })?;
     let mut syncer =
@@ -618,6 +622,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         if last_counters.elapsed() >= Duration::from_secs(1) {
             last_counters = Instant::now();
+            let now = crate::conntrack::monotonic_now_s();
+            if let Err(e) = heartbeat.beat(now, collector.last_sweep_s()) {
+                log::warn!("heartbeat: {e}");
+            }
             match observer.stats() {
                 Ok(counters) => metrics.set_datapath_counters(counters),
                 Err(e) => log::warn!("{e}"),
@@ -652,6 +660,12 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     log::info!("shutting down");
     drop(source);
     drop(collector);
+    // Pods created while no agent runs get no TC programs: from now on the
+    // socket-level programs serve them (the kernel's collector takes over
+    // conntrack after two periods).
+    if let Err(e) = heartbeat.leave() {
+        log::warn!("heartbeat: {e}");
+    }
     if opts.cleanup_on_exit {
         let attached: Vec<String> = attacher.attached().map(str::to_owned).collect();
         for ifname in attached {

@@ -710,12 +710,15 @@ fn the_kernel_collector_reclaims_expired_entries_while_the_agent_is_away() {
     };
     // A one-second period; the agent's heartbeat comes for four seconds:
     // the kernel leaves the (expired) entries to the agent.
-    dp.ct.configure(Duration::from_secs(1)).expect("configure");
+    let mut heartbeat =
+        netlb_agent::dataplane::kernel::Heartbeat::from_ebpf(&mut dp.ebpf).expect("heartbeat");
+    heartbeat
+        .configure(Duration::from_secs(1))
+        .expect("configure");
     netlb_agent::loader::arm_ct_gc(&mut dp.ebpf).expect("arm");
     for _ in 0..8 {
-        dp.ct
-            .heartbeat(conntrack::monotonic_now_s())
-            .expect("heartbeat");
+        let now = conntrack::monotonic_now_s();
+        heartbeat.beat(now, now).expect("heartbeat");
         keep_alive(&dp);
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -883,8 +883,16 @@ pub struct CtGc {
     /// Slot `KERNEL`: set by the datapath when an insert failed for a full
     /// table: the next timer run sweeps whatever the agent did.
     pub force: u32,
+    /// Slot `AGENT`: when the agent last said it runs (seconds of
+    /// `CLOCK_MONOTONIC`, every second; 0 when it stopped). While it is
+    /// away ([`CtGc::AGENT_AWAY_S`]), the socket-level programs serve pod
+    /// sockets too: a pod created meanwhile has no TC programs on its
+    /// interface.
+    pub alive_s: u32,
+    /// Always zero.
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtGc>() == 32);
+const _: () = assert!(core::mem::size_of::<CtGc>() == 40);
 
 impl CtGc {
     /// The datapath's slot (the timer).
@@ -893,6 +901,14 @@ impl CtGc {
     pub const AGENT: u32 = 1;
     /// Slots of the array.
     pub const SLOTS: u32 = 2;
+    /// The agent is away once its `alive_s` is this many seconds old.
+    pub const AGENT_AWAY_S: u32 = 3;
+
+    /// Whether the agent (slot `AGENT`) is away at `now`.
+    #[inline(always)]
+    pub const fn agent_away(agent: &Self, now: u32) -> bool {
+        agent.alive_s == 0 || now.wrapping_sub(agent.alive_s) > Self::AGENT_AWAY_S
+    }
 
     /// The sweep period of `agent` (slot `AGENT`), at least a second.
     #[inline(always)]
@@ -1057,8 +1073,12 @@ pub mod stat {
     /// Nanoseconds the in-kernel collector spent sweeping (its cost: a
     /// sweep runs in softirq context).
     pub const CT_GC_KERNEL_NS: u32 = 36;
+    /// Pod sockets connected (or UDP datagrams sent) to a backend by the
+    /// socket-level programs because the agent was away (also counted in
+    /// `SOCK_LB`).
+    pub const SOCK_LB_POD: u32 = 37;
     /// Number of counters.
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
     /// Slots of the `STATS` array: room for counters added later without
     /// changing the map's shape (an upgrade then keeps it as it is).
     pub const CAPACITY: u32 = 64;
@@ -1102,6 +1122,7 @@ pub mod stat {
         "drop_ct_out_of_window",
         "drop_ct_wrong_side",
         "ct_gc_kernel_ns",
+        "sock_lb_pod",
     ];
 
     /// Whether the counter is a drop reason.

@@ -8,8 +8,16 @@
 //! these flows as Service flows (their destination is a backend already),
 //! so no flow is translated twice.
 //!
-//! Only sockets of the node's network namespace (the agent's) are
-//! rewritten: pods in the same cgroup tree keep the TC path. Backends are
+//! Sockets of the node's network namespace (the agent's) are always
+//! rewritten. Pods in the same cgroup tree keep the TC path while the agent
+//! runs (it attaches their interfaces as they appear); while it is away
+//! (stopped, crashed, being upgraded: its heartbeat in `CT_GC` is older
+//! than `CtGc::AGENT_AWAY_S`), their sockets are rewritten too, so that a
+//! pod created meanwhile, whose interface has no TC program, reaches
+//! Services at once. For pod sockets the client key of session affinity is
+//! the pod's network namespace (its address is not known at `connect`),
+//! and a frontend with loadBalancerSourceRanges is left alone (its
+//! packets go on to the load balancer, which applies them). Backends are
 //! chosen with the view of traffic from inside the cluster (kube-proxy's
 //! rules for locally originated traffic: internalTrafficPolicy for cluster
 //! IPs, cluster-wide endpoints for node ports, external and load-balancer
@@ -19,7 +27,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use netlb_common::{SockRevKey, SockRevValue, proto, stat, svc_flags};
+use netlb_common::{CtGc, SockRevKey, SockRevValue, proto, stat, svc_flags};
 
 use crate::{lb, maps, parse::Packet};
 
@@ -30,11 +38,29 @@ const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
 
-/// Whether the socket belongs to the node's network namespace.
+/// Whose socket a hook rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The node's own (its network namespace is the agent's).
+    Host,
+    /// A pod's, while the agent is away; the namespace's cookie.
+    Pod(u64),
+}
+
+/// Whether the hooks rewrite this socket, and whose it is. Off without
+/// the node's namespace cookie (socket-level load balancing disabled).
 #[inline(always)]
-fn host_socket(ctx: &SockAddrContext, host_cookie: u64) -> bool {
+fn owner(ctx: &SockAddrContext, host_cookie: u64) -> Option<Owner> {
+    if host_cookie == 0 {
+        return None;
+    }
     // SAFETY: helper on the program's own context.
-    host_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host_cookie
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    if netns == host_cookie {
+        return Some(Owner::Host);
+    }
+    let agent = maps::CT_GC.get(CtGc::AGENT).copied().unwrap_or_default();
+    CtGc::agent_away(&agent, crate::conntrack::now_s()).then_some(Owner::Pod(netns))
 }
 
 #[inline(always)]
@@ -47,9 +73,9 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 #[inline(always)]
 pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let cfg = maps::config();
-    if !host_socket(ctx, cfg.host_netns_cookie) {
+    let Some(owner) = owner(ctx, cfg.host_netns_cookie) else {
         return ALLOW;
-    }
+    };
     let sa = ctx.sock_addr;
     // SAFETY: reads of the context's fields. `user_ip4` holds the address
     // and the low 16 bits of `user_port` the port, both in network byte
@@ -85,11 +111,22 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         maps::count(stat::SOCK_REJECT);
         return DENY;
     };
-    // A host process's packets leave with the node's address as their
-    // source (kube-proxy sees the node IP for them): that is what the
-    // frontend's source ranges are checked against. Outside them, the call
-    // times out at once, as a dropped SYN would make it.
-    if !lb::source_allowed(&fe, cfg.snat_addr_be) {
+    // The client as session affinity and source ranges know it: a host
+    // process's packets leave with the node's address as their source
+    // (kube-proxy sees the node IP for them); a pod's address is not known
+    // here, its network namespace stands for it.
+    let client_be = match owner {
+        Owner::Host => cfg.snat_addr_be,
+        Owner::Pod(netns) => {
+            if fe.value.flags & svc_flags::SOURCE_RANGES != 0 {
+                return ALLOW;
+            }
+            (netns ^ (netns >> 32)) as u32
+        }
+    };
+    // Outside the source ranges, the call times out at once, as a dropped
+    // SYN would make it.
+    if !lb::source_allowed(&fe, client_be) {
         // SAFETY: helper without preconditions for cgroup programs.
         unsafe { bpf_set_retval(-ETIMEDOUT) };
         maps::count(stat::DROP_SOURCE_RANGE);
@@ -109,9 +146,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         maps::count(stat::SOCK_REJECT);
         return DENY;
     }
-    // Affinity keys on the node's address, the source kube-proxy sees for
-    // every host process.
-    let Ok((id, backend)) = lb::select_backend(&fe, &pkt, cfg.snat_addr_be) else {
+    let Ok((id, backend)) = lb::select_backend(&fe, &pkt, client_be) else {
         return ALLOW;
     };
     let key = SockRevKey {
@@ -136,6 +171,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         (*sa).user_port = backend.port_be as u32;
     }
     maps::count(stat::SOCK_LB);
+    if owner != Owner::Host {
+        maps::count(stat::SOCK_LB_POD);
+    }
     maps::count_backend_flow(id);
     ALLOW
 }
@@ -145,7 +183,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
     let cfg = maps::config();
-    if !host_socket(ctx, cfg.host_netns_cookie) {
+    // Any socket the hooks rewrote has its entry (a pod's, rewritten while
+    // the agent was away, keeps it once the agent is back).
+    if cfg.host_netns_cookie == 0 {
         return ALLOW;
     }
     let sa = ctx.sock_addr;

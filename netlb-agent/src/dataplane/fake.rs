@@ -306,8 +306,6 @@ pub struct FakeConntrack {
     /// What the next snapshot returns instead of `entries` (a table read
     /// while the datapath kept writing: torn between buckets).
     pub torn_snapshot: Option<Vec<(CtKey4, CtEntry4)>>,
-    /// The last heartbeat.
-    pub heartbeat: Option<u32>,
 }
 
 impl ConntrackTable for FakeConntrack {
@@ -329,10 +327,5 @@ impl ConntrackTable for FakeConntrack {
 
     fn capacity(&self) -> u32 {
         self.capacity
-    }
-
-    fn heartbeat(&mut self, now_s: u32) -> Result<(), DataplaneError> {
-        self.heartbeat = Some(now_s);
-        Ok(())
     }
 }

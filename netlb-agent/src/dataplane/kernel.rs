@@ -559,17 +559,79 @@ impl LruCounter {
     }
 }
 
-/// The conntrack map, and the in-kernel collector's slot (the agent's
-/// heartbeat).
+/// The agent's slot of the in-kernel collector (`CT_GC`): its sweep
+/// period, when its own collector last swept, and that it runs. Written by
+/// the sync loop alone (every second), so nothing races on the slot.
+pub struct Heartbeat {
+    gc: Array<MapData, CtGc>,
+    slot: CtGc,
+}
+
+impl Heartbeat {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            gc: typed(take(ebpf, map_names::CT_GC)?, map_names::CT_GC)?,
+            slot: CtGc::default(),
+        })
+    }
+
+    fn write(&mut self) -> Result<(), DataplaneError> {
+        // The agent's slot only: writing the kernel's would cancel its timer.
+        self.gc
+            .set(CtGc::AGENT, self.slot, 0)
+            .map_err(write_err(map_names::CT_GC, "agent".into()))
+    }
+
+    /// The sweep period; the agent's collector counts as having swept now
+    /// (it is about to), and the agent as running. Before
+    /// [`loader::arm_ct_gc`](crate::loader::arm_ct_gc), which reads the
+    /// period.
+    pub fn configure(&mut self, interval: std::time::Duration) -> Result<(), DataplaneError> {
+        let now = crate::conntrack::monotonic_now_s();
+        self.slot = CtGc {
+            interval_ms: interval.as_millis().clamp(1000, u128::from(u32::MAX)) as u32,
+            agent_sweep_s: now,
+            alive_s: now,
+            ..Default::default()
+        };
+        self.write()
+    }
+
+    /// The agent runs at `now`; its collector last swept at `swept`.
+    pub fn beat(&mut self, now: u32, swept: u32) -> Result<(), DataplaneError> {
+        self.slot.alive_s = now;
+        self.slot.agent_sweep_s = swept;
+        self.write()
+    }
+
+    /// The agent stops (without removing the datapath): from now on the
+    /// socket-level programs serve pod sockets too, and the kernel's
+    /// collector takes over after two periods.
+    pub fn leave(&mut self) -> Result<(), DataplaneError> {
+        self.slot.alive_s = 0;
+        self.write()
+    }
+
+    /// The collector's slots as they are now: (the kernel's, the agent's).
+    pub fn slots(&self) -> Result<(CtGc, CtGc), DataplaneError> {
+        let read = |slot| {
+            self.gc.get(&slot, 0).map_err(|e| DataplaneError::Read {
+                map: map_names::CT_GC,
+                source: io_error(e),
+            })
+        };
+        Ok((read(CtGc::KERNEL)?, read(CtGc::AGENT)?))
+    }
+}
+
+/// The conntrack map.
 pub struct KernelConntrack {
     map: HashMap<MapData, CtKey4, CtEntry4>,
-    gc: Array<MapData, CtGc>,
     capacity: u32,
 }
 
 impl KernelConntrack {
-    fn new(map: Map, gc: Map) -> Result<Self, DataplaneError> {
-        let gc: Array<MapData, CtGc> = typed(gc, map_names::CT_GC)?;
+    fn new(map: Map) -> Result<Self, DataplaneError> {
         let map: HashMap<MapData, CtKey4, CtEntry4> = typed(map, map_names::CONNTRACK)?;
         let capacity = aya::maps::IterableMap::map(&map)
             .info()
@@ -578,49 +640,15 @@ impl KernelConntrack {
                 source: io_error(e),
             })?
             .max_entries();
-        Ok(Self { map, gc, capacity })
+        Ok(Self { map, capacity })
     }
 
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
-        Self::new(
-            open_pinned(dir, map_names::CONNTRACK)?,
-            open_pinned(dir, map_names::CT_GC)?,
-        )
+        Self::new(open_pinned(dir, map_names::CONNTRACK)?)
     }
 
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        Self::new(
-            take(ebpf, map_names::CONNTRACK)?,
-            take(ebpf, map_names::CT_GC)?,
-        )
-    }
-
-    /// Writes the agent's slot of the in-kernel collector: its period and a
-    /// heartbeat of now (this agent's collector is about to sweep). Before
-    /// [`loader::arm_ct_gc`](crate::loader::arm_ct_gc), which reads the
-    /// period.
-    pub fn configure(&mut self, interval: std::time::Duration) -> Result<(), DataplaneError> {
-        let agent = CtGc {
-            interval_ms: interval.as_millis().clamp(1000, u128::from(u32::MAX)) as u32,
-            agent_sweep_s: crate::conntrack::monotonic_now_s(),
-            ..Default::default()
-        };
-        // The agent's slot only: writing the kernel's would cancel its timer.
-        self.gc
-            .set(CtGc::AGENT, agent, 0)
-            .map_err(write_err(map_names::CT_GC, "agent".into()))
-    }
-
-    /// The in-kernel collector's slots as they are now: (the kernel's, the
-    /// agent's).
-    pub fn collector(&self) -> Result<(CtGc, CtGc), DataplaneError> {
-        let read = |slot| {
-            self.gc.get(&slot, 0).map_err(|e| DataplaneError::Read {
-                map: map_names::CT_GC,
-                source: io_error(e),
-            })
-        };
-        Ok((read(CtGc::KERNEL)?, read(CtGc::AGENT)?))
+        Self::new(take(ebpf, map_names::CONNTRACK)?)
     }
 
     /// A second handle on the same maps (another thread's collector, a
@@ -636,20 +664,11 @@ impl KernelConntrack {
             aya::maps::IterableMap::map(&self.map).info(),
             map_names::CONNTRACK,
         )?;
-        let gc = id(
-            aya::maps::IterableMap::map(&self.gc).info(),
-            map_names::CT_GC,
-        )?;
-        let open = |id, map| {
-            MapData::from_id(id).map_err(|e| DataplaneError::Read {
-                map,
-                source: io_error(e),
-            })
-        };
-        Self::new(
-            Map::HashMap(open(ct, map_names::CONNTRACK)?),
-            Map::Array(open(gc, map_names::CT_GC)?),
-        )
+        let data = MapData::from_id(ct).map_err(|e| DataplaneError::Read {
+            map: map_names::CONNTRACK,
+            source: io_error(e),
+        })?;
+        Self::new(Map::HashMap(data))
     }
 
     /// Inserts or replaces an entry (tests seed the table with it).
@@ -696,16 +715,6 @@ impl ConntrackTable for KernelConntrack {
 
     fn capacity(&self) -> u32 {
         self.capacity
-    }
-
-    fn heartbeat(&mut self, now_s: u32) -> Result<(), DataplaneError> {
-        // The agent's slot alone (an update of the kernel's slot would
-        // cancel its timer); only the agent writes it.
-        let (_, mut agent) = self.collector()?;
-        agent.agent_sweep_s = now_s;
-        self.gc
-            .set(CtGc::AGENT, agent, 0)
-            .map_err(write_err(map_names::CT_GC, "agent".into()))
     }
 }
 

@@ -159,7 +159,4 @@ pub trait ConntrackTable {
     fn delete(&mut self, key: &CtKey4) -> Result<(), DataplaneError>;
     /// The table's size (max entries).
     fn capacity(&self) -> u32;
-    /// Tells the in-kernel collector that the agent swept at `now_s`
-    /// (seconds of `CLOCK_MONOTONIC`): it stays idle while these come.
-    fn heartbeat(&mut self, now_s: u32) -> Result<(), DataplaneError>;
 }

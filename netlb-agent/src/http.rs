@@ -1,6 +1,7 @@
 //! kube-proxy's two HTTP endpoints, served on the agent's runtime
 //! ([`crate::server`]): the health server (`/healthz`, `/livez`; kube-proxy
-//! 0.0.0.0:10256, reachable by load balancers and kubelet) and the metrics
+//! 0.0.0.0:10256, reachable by load balancers and kubelet; and `/readyz`,
+//! the readiness probe: serving what the API says) and the metrics
 //! server (`/metrics`, `/proxyMode`, `/healthz`; kube-proxy 127.0.0.1:10249).
 //! `/metrics` is never served on the health address.
 
@@ -43,7 +44,8 @@ fn not_found() -> http::Response<http_body_util::Full<bytes::Bytes>> {
     )
 }
 
-/// Serves `/healthz` and `/livez` on `addr` (port 0 picks a free one).
+/// Serves `/healthz`, `/livez` and `/readyz` on `addr` (port 0 picks a
+/// free one).
 pub fn serve_health(
     runtime: &Handle,
     addr: SocketAddr,
@@ -57,6 +59,11 @@ pub fn serve_health(
                 let health = metrics.health(path == "/livez");
                 let status = if health.healthy { 200 } else { 503 };
                 server::response(status, "application/json", health.body)
+            }
+            "/readyz" => {
+                let ready = metrics.readiness();
+                let status = if ready.healthy { 200 } else { 503 };
+                server::response(status, "application/json", ready.body)
             }
             _ => not_found(),
         }),

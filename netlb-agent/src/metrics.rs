@@ -127,6 +127,8 @@ struct State {
     conntrack: ConntrackMetrics,
     /// Lists that fail for good (403, 404): health says so.
     source_failures: Vec<String>,
+    /// Since when a source has been failing (the longest outage going on).
+    source_outage: Option<Instant>,
     /// Entries in use and capacity of the maps the syncer fills.
     map_fill: BTreeMap<&'static str, (u64, u64)>,
     /// Highest fill level warned about, per map.
@@ -214,6 +216,7 @@ impl Metrics {
                 watch_errors: 0,
                 conntrack: ConntrackMetrics::default(),
                 source_failures: Vec::new(),
+                source_outage: None,
                 fill_warned: BTreeMap::new(),
                 map_fill: BTreeMap::new(),
                 map_writes: 0,
@@ -337,6 +340,38 @@ impl Metrics {
     /// Lists that fail for good (RBAC 403, a resource that does not
     /// exist): `/healthz` fails and says why, instead of reporting healthy
     /// with nothing programmed.
+    /// Since when a source has been failing, if one is.
+    pub fn set_source_outage(&self, since: Option<Instant>) {
+        self.lock().source_outage = since;
+    }
+
+    /// `/readyz`: whether the agent serves what the API says: its initial
+    /// sync is done, its syncs keep up and its sources list (as
+    /// `/healthz`), and no source has been failing for longer than the
+    /// health timeout. Unlike kube-proxy's `/healthz` (healthy while
+    /// starting up, until the health timeout), an agent that has programmed
+    /// nothing yet is not ready.
+    pub fn readiness(&self) -> Health {
+        let s = self.lock();
+        let outage = s.source_outage.map(|since| since.elapsed());
+        let outage_ok = outage.is_none_or(|d| d < self.health_timeout);
+        let ready = s.initial_sync_complete && self.is_healthy(&s) && outage_ok;
+        let body = serde_json::json!({
+            "ready": ready,
+            "initialSync": s.initial_sync_complete,
+            "syncsKeepUp": self.is_healthy(&s),
+            "sourceOutageSeconds": outage.map(|d| d.as_secs_f64()),
+            "healthTimeoutSeconds": self.health_timeout.as_secs_f64(),
+            "errors": s.source_failures,
+        })
+        .to_string();
+        Health {
+            healthy: ready,
+            node_eligible: s.node_eligible,
+            body,
+        }
+    }
+
     pub fn set_source_failures(&self, failures: Vec<String>) {
         self.lock().source_failures = failures;
     }

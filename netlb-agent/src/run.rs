@@ -518,6 +518,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         if let Source::Api(api) = &source {
             metrics.set_watch_errors(api.stats.errors.load(Ordering::Relaxed));
+            metrics.set_source_outage(api.health.outage_since());
             let failing = lock(&api.failing);
             metrics.set_source_failures(failing.values().cloned().collect());
         }

@@ -795,3 +795,94 @@ fn a_deletion_in_the_same_step_as_a_zone_change_is_programmed() {
     a.api.apply(slice).unwrap();
     a.wait_for_backends(&["myapp-1"]);
 }
+
+/// `(status of /readyz, status of /healthz)` of node 0's agent (0 when
+/// nothing answers).
+fn probes(a: &ApiCluster) -> (u16, u16) {
+    let status = |path: &str| -> u16 {
+        let out =
+            a.c.tb
+                .exec(
+                    &a.c.tb.nodes[0].netns,
+                    &[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "1",
+                        "-w",
+                        "%{http_code}",
+                        &format!("http://127.0.0.1:10256{path}"),
+                    ],
+                )
+                .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    (status("/readyz"), status("/healthz"))
+}
+
+/// Issue 22: readiness means "serving". An agent that cannot reach any
+/// API server is not ready (`/readyz` 503), whatever kube-proxy's
+/// `/healthz` says while starting; it becomes ready after its first sync
+/// once the server answers; and it is not ready again once no list or
+/// watch has succeeded for longer than the health timeout (twice the sync
+/// period, here 2 s).
+#[test]
+fn readiness_means_serving() {
+    let mut a = ApiCluster::new(&["myapp-1"]);
+    a.api.apply(my_service()).unwrap();
+    a.api.apply(my_slice(&a.pods(&["myapp-1"]))).unwrap();
+    let addr = api_addr(&a);
+    a.api.stop_serving();
+    let started = std::time::Instant::now();
+    let agent = a.spawn_agent(&["--sync-period", "1s"], "agent.log");
+    a.c.agent = Some(agent);
+    let mut timeline: Vec<(Duration, (u16, u16))> = Vec::new();
+    let mut record = |a: &ApiCluster| {
+        let p = probes(a);
+        if timeline.last().map(|(_, last)| *last) != Some(p) {
+            timeline.push((started.elapsed(), p));
+        }
+        p
+    };
+    // Unreachable: never ready.
+    while started.elapsed() < Duration::from_secs(6) {
+        assert_ne!(record(&a).0, 200, "ready without an API server");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listener = bind_in_netns(&a.c.tb.nodes[0].netns, &addr).expect("rebind");
+    a.api.serve_again(listener).unwrap();
+    let back = started.elapsed();
+    let ready = wait_until(Duration::from_secs(20), || {
+        (record(&a).0 == 200).then_some(())
+    });
+    assert!(ready.is_some(), "never ready:\n{}", a.c.agent_log());
+    a.wait_for_backends(&["myapp-1"]);
+    // An outage longer than the health timeout: not ready, then ready.
+    a.api.stop_serving();
+    let gone = started.elapsed();
+    let not_ready = wait_until(Duration::from_secs(10), || {
+        (record(&a).0 == 503).then_some(())
+    });
+    assert!(not_ready.is_some(), "still ready during an outage");
+    let listener = bind_in_netns(&a.c.tb.nodes[0].netns, &addr).expect("rebind");
+    a.api.serve_again(listener).unwrap();
+    let back_again = started.elapsed();
+    let ready = wait_until(Duration::from_secs(30), || {
+        (record(&a).0 == 200).then_some(())
+    });
+    assert!(ready.is_some(), "never ready again:\n{}", a.c.agent_log());
+    println!(
+        "readiness timeline (seconds since the agent started; /readyz, /healthz): API server unreachable until {back:.1?}, down again at {gone:.1?}, back at {back_again:.1?}"
+    );
+    for (at, (readyz, healthz)) in &timeline {
+        println!(
+            "  {:>5.1} s: /readyz {readyz}, /healthz {healthz}",
+            at.as_secs_f64()
+        );
+    }
+}

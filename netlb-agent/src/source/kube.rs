@@ -45,7 +45,7 @@ use kube::{
     runtime::watcher,
 };
 
-use super::retry::{Backoff, Outage, OutageLog, RetryAfter, RetryPolicy};
+use super::retry::{Backoff, RetryPolicy, SourceHealth};
 use crate::{
     objects::{
         DecodeError, HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject,
@@ -267,6 +267,8 @@ pub struct ApiSource {
     /// Lists that fail for good (403 Forbidden, 404 Not Found), by kind:
     /// health reports them instead of claiming all is well.
     pub failing: Arc<Mutex<BTreeMap<Kind, String>>>,
+    /// What the server answered, by kind (outages, for readiness).
+    pub health: SourceHealth,
     /// The watch tasks on the agent's runtime, aborted on drop.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -391,24 +393,12 @@ fn spawn_watcher<W: Record>(
         async move {
             let mut stream = std::pin::pin!(stream);
             let mut backoff = Backoff::new(RetryPolicy::default());
-            let mut outage = Outage::default();
+            let mut last_failure: Option<Instant> = None;
             loop {
                 let event = stream.try_next().await;
                 match event {
                     Ok(Some(event)) => {
                         sink.stats.events.fetch_add(1, Ordering::Relaxed);
-                        if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_)) {
-                            backoff.established();
-                        }
-                        if let Some(OutageLog::Recovered { errors, lasted }) =
-                            outage.succeeded(Instant::now())
-                        {
-                            log::info!(
-                                "{} watch recovered after {errors} failed attempts in {:.0?}",
-                                kind.name(),
-                                lasted
-                            );
-                        }
                         // Objects of a (re)list wake the sync loop once, when
                         // the list is complete (it cannot use a partial list).
                         let wake = !matches!(event, watcher::Event::InitApply(_));
@@ -441,7 +431,14 @@ fn spawn_watcher<W: Record>(
                     Err(e) => {
                         sink.stats.errors.fetch_add(1, Ordering::Relaxed);
                         let now = Instant::now();
-                        let delay = backoff.failed(now, sink.retry_after.floor(now));
+                        // A watch established since the last failure (the
+                        // server answered it: the client's layer saw it)
+                        // starts the schedule over; a list alone does not.
+                        if last_failure.is_none_or(|t| sink.health.established_since(kind, t)) {
+                            backoff.established();
+                        }
+                        last_failure = Some(now);
+                        let delay = backoff.failed(now, sink.health.retry_floor(now));
                         let status = match &e {
                             watcher::Error::InitialListFailed(kube::Error::Api(status))
                             | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
@@ -456,17 +453,7 @@ fn spawn_watcher<W: Record>(
                                 .unwrap_or_else(|e| e.into_inner())
                                 .insert(kind, message);
                         }
-                        match outage.failed(now) {
-                            Some(OutageLog::Started) => log::warn!(
-                                "{} watch failing: {e}; retrying in {delay:.1?}, then less and less often (a summary a minute until it recovers)",
-                                kind.name()
-                            ),
-                            Some(OutageLog::Summary { recent, total }) => log::warn!(
-                                "{} watch still failing: {recent} failed attempts in the last minute, {total} in all; last: {e}; next attempt in {delay:.1?}",
-                                kind.name()
-                            ),
-                            _ => {}
-                        }
+                        sink.health.failed(kind, &e, delay, now);
                         let _ = sink.notify.send(());
                         tokio::time::sleep(delay).await;
                     }
@@ -482,6 +469,88 @@ fn lock(store: &Mutex<ObjectStore>) -> std::sync::MutexGuard<'_, ObjectStore> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A layer of the API client that reports every answer of the server to
+/// [`SourceHealth`]: the kind from the request's path, whether it was a
+/// watch, the status and headers.
+#[derive(Clone)]
+struct Observe {
+    health: SourceHealth,
+}
+
+impl<S> tower::Layer<S> for Observe {
+    type Service = Observed<S>;
+
+    fn layer(&self, inner: S) -> Observed<S> {
+        Observed {
+            inner,
+            health: self.health.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Observed<S> {
+    inner: S,
+    health: SourceHealth,
+}
+
+/// The kind a request path asks for.
+fn kind_of(path: &str) -> Option<Kind> {
+    let plural = path.rsplit('/').next()?;
+    [Kind::Service, Kind::EndpointSlice, Kind::Node]
+        .into_iter()
+        .find(|k| {
+            let resource = match k {
+                Kind::Service => <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+                Kind::EndpointSlice => <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+                Kind::Node => <Node as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+            };
+            resource == plural
+        })
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Observed<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResBody: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let kind = kind_of(request.uri().path());
+        let watch = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let health = self.health.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let result = answer.await;
+            if let (Ok(response), Some(kind)) = (&result, kind) {
+                health.answered(
+                    kind,
+                    watch,
+                    response.status(),
+                    response.headers(),
+                    Instant::now(),
+                );
+            }
+            result
+        })
+    }
+}
+
 /// Where a watcher's events go.
 #[derive(Clone)]
 struct Sink {
@@ -489,7 +558,7 @@ struct Sink {
     notify: Sender<()>,
     stats: Arc<WatchStats>,
     failing: Arc<Mutex<BTreeMap<Kind, String>>>,
-    retry_after: RetryAfter,
+    health: SourceHealth,
 }
 
 /// A watch's `timeoutSeconds`: 8/9 to 10/9 of `timeout`, at random, so
@@ -535,15 +604,13 @@ impl ApiSource {
                 .labels(&labels)
         };
         log::info!("API server {}", config.cluster_url);
-        let retry_after = RetryAfter::default();
-        let observed = retry_after.clone();
-        // Kube's errors carry the status, not the headers: a layer notes
-        // the `Retry-After` of every 429 and 503 for the watch that gets
-        // the error.
-        let capture = tower::util::MapResponseLayer::new(move |response: http::Response<_>| {
-            observed.observe(response.status(), response.headers(), Instant::now());
-            response
-        });
+        let health = SourceHealth::default();
+        // Kube's errors carry the status, not the headers, and a watch
+        // that was established but brings no events shows nothing: a layer
+        // sees every answer of the server.
+        let capture = Observe {
+            health: health.clone(),
+        };
         let client = runtime.block_on(async {
             kube::client::ClientBuilder::try_from(config)
                 .map(|builder| builder.with_layer(&capture).build())
@@ -556,7 +623,7 @@ impl ApiSource {
             notify,
             stats: Arc::clone(&stats),
             failing: Arc::clone(&failing),
-            retry_after,
+            health: health.clone(),
         };
         let _guard = runtime.enter();
         let mut tasks = vec![
@@ -587,6 +654,7 @@ impl ApiSource {
         Ok(Self {
             stats,
             failing,
+            health,
             tasks,
         })
     }

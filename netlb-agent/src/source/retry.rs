@@ -15,9 +15,12 @@
 //! one line when it recovers. The metrics carry every error.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use crate::tracker::Kind;
 
 /// The retry schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +224,96 @@ impl Outage {
     }
 }
 
+/// What the API server answered each kind's requests: the watchers'
+/// failures (from the errors they get) and the server's answers (from a
+/// layer of the client, which sees every response: a list answered, a
+/// watch established, a `Retry-After`). One per source, shared by its
+/// watchers; every outage is logged here (once when it starts, a summary a
+/// minute, once when the server answers again).
+#[derive(Clone, Debug, Default)]
+pub struct SourceHealth {
+    kinds: Arc<Mutex<BTreeMap<Kind, KindHealth>>>,
+    retry_after: RetryAfter,
+}
+
+#[derive(Debug, Default)]
+struct KindHealth {
+    outage: Outage,
+    /// Since when the current outage lasts.
+    failing_since: Option<Instant>,
+    /// When a watch of this kind was last established (answered 200).
+    watch_established: Option<Instant>,
+}
+
+impl SourceHealth {
+    fn with<T>(&self, kind: Kind, f: impl FnOnce(&mut KindHealth) -> T) -> T {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        f(kinds.entry(kind).or_default())
+    }
+
+    /// The server answered a request for `kind` (a watch if `watch`) at
+    /// `now`.
+    pub fn answered(
+        &self,
+        kind: Kind,
+        watch: bool,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+        now: Instant,
+    ) {
+        self.retry_after.observe(status, headers, now);
+        if !status.is_success() {
+            return;
+        }
+        self.with(kind, |h| {
+            if watch {
+                h.watch_established = Some(now);
+            }
+            h.failing_since = None;
+            if let Some(OutageLog::Recovered { errors, lasted }) = h.outage.succeeded(now) {
+                log::info!(
+                    "{} watch recovered after {errors} failed attempts in {lasted:.0?}",
+                    kind.name()
+                );
+            }
+        });
+    }
+
+    /// A watcher of `kind` got `error` at `now` and retries after `delay`.
+    pub fn failed(&self, kind: Kind, error: &dyn std::fmt::Display, delay: Duration, now: Instant) {
+        self.with(kind, |h| {
+            h.failing_since.get_or_insert(now);
+            match h.outage.failed(now) {
+                Some(OutageLog::Started) => log::warn!(
+                    "{} watch failing: {error}; retrying in {delay:.1?}, then less and less often (a summary a minute until it recovers)",
+                    kind.name()
+                ),
+                Some(OutageLog::Summary { recent, total }) => log::warn!(
+                    "{} watch still failing: {recent} failed attempts in the last minute, {total} in all; last: {error}; next attempt in {delay:.1?}",
+                    kind.name()
+                ),
+                _ => {}
+            }
+        });
+    }
+
+    /// Whether a watch of `kind` was established after `since`.
+    pub fn established_since(&self, kind: Kind, since: Instant) -> bool {
+        self.with(kind, |h| h.watch_established.is_some_and(|t| t > since))
+    }
+
+    /// How long a request must still wait for the server's `Retry-After`.
+    pub fn retry_floor(&self, now: Instant) -> Option<Duration> {
+        self.retry_after.floor(now)
+    }
+
+    /// Since when the longest outage going on lasts, if one is.
+    pub fn outage_since(&self) -> Option<Instant> {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.values().filter_map(|h| h.failing_since).min()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +401,31 @@ mod tests {
             })
         );
         assert_eq!(o.succeeded(start + Duration::from_secs(152)), None);
+    }
+
+    /// The server answering a watch ends the outage (one recovery line) and
+    /// counts as an established watch; an answered list ends the outage
+    /// but establishes nothing.
+    #[test]
+    fn answers_end_outages_and_watches_establish() {
+        let h = SourceHealth::default();
+        let t0 = Instant::now();
+        h.failed(Kind::Service, &"refused", Duration::from_secs(1), t0);
+        assert_eq!(h.outage_since(), Some(t0));
+        let ok = http::StatusCode::OK;
+        let t1 = t0 + Duration::from_secs(2);
+        h.answered(Kind::Service, false, ok, &http::HeaderMap::new(), t1);
+        assert_eq!(h.outage_since(), None);
+        assert!(!h.established_since(Kind::Service, t0));
+        h.answered(Kind::Service, true, ok, &http::HeaderMap::new(), t1);
+        assert!(h.established_since(Kind::Service, t0));
+        assert!(!h.established_since(Kind::EndpointSlice, t0));
+        // A 500 is no answer that counts.
+        let t2 = t1 + Duration::from_secs(1);
+        h.failed(Kind::EndpointSlice, &"500", Duration::from_secs(1), t2);
+        let bad = http::StatusCode::INTERNAL_SERVER_ERROR;
+        h.answered(Kind::EndpointSlice, true, bad, &http::HeaderMap::new(), t2);
+        assert_eq!(h.outage_since(), Some(t2));
     }
 
     #[test]

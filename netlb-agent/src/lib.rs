@@ -21,6 +21,7 @@ pub mod loader;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod node;
 pub mod objects;
 pub mod run;
 pub mod server;

@@ -137,10 +137,15 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
         .map(|(fe, value)| ServiceRow {
             frontend: format!("{}:{}", fe.0, fe.1),
             protocol: proto_name(fe.2),
+            // One view for every client, unless the frontend has two (a
+            // Local external traffic policy): then the external one and
+            // the in-cluster one.
             scope: if fe.3 == scope::INTERNAL {
                 "internal"
-            } else {
+            } else if value.flags & netlb_common::svc_flags::TWO_SCOPES != 0 {
                 "external"
+            } else {
+                "all"
             },
             rev_nat_index: value.rev_nat_index,
             flags: value.flags,

@@ -173,6 +173,16 @@ pub enum LoaderError {
         found: String,
         want: String,
     },
+    #[error(
+        "--cgroup-root {path} is {what}: the socket-level programs attach to a cgroup2 mount \
+         (on hosts with cgroup v1 and v2 side by side it is /sys/fs/cgroup/unified; this mount \
+         namespace has: [{mounts}]); nothing was loaded or pinned"
+    )]
+    NotCgroup2 {
+        path: PathBuf,
+        what: String,
+        mounts: String,
+    },
     #[error("failed to remove {path}")]
     Remove {
         path: PathBuf,
@@ -559,15 +569,63 @@ pub fn detach_cgroup(pin_dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
+/// `CGROUP2_SUPER_MAGIC` and `CGROUP_SUPER_MAGIC` (cgroup v1), from
+/// linux/magic.h.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+const CGROUP1_MAGIC: i64 = 0x0027_e0eb;
+
+/// Checks that `path` is a cgroup2 mount (its root or a cgroup below it)
+/// before anything is pinned: attaching the socket-level programs to
+/// anything else fails late and obscurely (`Bad file descriptor`).
+pub fn check_cgroup2(path: &Path) -> Result<(), LoaderError> {
+    let found = match std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        Ok(c) => {
+            // SAFETY: statfs into a zeroed struct we own.
+            unsafe {
+                let mut buf: libc::statfs = std::mem::zeroed();
+                if libc::statfs(c.as_ptr(), &mut buf) == 0 {
+                    Some(buf.f_type as i64)
+                } else {
+                    None
+                }
+            }
+        }
+        Err(_) => None,
+    };
+    let what = match found {
+        Some(CGROUP2_MAGIC) => return Ok(()),
+        Some(CGROUP1_MAGIC) => "a cgroup v1 hierarchy".to_owned(),
+        Some(magic) => format!("a filesystem of type {magic:#x}, not cgroup2"),
+        None => "missing".to_owned(),
+    };
+    Err(LoaderError::NotCgroup2 {
+        path: path.to_owned(),
+        what,
+        mounts: cgroup2_mounts()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Every cgroup2 mount of this mount namespace.
+fn cgroup2_mounts() -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 /// The first cgroup v2 mount of this mount namespace (the node's
 /// `--cgroup-root` default).
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
-        (kind == "cgroup2").then(|| PathBuf::from(path))
-    })
+    cgroup2_mounts().into_iter().next()
 }
 
 /// The cookie of the calling thread's network namespace

@@ -336,6 +336,26 @@ enum Command {
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/netlb")]
         bpffs: PathBuf,
+        /// Then wait for SIGTERM (the uninstall DaemonSet's container: its
+        /// pods stay Running once their node is clean).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Prepare the node for the agent (the DaemonSet's init container): in
+    /// the host's mount namespace, a bpffs on `--bpffs` with shared
+    /// propagation (so that the agent's mount of it propagates, even on
+    /// hosts that mount it private or not at all) and a cgroup2 mount on
+    /// `--cgroup2` (the cgroup2 hierarchy alone, for the agent to mount
+    /// read-only, on hosts with the unified or the hybrid layout).
+    PrepareNode {
+        /// The host's mount namespace (the init container mounts the
+        /// host's /proc read-only on /hostproc).
+        #[arg(long, default_value = "/hostproc/1/ns/mnt")]
+        host_mount_ns: PathBuf,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        #[arg(long, default_value = "/run/netlb/cgroupv2")]
+        cgroup2: PathBuf,
     },
 }
 
@@ -627,8 +647,27 @@ fn main() -> anyhow::Result<()> {
             healthz_address,
             output,
         } => print_status(&bpffs, metrics_address, healthz_address, output)?,
-        Command::Cleanup { bpffs } => {
+        Command::Cleanup { bpffs, wait } => {
             loader::remove_pins(&bpffs)?;
+            log::info!("removed {} and everything pinned in it", bpffs.display());
+            if wait {
+                let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                    signal_hook::flag::register(signal, std::sync::Arc::clone(&term))?;
+                }
+                while !term.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        Command::PrepareNode {
+            host_mount_ns,
+            bpffs,
+            cgroup2,
+        } => {
+            for done in netlb_agent::node::prepare(&host_mount_ns, &bpffs, &cgroup2)? {
+                log::info!("{done}");
+            }
         }
     }
     Ok(())
@@ -728,7 +767,9 @@ fn print_status(
                 status.last_sync_unix_seconds =
                     value("kubeproxy_sync_proxy_rules_last_timestamp_seconds").filter(|v| *v > 0.0);
                 status.syncs = value("netlb_syncs");
-                status.sync_mean_seconds = value("kubeproxy_sync_proxy_rules_duration_seconds");
+                // A mean over no sync is no figure (NaN before the first).
+                status.sync_mean_seconds =
+                    value("kubeproxy_sync_proxy_rules_duration_seconds").filter(|v| v.is_finite());
                 status.programmed_frontends = value("netlb_programmed_frontends");
                 status.programmed_backends = value("netlb_programmed_backends");
                 if let Some(f) = exposition.families.get("netlb_source_list_failing") {
@@ -796,7 +837,7 @@ fn print_status(
                 status
                     .sync_mean_seconds
                     .map(|s| format!("{:.2} ms", s * 1000.0))
-                    .unwrap_or_else(|| "?".into())
+                    .unwrap_or_else(|| "-".into())
             );
             println!(
                 "sources       {}",

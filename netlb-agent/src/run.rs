@@ -8,7 +8,7 @@
 //! Interfaces are attached as they appear.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::{Hash as _, Hasher as _},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -364,6 +364,9 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         ..opts.datapath.clone()
     };
     check_nat_ports(&settings)?;
+    if let Some(cgroup) = &opts.cgroup_root {
+        loader::check_cgroup2(cgroup)?;
+    }
     let plan = plan_layout(&opts.pin_dir, &opts.sizes)?;
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(opts.pin_dir.clone()),
@@ -1256,7 +1259,7 @@ fn reconcile_interfaces(
             }
         }
     }
-    let stale: Vec<String> = attacher
+    let stale: BTreeSet<String> = attacher
         .pinned_interfaces()
         .into_iter()
         .chain(attacher.attached().map(str::to_owned))

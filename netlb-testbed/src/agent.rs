@@ -85,11 +85,13 @@ impl AgentProcess {
             .args(["--pod-iface", "veth*"])
             .args(["--netdev", "uplink0"])
             .args(["--hostname-override", &format!("node{}", node.index)])
-            .args(["--min-sync-interval-ms", "10"])
-            // Socket-level load balancing on the node's own test cgroup,
-            // never the machine's root cgroup.
-            .arg("--cgroup-root")
-            .arg(&node.cgroup);
+            .args(["--min-sync-interval-ms", "10"]);
+        // Socket-level load balancing on the node's own test cgroup, never
+        // the machine's root cgroup (unless the test gives another root
+        // to see it refused).
+        if !opts.extra_args.iter().any(|a| a == "--cgroup-root") {
+            cmd.arg("--cgroup-root").arg(&node.cgroup);
+        }
         match &opts.source {
             AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
             AgentSource::Kubeconfig(file) => cmd.arg("--kubeconfig").arg(file),

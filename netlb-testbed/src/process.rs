@@ -101,7 +101,6 @@ impl ChildGuard {
         }
     }
 
-    /// SIGKILL and reap.
     /// SIGSTOP: the process is frozen (its threads, its timers) until
     /// [`resume`](Self::resume) or its end.
     pub fn pause(&self) {
@@ -113,6 +112,7 @@ impl ChildGuard {
         self.signal(libc::SIGCONT);
     }
 
+    /// SIGKILL and reap.
     pub fn kill_hard(&mut self) {
         self.signal(libc::SIGKILL);
         if let Some(mut child) = self.child.take() {

@@ -394,3 +394,54 @@ pub fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
         .and_then(|r| r["value"].as_u64())
         .unwrap_or_else(|| panic!("no counter {name}"))
 }
+
+/// The repository's root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The container `name` (in `containers` or `initContainers`) of the pod
+/// template in the manifest `deploy/<file>`, as written there: tests run
+/// what the manifests run, so the two cannot drift apart.
+pub fn deploy_container(file: &str, name: &str) -> serde_yaml::Value {
+    let path = workspace().join("deploy").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let spec = &doc["spec"]["template"]["spec"];
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec[*k].as_sequence())
+        .flatten()
+        .find(|c| c["name"].as_str() == Some(name))
+        .cloned()
+        .unwrap_or_else(|| panic!("{file}: no container {name}"))
+}
+
+/// The capabilities a container of `deploy/<file>` adds (lower case, as
+/// setpriv names them); empty when it adds none.
+pub fn deploy_capabilities(file: &str, container: &str) -> Vec<String> {
+    deploy_container(file, container)["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|c| c.as_str().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+/// `setpriv` arguments that leave a process only `caps` (its bounding set
+/// holds nothing else, as in a container granted only these).
+pub fn setpriv_args(caps: &[String]) -> Vec<String> {
+    let set: String = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        "setpriv".into(),
+        format!("--bounding-set={set}"),
+        "--inh-caps=-all".into(),
+        "--".into(),
+    ]
+}

@@ -26,7 +26,7 @@ pub struct ImageArgs {
 }
 
 /// The agent's version, as the binary itself reports it
-/// (`netlb-agent 0.1.0`).
+/// (`netlb-agent 0.2.0`).
 fn agent_version(binary: &Path) -> anyhow::Result<String> {
     let out = Command::new(binary)
         .arg("--version")

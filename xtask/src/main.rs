@@ -67,6 +67,10 @@ enum BenchKind {
     /// Time to programmed, programming latency, RSS and CPU at 1k-100k
     /// Services against the API-server double.
     ControlPlane,
+    /// The socket-level program's cost per connect (kernel BPF stats):
+    /// pods with the agent running and away, host processes; against
+    /// v0.1.0 when it can be built.
+    SocketLb,
 }
 
 /// The workspace root.
@@ -252,11 +256,20 @@ fn bench(which: Option<BenchKind>, quick: bool, full: bool, rest: &[String]) -> 
     for (kind, name) in [
         (BenchKind::NorthSouth, "north_south"),
         (BenchKind::ControlPlane, "control_plane"),
+        (BenchKind::SocketLb, "socket_lb"),
     ] {
         if !wanted(kind) {
             continue;
         }
         build_release_bins()?;
+        if kind == BenchKind::SocketLb {
+            // v0.1.0's agent beside this one, when it can be built.
+            match build_previous_release() {
+                // SAFETY: single-threaded here; read by the bench process.
+                Ok(previous) => unsafe { std::env::set_var("NETLB_PREVIOUS_AGENT", &previous) },
+                Err(e) => eprintln!("without v0.1.0: {e:#}"),
+            }
+        }
         cmd(
             "cargo",
             &[

@@ -337,9 +337,6 @@ impl Metrics {
         c.last_sweep_seconds = report.duration.as_secs_f64();
     }
 
-    /// Lists that fail for good (RBAC 403, a resource that does not
-    /// exist): `/healthz` fails and says why, instead of reporting healthy
-    /// with nothing programmed.
     /// Since when a source has been failing, if one is.
     pub fn set_source_outage(&self, since: Option<Instant>) {
         self.lock().source_outage = since;
@@ -372,6 +369,9 @@ impl Metrics {
         }
     }
 
+    /// Lists that fail for good (RBAC 403, a resource that does not
+    /// exist): `/healthz` fails and says why, instead of reporting healthy
+    /// with nothing programmed.
     pub fn set_source_failures(&self, failures: Vec<String>) {
         self.lock().source_failures = failures;
     }

@@ -339,7 +339,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut _servers = Vec::new();
     if let Some(addr) = opts.health_addr {
         let server = http::serve_health(runtime.handle(), addr, Arc::clone(&metrics))?;
-        log::info!("serving /healthz and /livez on {}", server.local_addr());
+        log::info!(
+            "serving /healthz, /livez and /readyz on {}",
+            server.local_addr()
+        );
         _servers.push(server);
     }
     if let Some(addr) = opts.metrics_addr {

@@ -787,7 +787,8 @@ pub struct DatapathConfig {
     pub cluster_cidr_be: u32,
     /// The network namespace cookie of the node (the agent's own): the
     /// socket-level programs rewrite only sockets of this namespace; pods
-    /// keep the TC path. 0 turns them off. Host byte order.
+    /// keep the TC path while an agent runs (see [`CtGc::AGENT_AWAY_S`]).
+    /// 0 turns them off. Host byte order.
     pub host_netns_cookie: u64,
     /// Netmask of `cluster_cidr_be`. Network byte order.
     pub cluster_mask_be: u32,
@@ -1007,14 +1008,14 @@ pub mod stat {
     pub const PASS_HOST_FLOW: u32 = 13;
     /// Links found stale (their connection gone) and removed.
     pub const CT_STALE_LINK: u32 = 14;
-    /// Host sockets connected (or UDP datagrams sent) to a backend instead
-    /// of a frontend, by the socket-level programs.
+    /// Sockets connected (or UDP datagrams sent) to a backend instead of a
+    /// frontend, by the socket-level programs: host sockets, and pod
+    /// sockets while no agent runs ([`SOCK_LB_POD`] counts those too).
     pub const SOCK_LB: u32 = 25;
-    /// Host sockets refused at connect/sendmsg: a frontend without
-    /// endpoints.
+    /// Sockets refused at connect/sendmsg: a frontend without endpoints
+    /// (or without an endpoint allowed here).
     pub const SOCK_REJECT: u32 = 26;
-    /// Host sockets whose peer (or datagram source) was shown as the
-    /// frontend.
+    /// Sockets whose peer (or datagram source) was shown as the frontend.
     pub const SOCK_REV_NAT: u32 = 27;
     /// Dropped: IPv4 header truncated or not version 4.
     pub const DROP_MALFORMED_L3: u32 = 15;

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | run | test | bench`.
+//! Project tasks: `cargo xtask setup | run | test | bench | image | structure`.
 
 mod image;
 mod run;
 mod setup;
+mod structure;
 
 use std::{
     path::{Path, PathBuf},
@@ -51,6 +52,16 @@ enum Task {
     },
     /// The agent's container image (FROM scratch, buildah, an OCI archive).
     Image(image::ImageArgs),
+    /// The code's shape: the longest non-test functions, and the
+    /// dependencies and cycles between the agent's top-level modules.
+    Structure {
+        /// How many functions to list.
+        #[arg(long, default_value_t = 15)]
+        most: usize,
+        /// Another checkout to measure (e.g. an earlier commit's).
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -380,6 +391,7 @@ fn main() -> anyhow::Result<()> {
             full,
             rest,
         } => bench(which, quick, full, &rest),
+        Task::Structure { most, root } => structure::structure(most, root),
         Task::Image(args) => {
             setup::setup()?;
             require_root("image")?;

@@ -16,8 +16,11 @@ use std::{net::Ipv4Addr, time::Duration};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use netlb_agent::{
     config::DatapathSettings,
-    dataplane::{Dataplane, kernel::AyaDataplane},
-    loader::{self, LoadOptions, MapSizes},
+    datapath::dataplane::{Dataplane, kernel::AyaDataplane},
+    datapath::{
+        layout::MapSizes,
+        loader::{self, LoadOptions},
+    },
 };
 use netlb_common::{
     BackendValue, RevNatValue, ServiceKey, ServiceValue, program_names, proto, scope, svc_flags,
@@ -205,7 +208,7 @@ fn measure(services: u32) {
 /// client's affinity entry is found and checked), with source ranges (the
 /// client's /24 admitted).
 fn measure_features() {
-    use netlb_agent::dataplane::Aux;
+    use netlb_agent::datapath::dataplane::Aux;
     use netlb_common::{AffinityFrontend, AffinityMatchKey, SourceRangeKey};
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: None,
@@ -298,9 +301,12 @@ fn measure_features() {
 
 /// Fills the conntrack table with `connections` east-west connections
 /// (SERVICE and REPLY entries), every other one expired.
-fn fill_conntrack(table: &mut netlb_agent::dataplane::kernel::KernelConntrack, connections: u32) {
+fn fill_conntrack(
+    table: &mut netlb_agent::datapath::dataplane::kernel::KernelConntrack,
+    connections: u32,
+) {
     use netlb_common::{CtEntry4, CtTuple, ct_kind, ct_link_key};
-    let now = netlb_agent::conntrack::monotonic_now_s();
+    let now = netlb_agent::datapath::dataplane::monotonic_now_s();
     for i in 0..connections {
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i / 50_000);
         let key = CtTuple {
@@ -342,7 +348,7 @@ fn fill_conntrack(table: &mut netlb_agent::dataplane::kernel::KernelConntrack, c
 /// of them expired) costs: the agent's collector, and the datapath's own
 /// (the in-kernel timer, which runs while the agent is away).
 fn measure_ct_sweep() {
-    use netlb_agent::dataplane::ConntrackTable as _;
+    use netlb_agent::datapath::dataplane::ConntrackTable as _;
     use netlb_common::stat;
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: None,
@@ -350,12 +356,14 @@ fn measure_ct_sweep() {
         sizes: MapSizes::default(),
     })
     .expect("load (needs root)");
-    let mut table =
-        netlb_agent::dataplane::kernel::KernelConntrack::from_ebpf(&mut ebpf).expect("conntrack");
-    let observer = netlb_agent::dataplane::kernel::Observer::from_ebpf(&mut ebpf).expect("stats");
+    let mut table = netlb_agent::datapath::dataplane::kernel::KernelConntrack::from_ebpf(&mut ebpf)
+        .expect("conntrack");
+    let observer =
+        netlb_agent::datapath::dataplane::kernel::Observer::from_ebpf(&mut ebpf).expect("stats");
     fill_conntrack(&mut table, 250_000);
     let entries = table.entries().expect("entries").len();
-    let report = netlb_agent::conntrack::sweep(&mut table, &Default::default()).expect("sweep");
+    let report =
+        netlb_agent::datapath::conntrack::sweep(&mut table, &Default::default()).expect("sweep");
     println!(
         "conntrack sweep, agent: {entries} entries read, {} deleted in {:?} (snapshot, plan, deletions re-checked against their owners)",
         report.deleted_total(),
@@ -364,8 +372,8 @@ fn measure_ct_sweep() {
     fill_conntrack(&mut table, 250_000);
     let entries = table.entries().expect("entries").len();
     // The agent is away: its heartbeat is old, the timer fires every second.
-    let mut heartbeat =
-        netlb_agent::dataplane::kernel::Heartbeat::from_ebpf(&mut ebpf).expect("heartbeat");
+    let mut heartbeat = netlb_agent::datapath::dataplane::kernel::Heartbeat::from_ebpf(&mut ebpf)
+        .expect("heartbeat");
     heartbeat
         .configure(Duration::from_secs(1))
         .expect("configure");

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use netlb_agent::{
-    dataplane::fake::FakeDataplane,
-    desired,
+    datapath::dataplane::fake::FakeDataplane,
+    datapath::sync::Syncer,
+    k8s::objects::{ServiceObject, SliceObject},
+    k8s::tracker::ObjectStore,
     model::NodeContext,
-    objects::{ServiceObject, SliceObject},
-    sync::Syncer,
-    tracker::ObjectStore,
+    model::desired,
 };
 
 fn service(i: usize) -> Service {

@@ -1,30 +1,30 @@
 //! netlb-agent: programs the netlb eBPF datapath from Kubernetes Service and
 //! EndpointSlice objects.
 //!
-//! Pipeline (kube-proxy's shape):
-//! `source` (manifest directory; API server later) records objects ->
-//! `model` (pure, kube-proxy semantics) -> `desired` (map contents) ->
-//! `sync` (minimal diff, make-before-break) -> [`dataplane::Dataplane`]
-//! (the only seam to the kernel: `dataplane::aya` or `dataplane::fake`).
+//! The pipeline, in kube-proxy's shape (each folder depends only on those
+//! before it):
+//!
+//! ```text
+//!  k8s/       watchers (API server, manifests) -> lean objects -> object store
+//!   |         (records what changed; nothing is programmed from here)
+//!   v
+//!  model/     kube-proxy's Service semantics (pure) -> desired frontends
+//!   |
+//!   v
+//!  datapath/  syncer (minimal diff, make-before-break) -> Dataplane trait
+//!             -> kernel maps; loader, pinned layout, migration, interfaces,
+//!             conntrack collector
+//!
+//!  serve/     health, readiness, metrics, health-check node ports
+//!  config/    flags and kube-proxy's KubeProxyConfiguration
+//!  agent/     the `run` lifecycle wiring them together
+//!  cli/       the other subcommands
+//! ```
 
+pub mod agent;
+pub mod cli;
 pub mod config;
-pub mod conntrack;
-pub mod dataplane;
-pub mod desired;
-pub mod healthcheck;
-pub mod http;
-pub mod ifaces;
-pub mod kubeproxy_config;
-pub mod layout;
-pub mod list;
-pub mod loader;
-pub mod metrics;
-pub mod migrate;
+pub mod datapath;
+pub mod k8s;
 pub mod model;
-pub mod node;
-pub mod objects;
-pub mod run;
-pub mod server;
-pub mod source;
-pub mod sync;
-pub mod tracker;
+pub mod serve;

@@ -9,13 +9,13 @@ use std::{
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use netlb_agent::{
+    agent::{self, RunOptions, SourceConfig},
+    cli::list,
     config::{CtTimeouts, DatapathSettings, GoDuration, PortRange},
-    ifaces::{self, Ipv4Cidr, NamePattern},
-    list,
-    loader::{self, MapSizes},
+    datapath::ifaces::{self, Ipv4Cidr, NamePattern},
+    datapath::{layout::MapSizes, loader},
+    k8s::kube::ApiConfig,
     model::NodeContext,
-    run::{self, RunOptions, SourceConfig},
-    source::kube::ApiConfig,
 };
 
 fn parse_addr(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -31,7 +31,7 @@ fn parse_addr(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
 #[command(version, about = "netlb: eBPF Kubernetes Service load balancing")]
 struct Cli {
     /// Log verbosity as kube-proxy's `--v`: 0-2 info, 3-4 debug, 5 and
-    /// more trace. `RUST_LOG` (e.g. `netlb_agent::sync=debug`), when set,
+    /// more trace. `RUST_LOG` (e.g. `netlb_agent::datapath::sync=debug`), when set,
     /// takes precedence.
     #[arg(short = 'v', long = "v", global = true, default_value_t = 0)]
     verbosity: u8,
@@ -389,7 +389,7 @@ fn apply_config(command: &mut Command, matches: &clap::ArgMatches) -> anyhow::Re
     else {
         return Ok(());
     };
-    let loaded = netlb_agent::kubeproxy_config::load(path)?;
+    let loaded = netlb_agent::config::kubeproxy::load(path)?;
     let f = loaded.settings;
     let m = matches.subcommand_matches("run").unwrap_or(matches);
     let mut applied = Vec::new();
@@ -561,7 +561,7 @@ fn main() -> anyhow::Result<()> {
                     watch_timeout: Duration::from_secs(watch_timeout_s),
                 }),
             };
-            run::run(RunOptions {
+            agent::run(RunOptions {
                 source,
                 health_addr: parse_addr(&healthz_bind_address)?,
                 metrics_addr: parse_addr(&metrics_bind_address)?,
@@ -665,7 +665,7 @@ fn main() -> anyhow::Result<()> {
             bpffs,
             cgroup2,
         } => {
-            for done in netlb_agent::node::prepare(&host_mount_ns, &bpffs, &cgroup2)? {
+            for done in netlb_agent::cli::prepare_node::prepare(&host_mount_ns, &bpffs, &cgroup2)? {
                 log::info!("{done}");
             }
         }
@@ -732,7 +732,7 @@ fn print_status(
         programmed_backends: None,
         failing_lists: Vec::new(),
         maps: Vec::new(),
-        interfaces: loader::pinned_interfaces_in(&loader::links_dir(bpffs)),
+        interfaces: loader::pinned_interfaces_in(&netlb_agent::datapath::layout::links_dir(bpffs)),
         errors: Vec::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -795,7 +795,7 @@ fn print_status(
             .errors
             .push(format!("{metrics_address}/metrics: {e:#}")),
     }
-    match list::fill(&netlb_agent::layout::maps_dir(bpffs)) {
+    match list::fill(&netlb_agent::datapath::layout::maps_dir(bpffs)) {
         Ok(maps) => status.maps = maps,
         Err(e) => status
             .errors
@@ -890,7 +890,7 @@ fn os_hostname() -> Option<String> {
 }
 
 fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow::Result<()> {
-    let maps = netlb_agent::layout::maps_dir(bpffs);
+    let maps = netlb_agent::datapath::layout::maps_dir(bpffs);
     let ctx = || format!("reading the maps pinned in {}", maps.display());
     let (json, header, rows): (serde_json::Value, &[&str], Vec<Vec<String>>) = match what {
         ListWhat::Services => {

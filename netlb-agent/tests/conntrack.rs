@@ -13,9 +13,10 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 use harness::*;
 use netlb_agent::{
     config::{CtTimeouts, DatapathSettings, PortRange},
-    conntrack::{self, UdpServing},
-    dataplane::{ConntrackTable, Dataplane},
-    loader::MapSizes,
+    datapath::conntrack,
+    datapath::dataplane::{ConntrackTable, Dataplane},
+    datapath::layout::MapSizes,
+    model::desired::UdpServing,
 };
 use netlb_common::{CtState, ct_kind, program_names, proto, stat, svc_flags};
 use packet::{Ipv4Packet, PacketBuilder, be_addr};
@@ -522,7 +523,8 @@ fn a_pod_cannot_close_or_reopen_another_pods_connection() {
     let victim = handshake(&dp, CLIENT, 46000, VIP, 80);
     // The agent registers CLIENT behind another interface than the one
     // BPF_PROG_TEST_RUN runs on (the loopback, ifindex 1).
-    let mut sources = netlb_agent::dataplane::kernel::PodSources::from_ebpf(&mut dp.ebpf).unwrap();
+    let mut sources =
+        netlb_agent::datapath::dataplane::kernel::PodSources::from_ebpf(&mut dp.ebpf).unwrap();
     sources
         .sync(
             &[
@@ -711,13 +713,14 @@ fn the_kernel_collector_reclaims_expired_entries_while_the_agent_is_away() {
     // A one-second period; the agent's heartbeat comes for four seconds:
     // the kernel leaves the (expired) entries to the agent.
     let mut heartbeat =
-        netlb_agent::dataplane::kernel::Heartbeat::from_ebpf(&mut dp.ebpf).expect("heartbeat");
+        netlb_agent::datapath::dataplane::kernel::Heartbeat::from_ebpf(&mut dp.ebpf)
+            .expect("heartbeat");
     heartbeat
         .configure(Duration::from_secs(1))
         .expect("configure");
-    netlb_agent::loader::arm_ct_gc(&mut dp.ebpf).expect("arm");
+    netlb_agent::datapath::loader::arm_ct_gc(&mut dp.ebpf).expect("arm");
     for _ in 0..8 {
-        let now = conntrack::monotonic_now_s();
+        let now = netlb_agent::datapath::dataplane::monotonic_now_s();
         heartbeat.beat(now, now).expect("heartbeat");
         keep_alive(&dp);
         std::thread::sleep(Duration::from_millis(500));

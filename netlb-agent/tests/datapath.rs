@@ -12,7 +12,7 @@ mod packet;
 use std::net::Ipv4Addr;
 
 use harness::*;
-use netlb_agent::dataplane::{ConntrackTable, Dataplane};
+use netlb_agent::datapath::dataplane::{ConntrackTable, Dataplane};
 use netlb_common::{ServiceKey, ServiceValue, program_names, proto, scope, stat, svc_flags};
 use packet::{Ipv4Packet, PacketBuilder, be_addr};
 
@@ -567,7 +567,7 @@ fn closed_flow_entries_do_not_capture_a_new_connection_on_the_same_tuple() {
 /// map stops the batch at the first entry that does not fit and names it.
 #[test]
 fn batch_writes_and_deletes_in_the_kernel() {
-    use netlb_agent::{loader::MapSizes, sync::Syncer};
+    use netlb_agent::{datapath::layout::MapSizes, datapath::sync::Syncer};
     let sizes = MapSizes {
         service_entries: 20_000,
         ..MapSizes::default()
@@ -615,16 +615,16 @@ fn batch_writes_and_deletes_in_the_kernel() {
         .delete_services(&(10_000..20_000).map(key).collect::<Vec<_>>())
         .unwrap();
     let mut syncer = Syncer::new();
-    let mut want = netlb_agent::desired::DesiredState::default();
+    let mut want = netlb_agent::model::desired::DesiredState::default();
     let frontend = |i: u32, n: u16| {
         (
-            netlb_agent::desired::FrontendKey {
+            netlb_agent::model::desired::FrontendKey {
                 address: Ipv4Addr::new(10, 97, (i >> 8) as u8, i as u8),
                 port: 80,
                 proto: proto::TCP,
                 scope: scope::EXTERNAL,
             },
-            netlb_agent::desired::DesiredFrontend {
+            netlb_agent::model::desired::DesiredFrontend {
                 service: netlb_agent::model::ServicePortName {
                     namespace: "default".into(),
                     name: format!("svc-{i}").into(),
@@ -633,8 +633,8 @@ fn batch_writes_and_deletes_in_the_kernel() {
                 },
                 flags: svc_flags::CLUSTER_IP,
                 backends: (0..n)
-                    .map(|b| netlb_agent::desired::DesiredBackend {
-                        addr: netlb_agent::desired::BackendAddr {
+                    .map(|b| netlb_agent::model::desired::DesiredBackend {
+                        addr: netlb_agent::model::desired::BackendAddr {
                             address: Ipv4Addr::new(10, 244, i as u8, b as u8),
                             port: 8080,
                             proto: proto::TCP,
@@ -675,7 +675,7 @@ fn batch_writes_and_deletes_in_the_kernel() {
 /// filters new connections).
 #[test]
 fn source_ranges_admit_new_connections_only_from_their_sources() {
-    use netlb_agent::dataplane::{Aux, SourceRange};
+    use netlb_agent::datapath::dataplane::{Aux, SourceRange};
     use netlb_common::SourceRangeKey;
     let mut dp = Datapath::load();
     let lb = Ipv4Addr::new(198, 51, 100, 7);
@@ -778,7 +778,7 @@ fn source_ranges_admit_new_connections_only_from_their_sources() {
 /// the timeout passed. Frontends without the flag ignore all of it.
 #[test]
 fn session_affinity_pins_a_client_until_its_backend_leaves_or_the_timeout_passes() {
-    use netlb_agent::dataplane::Aux;
+    use netlb_agent::datapath::dataplane::Aux;
     use netlb_common::{AffinityFrontend, AffinityMatchKey};
     let mut dp = Datapath::load();
     let fe = Frontend {

@@ -8,15 +8,15 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use netlb_agent::{
-    dataplane::fake::FakeDataplane,
-    desired,
-    model::{self, NodeContext},
-    objects::{
+    datapath::dataplane::fake::FakeDataplane,
+    datapath::sync::{SyncReport, Syncer},
+    k8s::objects::{
         EndpointObject, NodeObject, ProxyLabel, ServiceObject, ServicePortObject, ServiceType,
         SliceObject, SlicePort, fixtures,
     },
-    sync::{SyncReport, Syncer},
-    tracker::{Kind, ObjectStore},
+    k8s::tracker::{Kind, ObjectStore},
+    model::desired,
+    model::{self, NodeContext},
 };
 
 const NODEPORT_ADDRESSES: [Ipv4Addr; 2] =

@@ -22,24 +22,26 @@ use std::{
 
 use crate::{
     config::DatapathSettings,
-    conntrack::Collector,
-    dataplane::kernel::{AyaDataplane, Heartbeat, KernelConntrack, Observer, PodSources},
-    desired,
-    healthcheck::ServiceHealthServer,
-    http, ifaces,
-    ifaces::{Ipv4Cidr, NamePattern},
-    layout,
-    loader::{self, Attacher, LoadOptions, MapSizes, Role},
-    metrics::Metrics,
-    migrate,
-    model::{self, Model, NodeContext},
-    objects::{ServiceObject, SliceObject},
-    source::{
+    datapath::conntrack::Collector,
+    datapath::dataplane::kernel::{AyaDataplane, Heartbeat, KernelConntrack, Observer, PodSources},
+    datapath::ifaces,
+    datapath::ifaces::{Ipv4Cidr, NamePattern},
+    datapath::layout,
+    datapath::layout::MapSizes,
+    datapath::loader::{self, Attacher, LoadOptions, Role},
+    datapath::migrate,
+    datapath::sync::Syncer,
+    k8s::objects::{ServiceObject, SliceObject},
+    k8s::tracker::{Kind, ObjectKey, ObjectStore},
+    k8s::{
         kube::{ApiConfig, ApiSource},
         manifests,
     },
-    sync::Syncer,
-    tracker::{Kind, ObjectKey, ObjectStore},
+    model::desired,
+    model::{self, Model, NodeContext},
+    serve::healthcheck::ServiceHealthServer,
+    serve::http,
+    serve::metrics::Metrics,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -95,11 +97,11 @@ pub enum RunError {
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
     #[error(transparent)]
-    Dataplane(#[from] crate::dataplane::DataplaneError),
+    Dataplane(#[from] crate::datapath::dataplane::DataplaneError),
     #[error(transparent)]
-    Sync(#[from] crate::sync::SyncError),
+    Sync(#[from] crate::datapath::sync::SyncError),
     #[error(transparent)]
-    Api(#[from] crate::source::kube::ApiSourceError),
+    Api(#[from] crate::k8s::kube::ApiSourceError),
     #[error(transparent)]
     Listen(#[from] http::ListenError),
     #[error(transparent)]
@@ -141,7 +143,7 @@ enum SyncStepError {
     #[error("reading manifests failed")]
     Manifests(#[source] manifests::ManifestError),
     #[error("programming the datapath failed")]
-    Sync(#[source] crate::sync::SyncError),
+    Sync(#[source] crate::datapath::sync::SyncError),
 }
 
 impl SyncStepError {
@@ -270,7 +272,7 @@ struct Pipeline {
     /// (internal, external), for kube-proxy's no-local-endpoints gauge.
     no_local: HashMap<ObjectKey, (u64, u64)>,
     /// Decoding failures already reported.
-    reported_undecodable: HashSet<crate::tracker::Undecodable>,
+    reported_undecodable: HashSet<crate::k8s::tracker::Undecodable>,
     /// Health-check node ports and local endpoint counts per Service.
     hc_ports: BTreeMap<model::ServiceName, u16>,
     hc_counts: BTreeMap<model::ServiceName, usize>,
@@ -280,7 +282,7 @@ struct Pipeline {
     /// The verification resync's position: Services left to recompute and
     /// the last frontend checked against the kernel.
     verify_services: Vec<ObjectKey>,
-    verify_after: Option<crate::desired::FrontendKey>,
+    verify_after: Option<crate::model::desired::FrontendKey>,
     /// The verification walked every programmed frontend (and compared the
     /// whole maps) in this cycle.
     verify_walked: bool,
@@ -405,12 +407,17 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
     heartbeat.configure(opts.gc_interval)?;
     loader::arm_ct_gc(&mut ebpf)?;
     let conntrack = KernelConntrack::from_ebpf(&mut ebpf)?;
-    let collector = Collector::spawn(Box::new(conntrack), opts.gc_interval, Arc::clone(&metrics))
-        .map_err(|source| RunError::Threads { source })?;
+    let sweep_metrics = Arc::clone(&metrics);
+    let collector = Collector::spawn(
+        Box::new(conntrack),
+        opts.gc_interval,
+        Box::new(move |report| sweep_metrics.conntrack_swept(report)),
+    )
+    .map_err(|source| RunError::Threads { source })?;
     let mut syncer =
         Syncer::adopt_with_limits(&dataplane, opts.sizes.backends, opts.sizes.rev_nat)?;
     syncer.set_aux_capacity(opts.sizes.source_ranges, opts.sizes.affinity_matches);
-    let lru_maps = crate::dataplane::kernel::LruCounter::open(&plan.target);
+    let lru_maps = crate::datapath::dataplane::kernel::LruCounter::open(&plan.target);
     let mut last_lru_count: Option<Instant> = None;
     if syncer.frontend_count() > 0 {
         log::info!(
@@ -629,7 +636,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         }
         if last_counters.elapsed() >= Duration::from_secs(1) {
             last_counters = Instant::now();
-            let now = crate::conntrack::monotonic_now_s();
+            let now = crate::datapath::dataplane::monotonic_now_s();
             if let Err(e) = heartbeat.beat(now, collector.last_sweep_s()) {
                 log::warn!("heartbeat: {e}");
             }
@@ -880,7 +887,8 @@ fn sync_step(
         (changes, undecodable)
     };
     // Each undecodable object state once.
-    let now_undecodable: HashSet<crate::tracker::Undecodable> = undecodable.into_iter().collect();
+    let now_undecodable: HashSet<crate::k8s::tracker::Undecodable> =
+        undecodable.into_iter().collect();
     for u in now_undecodable.difference(&p.reported_undecodable) {
         log::warn!(
             "{} {}/{}: {}",
@@ -990,7 +998,7 @@ fn sync_step(
     metrics.synced(
         started.elapsed(),
         full_sync,
-        crate::metrics::SyncCounts {
+        crate::serve::metrics::SyncCounts {
             frontends: report.frontends as u64,
             backends: report.backends as u64,
             writes: report.writes as u64,
@@ -1102,7 +1110,7 @@ fn verify_kernel(p: &mut Pipeline, dataplane: &AyaDataplane, metrics: &Metrics) 
     };
     if p.verify_after.is_none() {
         p.verify_walked = true;
-        match crate::dataplane::Dataplane::dump(dataplane) {
+        match crate::datapath::dataplane::Dataplane::dump(dataplane) {
             Ok(maps) => {
                 for (map, n) in p.syncer.verify_all(&maps) {
                     *repairs.entry(map).or_default() += n;
@@ -1141,11 +1149,11 @@ fn report_fill(
         (map_names::REV_NAT, syncer.rev_nat_count()),
         (
             map_names::SOURCE_RANGES,
-            syncer.aux_count(crate::sync::AuxKind::SourceRange),
+            syncer.aux_count(crate::datapath::sync::AuxKind::SourceRange),
         ),
         (
             map_names::AFFINITY_MATCH,
-            syncer.aux_count(crate::sync::AuxKind::AffinityMatch),
+            syncer.aux_count(crate::datapath::sync::AuxKind::AffinityMatch),
         ),
         (map_names::CLUSTER_IPS, syncer.cluster_ip_count()),
         (map_names::SERVICE_CIDRS, opts.datapath.service_cidrs.len()),
@@ -1172,7 +1180,7 @@ fn report_fill(
             );
         }
     }
-    for kind in crate::sync::AuxKind::ALL {
+    for kind in crate::datapath::sync::AuxKind::ALL {
         let (now, ever) = syncer.degraded(kind);
         metrics.set_degraded(kind.map(), now as u64, ever);
     }

@@ -7,8 +7,8 @@ use netlb_common::{CtState, ct_flags, ct_kind, from_be_addr, proto, scope, stat}
 use serde::Serialize;
 
 use crate::{
-    conntrack::monotonic_now_s,
-    dataplane::{
+    datapath::dataplane::monotonic_now_s,
+    datapath::dataplane::{
         ConntrackTable, Dataplane, DataplaneError,
         kernel::{AyaDataplane, KernelConntrack, Observer},
     },

@@ -1,6 +1,11 @@
 //! Settings types shared by the command line, the loader and the
 //! conntrack garbage collector: port ranges, Go-style durations, conntrack
 //! timeouts and the datapath's runtime configuration.
+//!
+//! Owns: turning flags into settings. Must not: read Kubernetes objects or
+//! touch the kernel (the reservation of NAT ports in `/proc/sys` aside).
+
+pub mod kubeproxy;
 
 use std::path::{Path, PathBuf};
 use std::{net::Ipv4Addr, str::FromStr, time::Duration};

@@ -27,7 +27,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -43,31 +42,15 @@ use netlb_common::{
 };
 
 use crate::{
-    dataplane::{ConntrackTable, DataplaneError},
-    metrics::Metrics,
-    tracker::ObjectKey,
+    datapath::dataplane::{ConntrackTable, DataplaneError, monotonic_now_s},
+    k8s::tracker::ObjectKey,
+    model::desired::UdpServing,
 };
 
 /// Early drop starts above this fill level...
 pub const HIGH_WATER: f64 = 0.90;
 /// ...and stops at this one.
 pub const LOW_WATER: f64 = 0.80;
-
-/// Serving endpoints (address, port) of each UDP frontend (address, port),
-/// for the stale-UDP rule. Frontends without serving endpoints are absent.
-pub type UdpServing = BTreeMap<(Ipv4Addr, u16), BTreeSet<(Ipv4Addr, u16)>>;
-
-/// Seconds of `CLOCK_MONOTONIC`, the clock of the datapath's lifetimes
-/// (`bpf_ktime_get_coarse_ns`).
-pub fn monotonic_now_s() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime into a timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u32
-}
 
 /// Why an entry is deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -375,7 +358,7 @@ pub fn sweep(
 struct Shared {
     /// Each Service's UDP frontends with their serving endpoints.
     udp_serving: Mutex<HashMap<ObjectKey, UdpServing>>,
-    /// The sync loop's last sync generation ([`crate::sync::Syncer::generation`]).
+    /// The sync loop's last sync generation ([`crate::datapath::sync::Syncer::generation`]).
     sync_generation: AtomicU64,
     /// The last sweep, with the sync generation current when it started.
     last: Mutex<Option<(u64, SweepReport)>>,
@@ -400,11 +383,14 @@ pub struct Collector {
 /// Sweep at least this often while the table is over half full.
 const BUSY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Told of every sweep (the agent's metrics).
+pub type OnSweep = Box<dyn Fn(&SweepReport) + Send>;
+
 impl Collector {
     pub fn spawn(
         mut table: Box<dyn ConntrackTable + Send>,
         interval: Duration,
-        metrics: Arc<Metrics>,
+        on_sweep: OnSweep,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let (wake, rx) = mpsc::channel::<()>();
@@ -448,7 +434,7 @@ impl Collector {
                                     report.duration
                                 );
                             }
-                            metrics.conntrack_swept(&report);
+                            on_sweep(&report);
                             *lock(&shared.last) = Some((generation, report));
                         }
                         Err(e) => {
@@ -537,7 +523,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::fake::FakeConntrack;
+    use crate::datapath::dataplane::fake::FakeConntrack;
     use netlb_common::{CtTuple, be_addr, ct_normalize};
 
     const NOW: u32 = 10_000;

@@ -11,7 +11,7 @@
 //! generation's name carries the layout version and a fingerprint of every
 //! map's shape, so an agent started with other `--max-*` flags, or a build
 //! with another layout, finds no generation of its own and migrates the
-//! live one into a new one (see [`crate::migrate`]). The live generation is
+//! live one into a new one (see [`crate::datapath::migrate`]). The live generation is
 //! the one whose maps the programs behind the pinned links use: the links
 //! are the truth, whatever a crash left pinned.
 
@@ -21,12 +21,153 @@ use std::{
 };
 
 use aya::{
-    maps::MapInfo,
+    maps::{MapInfo, MapType},
     programs::links::{FdLink, PinnedLink},
 };
-use netlb_common::{LAYOUT_VERSION, map_names};
+use netlb_common::{
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtGc,
+    CtKey4, DatapathConfig, FragKey, FragPorts, LAYOUT_VERSION, RevNatValue, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, limits, map_names, stat,
+};
 
-use crate::loader::{MapSizes, expected_shape, links_dir};
+/// Map sizes (max entries): one per map that fills, each with its
+/// `--max-*` flag. The fixed arrays (`STATS`, `CONFIG`, `CT_GC`) have none;
+/// `BACKEND_STATS` follows `backends`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub service_entries: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub conntrack: u32,
+    pub pod_sources: u32,
+    pub sock_rev: u32,
+    pub source_ranges: u32,
+    pub affinity: u32,
+    pub affinity_matches: u32,
+    pub cluster_ips: u32,
+    pub service_cidrs: u32,
+    pub fragments: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            service_entries: limits::MAX_SERVICE_ENTRIES,
+            backends: limits::MAX_BACKENDS,
+            rev_nat: limits::MAX_REV_NAT,
+            conntrack: limits::MAX_CONNTRACK,
+            pod_sources: limits::MAX_POD_SOURCES,
+            sock_rev: limits::MAX_SOCK_REV,
+            source_ranges: limits::MAX_SOURCE_RANGES,
+            affinity: limits::MAX_AFFINITY,
+            affinity_matches: limits::MAX_AFFINITY_MATCH,
+            cluster_ips: limits::MAX_CLUSTER_IPS,
+            service_cidrs: limits::MAX_SERVICE_CIDRS,
+            fragments: limits::MAX_FRAGMENTS,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Each map's size by name, as the agent programs them (the maps whose
+    /// size has a flag).
+    pub fn by_map(&self) -> [(&'static str, u32); 12] {
+        [
+            (map_names::SERVICES, self.service_entries),
+            (map_names::BACKENDS, self.backends),
+            (map_names::REV_NAT, self.rev_nat),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::POD_SOURCES, self.pod_sources),
+            (map_names::SOCK_REV, self.sock_rev),
+            (map_names::SOURCE_RANGES, self.source_ranges),
+            (map_names::AFFINITY, self.affinity),
+            (map_names::AFFINITY_MATCH, self.affinity_matches),
+            (map_names::CLUSTER_IPS, self.cluster_ips),
+            (map_names::SERVICE_CIDRS, self.service_cidrs),
+            (map_names::FRAGMENTS, self.fragments),
+        ]
+    }
+}
+
+/// What a map of the object looks like: its type, key and value sizes and
+/// entries (a generation's name is made of these, see `layout`).
+pub fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        map_names::SERVICES => (
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            sizes.service_entries,
+        ),
+        map_names::BACKENDS => (
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<BackendValue>(),
+            sizes.backends,
+        ),
+        map_names::REV_NAT => (
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<RevNatValue>(),
+            sizes.rev_nat,
+        ),
+        map_names::CONNTRACK => (
+            MapType::Hash,
+            size_of::<CtKey4>(),
+            size_of::<CtEntry4>(),
+            sizes.conntrack,
+        ),
+        map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::CAPACITY),
+        map_names::CT_GC => (MapType::Array, 4, size_of::<CtGc>(), CtGc::SLOTS),
+        map_names::BACKEND_STATS => (
+            MapType::Array,
+            4,
+            size_of::<BackendStats>(),
+            sizes.backends + 1,
+        ),
+        map_names::CONFIG => (MapType::Array, 4, size_of::<DatapathConfig>(), 1),
+        map_names::POD_SOURCES => (MapType::Hash, 4, 4, sizes.pod_sources),
+        map_names::SOCK_REV => (
+            MapType::LruHash,
+            size_of::<SockRevKey>(),
+            size_of::<SockRevValue>(),
+            sizes.sock_rev,
+        ),
+        map_names::SOURCE_RANGES => (
+            MapType::LpmTrie,
+            4 + size_of::<SourceRangeKey>(),
+            1,
+            sizes.source_ranges,
+        ),
+        map_names::AFFINITY => (
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            sizes.affinity,
+        ),
+        map_names::AFFINITY_MATCH => (
+            MapType::Hash,
+            size_of::<AffinityMatchKey>(),
+            1,
+            sizes.affinity_matches,
+        ),
+        map_names::CLUSTER_IPS => (MapType::Hash, 4, 1, sizes.cluster_ips),
+        map_names::SERVICE_CIDRS => (MapType::LpmTrie, 8, 1, sizes.service_cidrs),
+        map_names::FRAGMENTS => (
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragPorts>(),
+            sizes.fragments,
+        ),
+        _ => return None,
+    })
+}
+
+/// Where the pinned links of one pin directory live.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
 
 /// One set of pinned maps.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,82 +11,22 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapInfo, MapType},
+    maps::{Array, MapData, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use netlb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, BackendStats, BackendValue, CtEntry4, CtGc,
-    CtKey4, DatapathConfig, FragKey, FragPorts, RevNatValue, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, SourceRangeKey, limits, map_names, program_names, stat,
-};
+use netlb_common::{DatapathConfig, map_names, program_names};
 
-use crate::config::DatapathSettings;
+use crate::{
+    config::DatapathSettings,
+    datapath::layout::{MapSizes, expected_shape, links_dir},
+};
 
 /// The datapath object, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlb"));
-
-/// Map sizes (max entries): one per map that fills, each with its
-/// `--max-*` flag. The fixed arrays (`STATS`, `CONFIG`, `CT_GC`) have none;
-/// `BACKEND_STATS` follows `backends`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    pub service_entries: u32,
-    pub backends: u32,
-    pub rev_nat: u32,
-    pub conntrack: u32,
-    pub pod_sources: u32,
-    pub sock_rev: u32,
-    pub source_ranges: u32,
-    pub affinity: u32,
-    pub affinity_matches: u32,
-    pub cluster_ips: u32,
-    pub service_cidrs: u32,
-    pub fragments: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            service_entries: limits::MAX_SERVICE_ENTRIES,
-            backends: limits::MAX_BACKENDS,
-            rev_nat: limits::MAX_REV_NAT,
-            conntrack: limits::MAX_CONNTRACK,
-            pod_sources: limits::MAX_POD_SOURCES,
-            sock_rev: limits::MAX_SOCK_REV,
-            source_ranges: limits::MAX_SOURCE_RANGES,
-            affinity: limits::MAX_AFFINITY,
-            affinity_matches: limits::MAX_AFFINITY_MATCH,
-            cluster_ips: limits::MAX_CLUSTER_IPS,
-            service_cidrs: limits::MAX_SERVICE_CIDRS,
-            fragments: limits::MAX_FRAGMENTS,
-        }
-    }
-}
-
-impl MapSizes {
-    /// Each map's size by name, as the agent programs them (the maps whose
-    /// size has a flag).
-    pub fn by_map(&self) -> [(&'static str, u32); 12] {
-        [
-            (map_names::SERVICES, self.service_entries),
-            (map_names::BACKENDS, self.backends),
-            (map_names::REV_NAT, self.rev_nat),
-            (map_names::CONNTRACK, self.conntrack),
-            (map_names::POD_SOURCES, self.pod_sources),
-            (map_names::SOCK_REV, self.sock_rev),
-            (map_names::SOURCE_RANGES, self.source_ranges),
-            (map_names::AFFINITY, self.affinity),
-            (map_names::AFFINITY_MATCH, self.affinity_matches),
-            (map_names::CLUSTER_IPS, self.cluster_ips),
-            (map_names::SERVICE_CIDRS, self.service_cidrs),
-            (map_names::FRAGMENTS, self.fragments),
-        ]
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -260,81 +200,6 @@ pub struct LoadOptions {
     pub sizes: MapSizes,
 }
 
-/// What a map of the object looks like: its type, key and value sizes and
-/// entries (a generation's name is made of these, see `layout`).
-pub fn expected_shape(name: &str, sizes: &MapSizes) -> Option<(MapType, usize, usize, u32)> {
-    use std::mem::size_of;
-    Some(match name {
-        map_names::SERVICES => (
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            sizes.service_entries,
-        ),
-        map_names::BACKENDS => (
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<BackendValue>(),
-            sizes.backends,
-        ),
-        map_names::REV_NAT => (
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<RevNatValue>(),
-            sizes.rev_nat,
-        ),
-        map_names::CONNTRACK => (
-            MapType::Hash,
-            size_of::<CtKey4>(),
-            size_of::<CtEntry4>(),
-            sizes.conntrack,
-        ),
-        map_names::STATS => (MapType::PerCpuArray, 4, 8, stat::CAPACITY),
-        map_names::CT_GC => (MapType::Array, 4, size_of::<CtGc>(), CtGc::SLOTS),
-        map_names::BACKEND_STATS => (
-            MapType::Array,
-            4,
-            size_of::<BackendStats>(),
-            sizes.backends + 1,
-        ),
-        map_names::CONFIG => (MapType::Array, 4, size_of::<DatapathConfig>(), 1),
-        map_names::POD_SOURCES => (MapType::Hash, 4, 4, sizes.pod_sources),
-        map_names::SOCK_REV => (
-            MapType::LruHash,
-            size_of::<SockRevKey>(),
-            size_of::<SockRevValue>(),
-            sizes.sock_rev,
-        ),
-        map_names::SOURCE_RANGES => (
-            MapType::LpmTrie,
-            4 + size_of::<SourceRangeKey>(),
-            1,
-            sizes.source_ranges,
-        ),
-        map_names::AFFINITY => (
-            MapType::LruHash,
-            size_of::<AffinityKey>(),
-            size_of::<AffinityValue>(),
-            sizes.affinity,
-        ),
-        map_names::AFFINITY_MATCH => (
-            MapType::Hash,
-            size_of::<AffinityMatchKey>(),
-            1,
-            sizes.affinity_matches,
-        ),
-        map_names::CLUSTER_IPS => (MapType::Hash, 4, 1, sizes.cluster_ips),
-        map_names::SERVICE_CIDRS => (MapType::LpmTrie, 8, 1, sizes.service_cidrs),
-        map_names::FRAGMENTS => (
-            MapType::LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragPorts>(),
-            sizes.fragments,
-        ),
-        _ => return None,
-    })
-}
-
 /// Checks that a map pinned in this build's generation has the shape it
 /// expects (a generation's name is made of its maps' shapes, so only a
 /// damaged bpffs differs).
@@ -406,7 +271,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
     let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
         Some(pin_dir) => {
             ensure_bpffs(pin_dir)?;
-            let dir = crate::layout::generation_dir(pin_dir, &opts.sizes);
+            let dir = crate::datapath::layout::generation_dir(pin_dir, &opts.sizes);
             std::fs::create_dir_all(&dir).map_err(|source| LoaderError::PinDir {
                 path: dir.clone(),
                 source,
@@ -457,7 +322,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoaderError> {
 /// Arms the in-kernel conntrack collector (see the datapath's `gc`): the
 /// timer is initialised if the map is new, its callback becomes this
 /// object's, and it starts with the period in the agent's slot
-/// ([`KernelConntrack::configure`](crate::dataplane::kernel::KernelConntrack::configure)
+/// ([`KernelConntrack::configure`](crate::datapath::dataplane::kernel::KernelConntrack::configure)
 /// writes it first). Idempotent; a restarted agent re-arms the pinned
 /// timer.
 pub fn arm_ct_gc(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
@@ -656,11 +521,6 @@ pub fn netns_cookie() -> io::Result<u64> {
         }
         Ok(cookie)
     }
-}
-
-/// Where the pinned links of one pin directory live.
-pub fn links_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join("links")
 }
 
 /// What an interface is to the datapath, which decides its programs.

@@ -1,6 +1,6 @@
 //! Upgrades and resizes without losing a connection.
 //!
-//! When the live generation of pinned maps (see [`crate::layout`]) is not
+//! When the live generation of pinned maps (see [`crate::datapath::layout`]) is not
 //! this build's for its `--max-*` sizes (an upgrade that changed a layout,
 //! or changed flags), the new maps are built beside the old ones and the
 //! state is carried over before any program uses them:
@@ -41,8 +41,8 @@ use aya::maps::{HashMap, MapData};
 use netlb_common::{ServiceKey, ServiceValue, TcpWin, map_names, svc_flags};
 
 use crate::{
-    dataplane::raw::{BPF_NOEXIST, RawMap, RawMapError},
-    layout::Generation,
+    datapath::dataplane::raw::{BPF_NOEXIST, RawMap, RawMapError},
+    datapath::layout::Generation,
 };
 
 #[derive(Debug, thiserror::Error)]

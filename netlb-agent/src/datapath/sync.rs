@@ -42,12 +42,12 @@ use netlb_common::{
 };
 
 use crate::{
-    dataplane::{
+    datapath::dataplane::{
         Aux, BackendId, BatchError, Dataplane, DataplaneError, ProgrammedMaps, RevNatIndex,
     },
-    desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
-    objects::Name,
-    tracker::ObjectKey,
+    k8s::objects::Name,
+    k8s::tracker::ObjectKey,
+    model::desired::{BackendAddr, DesiredFrontend, DesiredState, FrontendKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -2040,9 +2040,9 @@ fn _name(n: &Name) -> &str {
 mod tests {
     use super::*;
     use crate::{
-        dataplane::fake::{FakeDataplane, Op},
-        desired::{DesiredBackend, DesiredFrontend},
+        datapath::dataplane::fake::{FakeDataplane, Op},
         model::ServicePortName,
+        model::desired::{DesiredBackend, DesiredFrontend},
     };
     use netlb_common::{proto, scope, svc_flags};
 

@@ -47,11 +47,11 @@ use kube::{
 
 use super::retry::{Backoff, RetryPolicy, SourceHealth};
 use crate::{
-    objects::{
+    k8s::objects::{
         DecodeError, HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject,
         SliceObject, json_names, wire,
     },
-    tracker::{Kind, ObjectStore},
+    k8s::tracker::{Kind, ObjectStore},
 };
 
 /// The wire form of a kind the agent watches, and its API type.

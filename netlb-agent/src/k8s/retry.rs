@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::tracker::Kind;
+use crate::k8s::tracker::Kind;
 
 /// The retry schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

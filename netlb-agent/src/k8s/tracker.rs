@@ -17,7 +17,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::objects::{Interner, Name, NodeObject, ServiceObject, SliceObject};
+use crate::k8s::objects::{Interner, Name, NodeObject, ServiceObject, SliceObject};
 
 /// A namespaced object's (namespace, name).
 pub type ObjectKey = (Name, Name);
@@ -377,7 +377,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::objects::fixtures;
+    use crate::k8s::objects::fixtures;
 
     fn svc(store: &mut ObjectStore, name: &str, port: u16) -> ServiceObject {
         let vip = Ipv4Addr::new(10, 96, 0, 1);

@@ -25,10 +25,7 @@ use std::{
 
 use netlb_common::{backend_flags, proto, scope, svc_flags};
 
-use crate::{
-    conntrack::UdpServing,
-    model::{Model, ServicePortName, Targets},
-};
+use crate::model::{Model, ServicePortName, Targets};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -37,6 +34,10 @@ pub struct FrontendKey {
     pub proto: u8,
     pub scope: u8,
 }
+
+/// Serving endpoints (address, port) of each UDP frontend (address, port),
+/// for the stale-UDP rule. Frontends without serving endpoints are absent.
+pub type UdpServing = BTreeMap<(Ipv4Addr, u16), BTreeSet<(Ipv4Addr, u16)>>;
 
 /// The identity of a backend id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -319,7 +320,7 @@ fn record_udp_serving(
 /// The model and desired state of one changed Service (the change tracker's
 /// unit of work): an empty model when the Service is gone.
 pub fn for_change(
-    change: &crate::tracker::ServiceChange,
+    change: &crate::k8s::tracker::ServiceChange,
     node: &crate::model::NodeContext,
     nodeport_addresses: &[Ipv4Addr],
 ) -> (Model, DesiredState) {
@@ -334,7 +335,7 @@ pub fn for_change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::{Interner, ServiceType, fixtures};
+    use crate::k8s::objects::{Interner, ServiceType, fixtures};
 
     /// kube-proxy's firewall chain: the ranges guard the load-balancer IPs
     /// (both views when the policy splits them), never the cluster IP or

@@ -4,11 +4,17 @@
 //! No I/O and no kernel: objects in, service ports with categorised
 //! endpoints out. Objects the model cannot use become [`ModelIssue`]s and
 //! never affect other Services.
+//!
+//! Owns: kube-proxy's semantics, and [`desired`]: the frontends a Service
+//! becomes. Must not: do I/O, know map layouts beyond the desired
+//! frontends' keys, or keep state between calls.
+
+pub mod desired;
 
 use std::{borrow::Borrow, collections::BTreeMap, fmt, net::Ipv4Addr};
 
-pub use crate::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
-use crate::objects::{Name, ProxyLabel, ServiceObject, ServiceType, SliceObject};
+pub use crate::k8s::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::k8s::objects::{Name, ProxyLabel, ServiceObject, ServiceType, SliceObject};
 
 /// What the model needs to know about this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -557,14 +563,14 @@ mod tests {
     use netlb_common::{proto, scope, svc_flags};
 
     use super::*;
-    use crate::desired::{self, DesiredState, FrontendKey};
+    use crate::model::desired::{self, DesiredState, FrontendKey};
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
     /// The model of typed objects, through their lean forms; checks that
     /// recomputing each Service alone from its own slices (the change
     /// tracker's way) gives the same result as building everything.
     fn build_typed(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
-        let mut names = crate::objects::Interner::default();
+        let mut names = crate::k8s::objects::Interner::default();
         let services: Vec<ServiceObject> = services
             .iter()
             .map(|s| ServiceObject::from_service(s, &mut names))

@@ -8,7 +8,7 @@
 //! nodes that will not have to drop or forward it.
 //!
 //! One listener per Service, served as tasks on the agent's runtime
-//! ([`crate::server`]): no thread per listener or connection, a bound on
+//! ([`crate::serve::server`]): no thread per listener or connection, a bound on
 //! connections per port, timeouts on slow clients.
 
 use std::{
@@ -19,7 +19,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::server::{self, Limits, Server};
+use crate::serve::server::{self, Limits, Server};
 
 /// A Service's `(namespace, name)`.
 type ServiceKey = (String, String);

@@ -1,5 +1,5 @@
 //! kube-proxy's two HTTP endpoints, served on the agent's runtime
-//! ([`crate::server`]): the health server (`/healthz`, `/livez`; kube-proxy
+//! ([`crate::serve::server`]): the health server (`/healthz`, `/livez`; kube-proxy
 //! 0.0.0.0:10256, reachable by load balancers and kubelet; and `/readyz`,
 //! the readiness probe: serving what the API says) and the metrics
 //! server (`/metrics`, `/proxyMode`, `/healthz`; kube-proxy 127.0.0.1:10249).
@@ -10,8 +10,8 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::runtime::Handle;
 
 use crate::{
-    metrics::Metrics,
-    server::{self, Limits, Server},
+    serve::metrics::Metrics,
+    serve::server::{self, Limits, Server},
 };
 
 /// What `/proxyMode` answers (kube-proxy: `iptables`, `nftables`, `ipvs`).
@@ -80,7 +80,9 @@ pub fn serve_metrics(
         runtime,
         addr,
         Arc::new(move |parts| match parts.uri.path() {
-            "/metrics" => server::response(200, crate::metrics::CONTENT_TYPE, metrics.render()),
+            "/metrics" => {
+                server::response(200, crate::serve::metrics::CONTENT_TYPE, metrics.render())
+            }
             "/proxyMode" => server::response(200, "text/plain; charset=utf-8", PROXY_MODE.into()),
             "/healthz" => server::response(200, "text/plain; charset=utf-8", "ok".into()),
             _ => not_found(),

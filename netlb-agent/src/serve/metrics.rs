@@ -323,7 +323,7 @@ impl Metrics {
     }
 
     /// A conntrack sweep finished.
-    pub fn conntrack_swept(&self, report: &crate::conntrack::SweepReport) {
+    pub fn conntrack_swept(&self, report: &crate::datapath::conntrack::SweepReport) {
         let mut s = self.lock();
         let c = &mut s.conntrack;
         c.entries = report.entries as u64;
@@ -799,12 +799,14 @@ impl Collector for Snapshot {
             "netlb_conntrack_gc_deleted",
             "Conntrack entries deleted by the garbage collector, by cause.",
             "cause",
-            crate::conntrack::Cause::ALL.into_iter().map(|cause| {
-                (
-                    cause.name(),
-                    c.deleted.get(cause.name()).copied().unwrap_or(0),
-                )
-            }),
+            crate::datapath::conntrack::Cause::ALL
+                .into_iter()
+                .map(|cause| {
+                    (
+                        cause.name(),
+                        c.deleted.get(cause.name()).copied().unwrap_or(0),
+                    )
+                }),
         )?;
         counter_family(
             e,

@@ -11,11 +11,14 @@ use aya::{
 };
 use netlb_agent::{
     config::DatapathSettings,
-    dataplane::{
+    datapath::dataplane::{
         ConntrackTable, Dataplane,
         kernel::{AyaDataplane, KernelConntrack, Observer},
     },
-    loader::{self, LoadOptions, MapSizes},
+    datapath::{
+        layout::MapSizes,
+        loader::{self, LoadOptions},
+    },
 };
 use netlb_common::{
     BackendValue, RevNatValue, ServiceKey, ServiceValue, program_names, scope, svc_flags,

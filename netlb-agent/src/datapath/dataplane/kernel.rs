@@ -584,10 +584,10 @@ impl Heartbeat {
 
     /// The sweep period; the agent's collector counts as having swept now
     /// (it is about to), and the agent as running. Before
-    /// [`loader::arm_ct_gc`](crate::loader::arm_ct_gc), which reads the
+    /// [`loader::arm_ct_gc`](crate::datapath::loader::arm_ct_gc), which reads the
     /// period.
     pub fn configure(&mut self, interval: std::time::Duration) -> Result<(), DataplaneError> {
-        let now = crate::conntrack::monotonic_now_s();
+        let now = crate::datapath::dataplane::monotonic_now_s();
         self.slot = CtGc {
             interval_ms: interval.as_millis().clamp(1000, u128::from(u32::MAX)) as u32,
             agent_sweep_s: now,

@@ -160,3 +160,15 @@ pub trait ConntrackTable {
     /// The table's size (max entries).
     fn capacity(&self) -> u32;
 }
+
+/// Seconds of `CLOCK_MONOTONIC`, the clock of the datapath's lifetimes
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_now_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}

@@ -28,3 +28,4 @@ pub mod datapath;
 pub mod k8s;
 pub mod model;
 pub mod serve;
+pub mod support;

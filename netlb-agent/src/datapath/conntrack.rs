@@ -45,6 +45,7 @@ use crate::{
     datapath::dataplane::{ConntrackTable, DataplaneError, monotonic_now_s},
     k8s::tracker::ObjectKey,
     model::desired::UdpServing,
+    support::lock,
 };
 
 /// Early drop starts above this fill level...
@@ -513,11 +514,6 @@ impl Drop for Collector {
             let _ = thread.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The data is replaced whole; a panic elsewhere cannot leave it torn.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

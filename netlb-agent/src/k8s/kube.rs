@@ -52,6 +52,7 @@ use crate::{
         SliceObject, json_names, wire,
     },
     k8s::tracker::{Kind, ObjectStore},
+    support::lock,
 };
 
 /// The wire form of a kind the agent watches, and its API type.
@@ -411,14 +412,7 @@ fn spawn_watcher<W: Record>(
                             watcher::Event::InitDone => {
                                 let first = !lock(&sink.store).synced();
                                 lock(&sink.store).end_list(kind);
-                                if sink
-                                    .failing
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .remove(&kind)
-                                    .is_some()
-                                    || first
-                                {
+                                if lock(&sink.failing).remove(&kind).is_some() || first {
                                     log::info!("{}: list complete", kind.name());
                                 }
                             }
@@ -448,10 +442,7 @@ fn spawn_watcher<W: Record>(
                         };
                         if matches!(status, Some(403 | 404)) {
                             let message = format!("listing {}s fails: {e}", kind.name());
-                            sink.failing
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(kind, message);
+                            lock(&sink.failing).insert(kind, message);
                         }
                         sink.health.failed(kind, &e, delay, now);
                         let _ = sink.notify.send(());
@@ -462,11 +453,6 @@ fn spawn_watcher<W: Record>(
         }
         .instrument(tracing::info_span!("watch", kind = ?kind)),
     )
-}
-
-fn lock(store: &Mutex<ObjectStore>) -> std::sync::MutexGuard<'_, ObjectStore> {
-    // Updated one whole object at a time: a panic elsewhere leaves it whole.
-    store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A layer of the API client that reports every answer of the server to

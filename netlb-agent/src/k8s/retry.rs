@@ -143,7 +143,7 @@ impl RetryAfter {
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(seconds) = seconds {
             let until = now + Duration::from_secs(seconds.min(600));
-            let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = crate::support::lock(&self.0);
             if slot.is_none_or(|t| t < until) {
                 *slot = Some(until);
             }
@@ -152,7 +152,7 @@ impl RetryAfter {
 
     /// How long a request at `now` must still wait, if at all.
     pub fn floor(&self, now: Instant) -> Option<Duration> {
-        let until = (*self.0.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let until = (*crate::support::lock(&self.0))?;
         (until > now).then(|| until - now)
     }
 }
@@ -247,7 +247,7 @@ struct KindHealth {
 
 impl SourceHealth {
     fn with<T>(&self, kind: Kind, f: impl FnOnce(&mut KindHealth) -> T) -> T {
-        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kinds = crate::support::lock(&self.kinds);
         f(kinds.entry(kind).or_default())
     }
 
@@ -309,7 +309,7 @@ impl SourceHealth {
 
     /// Since when the longest outage going on lasts, if one is.
     pub fn outage_since(&self) -> Option<Instant> {
-        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let kinds = crate::support::lock(&self.kinds);
         kinds.values().filter_map(|h| h.failing_since).min()
     }
 }

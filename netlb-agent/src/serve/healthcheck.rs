@@ -19,7 +19,10 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::serve::server::{self, Limits, Server};
+use crate::{
+    serve::server::{self, Limits, Server},
+    support::error_chain,
+};
 
 /// A Service's `(namespace, name)`.
 type ServiceKey = (String, String);
@@ -163,7 +166,7 @@ impl ServiceHealthServer {
                         namespace = %key.0,
                         service = %key.1,
                         port,
-                        "{}",
+                        "{err}: {}",
                         error_chain(&err)
                     );
                     errors.push(err);
@@ -230,17 +233,6 @@ impl ServiceHealthServer {
             }),
         }
     }
-}
-
-/// `err` and its sources on one line, for logs.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
 }
 
 /// The response for a Service with `count` local endpoints (kube-proxy's

@@ -228,8 +228,7 @@ impl Metrics {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the counters invalid.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::support::lock(&self.state)
     }
 
     /// A change was recorded and awaits a sync (kube-proxy's QueuedUpdate).

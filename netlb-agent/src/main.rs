@@ -803,7 +803,7 @@ fn print_status(
     }
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&status)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&status)?),
         Output::Table => {
             let opt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "?".into());
             let health = match &status.healthz {
@@ -981,7 +981,7 @@ fn print_list(what: ListWhat, bpffs: &std::path::Path, output: Output) -> anyhow
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&json)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(&json)?),
         Output::Table => print!("{}", list::table(header, &rows)),
     }
     Ok(())

@@ -199,13 +199,11 @@ fn tempdir() -> PathBuf {
 }
 
 /// The objects of a rendered kustomization.
-fn objects(rendered: &str) -> Vec<serde_yaml::Value> {
-    serde_yaml::Deserializer::from_str(rendered)
-        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .collect()
+fn objects(rendered: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple(rendered).expect("yaml")
 }
 
-fn object<'a>(objects: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+fn object<'a>(objects: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
     objects
         .iter()
         .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
@@ -214,10 +212,10 @@ fn object<'a>(objects: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a s
 
 /// The name of the agent's ConfigMap the DaemonSet refers to, and that
 /// ConfigMap's data.
-fn agent_config(objects: &[serde_yaml::Value]) -> (String, serde_yaml::Value) {
+fn agent_config(objects: &[serde_json::Value]) -> (String, serde_json::Value) {
     let ds = object(objects, "DaemonSet", "netlb");
     let name = ds["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-        .as_sequence()
+        .as_array()
         .expect("envFrom")
         .iter()
         .filter_map(|e| e["configMapRef"]["name"].as_str())
@@ -278,8 +276,8 @@ configMapGenerator:
         .output()
         .expect("netlb-agent run --help");
     let help = String::from_utf8_lossy(&help.stdout);
-    for key in data_after.as_mapping().expect("data").keys() {
-        let key = key.as_str().unwrap();
+    for key in data_after.as_object().expect("data").keys() {
+        let key = key.as_str();
         assert!(
             key == "RUST_LOG" || help.contains(&format!("[env: {key}=")),
             "the agent has no flag read from {key}"
@@ -315,7 +313,7 @@ fn no_container_writes_to_a_host_path_but_the_bpffs() {
         {
             let spec = &ds["spec"]["template"]["spec"];
             let host_paths: Vec<(String, String)> = spec["volumes"]
-                .as_sequence()
+                .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|v| {
@@ -328,10 +326,10 @@ fn no_container_writes_to_a_host_path_but_the_bpffs() {
             assert!(!host_paths.is_empty(), "{k}: no host path at all?");
             for c in ["initContainers", "containers"]
                 .iter()
-                .filter_map(|s| spec[*s].as_sequence())
+                .filter_map(|s| spec[*s].as_array())
                 .flatten()
             {
-                for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+                for m in c["volumeMounts"].as_array().into_iter().flatten() {
                     let Some((_, path)) = host_paths
                         .iter()
                         .find(|(n, _)| Some(n.as_str()) == m["name"].as_str())
@@ -364,7 +362,7 @@ fn the_uninstall_cleans_where_the_agents_pin() {
     let ds = object(&uninstall, "DaemonSet", "netlb-cleanup");
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<&str> = container["args"]
-        .as_sequence()
+        .as_array()
         .expect("args")
         .iter()
         .filter_map(|a| a.as_str())

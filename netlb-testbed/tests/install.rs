@@ -320,7 +320,7 @@ fn uninstall_leaves_no_pin_link_or_program() {
     // (none).
     let container = common::deploy_container("uninstall/daemonset.yaml", "cleanup");
     let mut args: Vec<String> = container["args"]
-        .as_sequence()
+        .as_array()
         .expect("args")
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())

@@ -505,7 +505,7 @@ fn docs_nginx_services_from_the_manifest_directory() {
 }
 
 fn yaml_to_json(text: &str) -> Value {
-    serde_yaml::from_str(text).expect("manifest")
+    serde_saphyr::from_str(text).expect("manifest")
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use crate::config::GoDuration;
 
@@ -24,8 +24,9 @@ pub enum KubeProxyConfigError {
     #[error("{path} is not a KubeProxyConfiguration")]
     Yaml {
         path: PathBuf,
+        // Boxed: the parser's error carries its snippet and location.
         #[source]
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
     },
     #[error(
         "{path}: apiVersion {api_version:?}, kind {kind:?}: want kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration"
@@ -182,9 +183,9 @@ fn non_empty(s: &str) -> Option<String> {
 
 /// Parses `text`, the contents of `path`.
 pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConfigError> {
-    let file: File = serde_yaml::from_str(text).map_err(|source| KubeProxyConfigError::Yaml {
+    let file: File = serde_saphyr::from_str(text).map_err(|source| KubeProxyConfigError::Yaml {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     if file.api_version != "kubeproxy.config.k8s.io/v1alpha1"
         || file.kind != "KubeProxyConfiguration"
@@ -263,7 +264,7 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConf
             let set = !matches!(value, Value::Null)
                 && value != &Value::Bool(false)
                 && value.as_str().is_none_or(|v| !v.is_empty())
-                && value.as_sequence().is_none_or(|v| !v.is_empty());
+                && value.as_array().is_none_or(|v| !v.is_empty());
             if set {
                 loaded
                     .ignored

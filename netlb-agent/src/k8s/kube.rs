@@ -650,8 +650,6 @@ impl ApiSource {
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde::Deserialize as _;
-
     use super::*;
 
     /// The ClusterRole in `deploy/base/rbac.yaml` grants exactly
@@ -662,15 +660,14 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml");
         let text = std::fs::read_to_string(path).expect("deploy/base/rbac.yaml");
         let mut granted = BTreeSet::new();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).expect("yaml");
+        for value in serde_saphyr::from_multiple::<serde_json::Value>(&text).expect("yaml") {
             if value["kind"] != "ClusterRole" {
                 continue;
             }
-            for rule in value["rules"].as_sequence().expect("rules") {
+            for rule in value["rules"].as_array().expect("rules") {
                 let list = |key: &str| -> Vec<String> {
                     rule[key]
-                        .as_sequence()
+                        .as_array()
                         .unwrap_or_else(|| panic!("{key} in {rule:?}"))
                         .iter()
                         .map(|v| v.as_str().expect("string").to_owned())

@@ -9,7 +9,6 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use serde::Deserialize as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -252,8 +251,9 @@ pub fn allocate(services: &mut [Service]) -> Vec<String> {
 
 /// Parses one file's text (YAML, possibly multi-document; JSON is YAML).
 pub fn load_text(file: &Path, text: &str, snapshot: &mut ManifestSnapshot) {
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_json::Value::deserialize(document) {
+    let mut reader = text.as_bytes();
+    for (index, document) in serde_saphyr::read::<_, serde_json::Value>(&mut reader).enumerate() {
+        let value = match document {
             Ok(serde_json::Value::Null) => continue, // empty document
             Ok(value) => value,
             Err(e) => {

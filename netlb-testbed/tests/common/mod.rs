@@ -406,14 +406,14 @@ pub fn workspace() -> PathBuf {
 /// The container `name` (in `containers` or `initContainers`) of the pod
 /// template in the manifest `deploy/<file>`, as written there: tests run
 /// what the manifests run, so the two cannot drift apart.
-pub fn deploy_container(file: &str, name: &str) -> serde_yaml::Value {
+pub fn deploy_container(file: &str, name: &str) -> serde_json::Value {
     let path = workspace().join("deploy").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let doc: serde_json::Value = serde_saphyr::from_str(&text).expect("yaml");
     let spec = &doc["spec"]["template"]["spec"];
     ["initContainers", "containers"]
         .iter()
-        .filter_map(|k| spec[*k].as_sequence())
+        .filter_map(|k| spec[*k].as_array())
         .flatten()
         .find(|c| c["name"].as_str() == Some(name))
         .cloned()
@@ -424,7 +424,7 @@ pub fn deploy_container(file: &str, name: &str) -> serde_yaml::Value {
 /// setpriv names them); empty when it adds none.
 pub fn deploy_capabilities(file: &str, container: &str) -> Vec<String> {
     deploy_container(file, container)["securityContext"]["capabilities"]["add"]
-        .as_sequence()
+        .as_array()
         .into_iter()
         .flatten()
         .map(|c| c.as_str().unwrap().to_ascii_lowercase())

@@ -132,112 +132,162 @@ pub fn plan(
     capacity: u32,
     udp_serving: &UdpServing,
 ) -> (Vec<Deletion>, SweepReport) {
-    let index: HashMap<CtKey4, CtEntry4> = entries.iter().copied().collect();
-    let mut report = SweepReport {
-        entries: entries.len(),
-        capacity,
-        ..Default::default()
+    let mut sweep = Sweep {
+        index: entries.iter().copied().collect(),
+        doomed: HashMap::new(),
+        evictable: Vec::new(),
     };
-    let mut doomed: HashMap<CtKey4, Cause> = HashMap::new();
-    // Connections that stay, for early drop: (rank, created, key).
-    let mut evictable: Vec<(u8, u32, CtKey4)> = Vec::new();
+    sweep.judge_connections(entries, now, udp_serving);
+    sweep.judge_links(entries, now);
+    sweep.early_drop(entries.len(), capacity);
+    let report = sweep.report(entries, capacity);
+    (sweep.deletions(), report)
+}
 
-    for (key, conn) in entries.iter().filter(|(k, _)| k.kind == ct_kind::SERVICE) {
-        let cause = if now > conn.lifetime_s {
-            Some(Cause::Expired)
-        } else if key.proto == proto::UDP && stale_udp(key, conn, udp_serving) {
-            Some(Cause::StaleUdp)
-        } else {
-            None
-        };
-        if let Some(cause) = cause {
-            doom_connection(key, conn, cause, &index, &mut doomed);
-            continue;
-        }
-        let state = CtState::of(key.proto, conn.flags);
-        let rank = match state {
-            _ if conn.flags & ct_flags::SEEN_REPLY == 0 => Some(0),
-            CtState::Closing => Some(1),
-            _ => None,
-        };
-        if let Some(rank) = rank {
-            evictable.push((rank, conn.created_s, *key));
+/// One sweep's judgement of a snapshot.
+struct Sweep {
+    index: HashMap<CtKey4, CtEntry4>,
+    doomed: HashMap<CtKey4, Cause>,
+    /// Connections that stay, for early drop: (rank, created, key).
+    evictable: Vec<(u8, u32, CtKey4)>,
+}
+
+impl Sweep {
+    /// Expired and stale-UDP connections go with their links; those that
+    /// never got a reply, and closing ones, may go early.
+    fn judge_connections(
+        &mut self,
+        entries: &[(CtKey4, CtEntry4)],
+        now: u32,
+        udp_serving: &UdpServing,
+    ) {
+        for (key, conn) in entries.iter().filter(|(k, _)| k.kind == ct_kind::SERVICE) {
+            let cause = if now > conn.lifetime_s {
+                Some(Cause::Expired)
+            } else if key.proto == proto::UDP && stale_udp(key, conn, udp_serving) {
+                Some(Cause::StaleUdp)
+            } else {
+                None
+            };
+            if let Some(cause) = cause {
+                doom_connection(key, conn, cause, &self.index, &mut self.doomed);
+                continue;
+            }
+            let state = CtState::of(key.proto, conn.flags);
+            let rank = match state {
+                _ if conn.flags & ct_flags::SEEN_REPLY == 0 => Some(0),
+                CtState::Closing => Some(1),
+                _ => None,
+            };
+            if let Some(rank) = rank {
+                self.evictable.push((rank, conn.created_s, *key));
+            }
         }
     }
-    for (key, link) in entries.iter() {
-        match key.kind {
-            ct_kind::SERVICE => {}
-            ct_kind::HOST => {
-                if now > link.lifetime_s {
-                    doomed.insert(*key, Cause::HostExpired);
-                }
-            }
-            kind => {
-                // A second of grace past the trusted time: the datapath's
-                // coarse clock may lag this one, and a link is written just
-                // before its connection.
-                if doomed.contains_key(key) || now <= link.lifetime_s {
-                    continue;
-                }
-                let owner = ct_link_owner(key, link);
-                let owned = match index.get(&owner) {
-                    Some(conn) => {
-                        !doomed.contains_key(&owner) && ct_link_key(&owner, conn, kind) == *key
+
+    /// Expired HOST entries, and links past their trusted time whose
+    /// connection is gone or has other links now.
+    fn judge_links(&mut self, entries: &[(CtKey4, CtEntry4)], now: u32) {
+        for (key, link) in entries.iter() {
+            match key.kind {
+                ct_kind::SERVICE => {}
+                ct_kind::HOST => {
+                    if now > link.lifetime_s {
+                        self.doomed.insert(*key, Cause::HostExpired);
                     }
-                    None => false,
-                };
-                if !owned {
-                    doomed.insert(*key, Cause::OrphanLink);
+                }
+                kind => {
+                    // A second of grace past the trusted time: the
+                    // datapath's coarse clock may lag this one, and a link
+                    // is written just before its connection.
+                    if self.doomed.contains_key(key) || now <= link.lifetime_s {
+                        continue;
+                    }
+                    let owner = ct_link_owner(key, link);
+                    let owned = match self.index.get(&owner) {
+                        Some(conn) => {
+                            !self.doomed.contains_key(&owner)
+                                && ct_link_key(&owner, conn, kind) == *key
+                        }
+                        None => false,
+                    };
+                    if !owned {
+                        self.doomed.insert(*key, Cause::OrphanLink);
+                    }
                 }
             }
         }
     }
 
-    // Early drop, when the table stays too full.
-    let remaining = entries.len() - doomed.len();
-    let high = (f64::from(capacity) * HIGH_WATER) as usize;
-    if capacity > 0 && remaining > high {
+    /// Early drop, when the table stays too full: connections that never
+    /// got a reply, oldest first, then closing ones, down to the low water
+    /// mark.
+    fn early_drop(&mut self, entries: usize, capacity: u32) {
+        let remaining = entries - self.doomed.len();
+        let high = (f64::from(capacity) * HIGH_WATER) as usize;
+        if capacity == 0 || remaining <= high {
+            return;
+        }
         let low = (f64::from(capacity) * LOW_WATER) as usize;
         let mut remaining = remaining;
-        evictable.sort();
-        for (_, _, key) in evictable {
+        self.evictable.sort();
+        for (_, _, key) in std::mem::take(&mut self.evictable) {
             if remaining <= low {
                 break;
             }
-            let before = doomed.len();
-            doom_connection(&key, &index[&key], Cause::EarlyDrop, &index, &mut doomed);
-            remaining -= doomed.len() - before;
+            let before = self.doomed.len();
+            doom_connection(
+                &key,
+                &self.index[&key],
+                Cause::EarlyDrop,
+                &self.index,
+                &mut self.doomed,
+            );
+            remaining -= self.doomed.len() - before;
         }
     }
 
-    // What stays.
-    for (key, entry) in entries.iter() {
-        if doomed.contains_key(key) {
-            continue;
-        }
-        match key.kind {
-            ct_kind::SERVICE => {
-                let state = CtState::of(key.proto, entry.flags);
-                report.connections[state as usize] += 1;
-                report.backend_ids.insert(entry.backend_id);
-                report.rev_nat_indices.insert(entry.rev_nat_index);
+    /// What stays.
+    fn report(&self, entries: &[(CtKey4, CtEntry4)], capacity: u32) -> SweepReport {
+        let mut report = SweepReport {
+            entries: entries.len(),
+            capacity,
+            ..Default::default()
+        };
+        for (key, entry) in entries.iter() {
+            if self.doomed.contains_key(key) {
+                continue;
             }
-            ct_kind::NAT_IN => report.nat_ports_in_use += 1,
-            _ => {}
+            match key.kind {
+                ct_kind::SERVICE => {
+                    let state = CtState::of(key.proto, entry.flags);
+                    report.connections[state as usize] += 1;
+                    report.backend_ids.insert(entry.backend_id);
+                    report.rev_nat_indices.insert(entry.rev_nat_index);
+                }
+                ct_kind::NAT_IN => report.nat_ports_in_use += 1,
+                _ => {}
+            }
         }
+        report
     }
-    // Connections before their links, so that a link never outlives its
-    // connection in the table.
-    let mut deletions: Vec<Deletion> = doomed
-        .into_iter()
-        .map(|(key, cause)| Deletion {
-            key,
-            seen: index[&key],
-            cause,
-        })
-        .collect();
-    deletions.sort_by_key(|d| (d.key.kind != ct_kind::SERVICE, d.key));
-    (deletions, report)
+
+    /// Connections before their links, so that a link never outlives its
+    /// connection in the table.
+    fn deletions(self) -> Vec<Deletion> {
+        let index = self.index;
+        let mut deletions: Vec<Deletion> = self
+            .doomed
+            .into_iter()
+            .map(|(key, cause)| Deletion {
+                key,
+                seen: index[&key],
+                cause,
+            })
+            .collect();
+        deletions.sort_by_key(|d| (d.key.kind != ct_kind::SERVICE, d.key));
+        deletions
+    }
 }
 
 /// kube-proxy's rule: a UDP connection to a frontend that has serving

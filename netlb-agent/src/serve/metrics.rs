@@ -589,248 +589,290 @@ impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         let e = &mut e;
-        s.sync_duration.encode(
-            e,
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "Sync duration: desired state computed and datapath maps updated.",
-        )?;
-        s.full_sync_duration.encode(
-            e,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds",
-            "Duration of full syncs (the first, and the verification resyncs).",
-        )?;
-        s.partial_sync_duration.encode(
-            e,
-            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "Duration of partial syncs (changed Services only).",
-        )?;
-        s.programming_latency.encode(
+        encode_sync(e, s)?;
+        encode_health(e, s)?;
+        encode_counts(e, s)?;
+        encode_sources(e, s)?;
+        encode_maps(e, s)?;
+        encode_conntrack(e, s)?;
+        encode_datapath(e, s)?;
+        Ok(())
+    }
+}
+
+/// kube-proxy's sync durations, programming latency and timestamps.
+fn encode_sync(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    s.sync_duration.encode(
+        e,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "Sync duration: desired state computed and datapath maps updated.",
+    )?;
+    s.full_sync_duration.encode(
+        e,
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "Duration of full syncs (the first, and the verification resyncs).",
+    )?;
+    s.partial_sync_duration.encode(
+        e,
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "Duration of partial syncs (changed Services only).",
+    )?;
+    s.programming_latency.encode(
             e,
             "kubeproxy_network_programming_duration_seconds",
             "From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the sync that programmed it.",
         )?;
-        gauge(
-            e,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "The last time a sync succeeded.",
-            unix_seconds(s.last_sync),
-        )?;
-        gauge(
-            e,
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a change was queued for a sync.",
-            unix_seconds(s.last_queued),
-        )?;
-        gauge_family(
-            e,
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-            "Service ports with a Local traffic policy and no local endpoints, by policy.",
-            "traffic_policy",
-            [
-                ("internal", s.no_local_endpoints.0 as f64),
-                ("external", s.no_local_endpoints.1 as f64),
-            ],
-        )?;
-        let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, u64)> {
-            m.iter().map(|(c, n)| (c.to_string(), *n)).collect()
-        };
-        let healthz = codes(&s.healthz);
-        counter_family(
-            e,
-            "kubeproxy_proxy_healthz",
-            "/healthz answers by code.",
-            "code",
-            healthz.iter().map(|(c, n)| (c.as_str(), *n)),
-        )?;
-        let livez = codes(&s.livez);
-        counter_family(
-            e,
-            "kubeproxy_proxy_livez",
-            "/livez answers by code.",
-            "code",
-            livez.iter().map(|(c, n)| (c.as_str(), *n)),
-        )?;
-        counter(e, "netlb_syncs", "Successful syncs.", s.syncs)?;
-        gauge(
-            e,
-            "netlb_initial_sync_complete",
-            "1 once Services and EndpointSlices were listed and programmed.",
-            if s.initial_sync_complete { 1.0 } else { 0.0 },
-        )?;
-        counter(
-            e,
-            "netlb_sync_map_writes",
-            "Datapath map entries written by syncs.",
-            s.map_writes,
-        )?;
-        counter(
-            e,
-            "netlb_sync_map_deletes",
-            "Datapath map entries deleted by syncs.",
-            s.map_deletes,
-        )?;
-        counter(
-            e,
-            "netlb_sync_services_recomputed",
-            "Services whose model was recomputed by syncs (changed ones, and the verification resync's).",
-            s.services_recomputed,
-        )?;
-        counter_family(
-            e,
-            "netlb_sync_errors",
-            "Failed syncs by reason.",
-            "reason",
-            s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v)),
-        )?;
-        counter_family(
-            e,
-            "netlb_sync_repairs",
-            "Map entries the verification resync found different from what the agent programmed (lost writes, a crash's leftovers, changes behind its back) and repaired, by map.",
-            "map",
-            s.repairs.iter().map(|(k, v)| (*k, *v)),
-        )?;
-        counter_family(
-            e,
-            "netlb_invalid_objects",
-            "Objects the model could not use, by kind.",
-            "kind",
-            s.invalid_objects.iter().map(|(k, v)| (k.as_str(), *v)),
-        )?;
-        gauge(
-            e,
-            "netlb_programmed_frontends",
-            "Frontends programmed in the datapath.",
-            s.programmed_frontends as f64,
-        )?;
-        gauge(
-            e,
-            "netlb_programmed_backends",
-            "Backends programmed in the datapath.",
-            s.programmed_backends as f64,
-        )?;
-        gauge_family(
-            e,
-            "netlb_source_list_failing",
-            "Lists that fail for good (403, 404), by message.",
-            "message",
-            s.source_failures.iter().map(|m| (m.as_str(), 1.0)),
-        )?;
-        counter(
-            e,
-            "netlb_watch_errors",
-            "API watch errors (retried with backoff).",
-            s.watch_errors,
-        )?;
-        let c = &s.conntrack;
-        gauge_family(
-            e,
-            "netlb_conntrack_connections",
-            "Tracked connections by state (at the last sweep).",
-            "state",
-            [
-                netlb_common::CtState::Opening,
-                netlb_common::CtState::Established,
-                netlb_common::CtState::Closing,
-            ]
+    gauge(
+        e,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "The last time a sync succeeded.",
+        unix_seconds(s.last_sync),
+    )?;
+    gauge(
+        e,
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "The last time a change was queued for a sync.",
+        unix_seconds(s.last_queued),
+    )?;
+    gauge_family(
+        e,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "Service ports with a Local traffic policy and no local endpoints, by policy.",
+        "traffic_policy",
+        [
+            ("internal", s.no_local_endpoints.0 as f64),
+            ("external", s.no_local_endpoints.1 as f64),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Answers of the health endpoints, by code.
+fn encode_health(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    let codes = |m: &BTreeMap<u16, u64>| -> Vec<(String, u64)> {
+        m.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+    };
+    let healthz = codes(&s.healthz);
+    counter_family(
+        e,
+        "kubeproxy_proxy_healthz",
+        "/healthz answers by code.",
+        "code",
+        healthz.iter().map(|(c, n)| (c.as_str(), *n)),
+    )?;
+    let livez = codes(&s.livez);
+    counter_family(
+        e,
+        "kubeproxy_proxy_livez",
+        "/livez answers by code.",
+        "code",
+        livez.iter().map(|(c, n)| (c.as_str(), *n)),
+    )?;
+    Ok(())
+}
+
+/// What syncs did, and what is programmed.
+fn encode_counts(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    counter(e, "netlb_syncs", "Successful syncs.", s.syncs)?;
+    gauge(
+        e,
+        "netlb_initial_sync_complete",
+        "1 once Services and EndpointSlices were listed and programmed.",
+        if s.initial_sync_complete { 1.0 } else { 0.0 },
+    )?;
+    counter(
+        e,
+        "netlb_sync_map_writes",
+        "Datapath map entries written by syncs.",
+        s.map_writes,
+    )?;
+    counter(
+        e,
+        "netlb_sync_map_deletes",
+        "Datapath map entries deleted by syncs.",
+        s.map_deletes,
+    )?;
+    counter(
+        e,
+        "netlb_sync_services_recomputed",
+        "Services whose model was recomputed by syncs (changed ones, and the verification resync's).",
+        s.services_recomputed,
+    )?;
+    counter_family(
+        e,
+        "netlb_sync_errors",
+        "Failed syncs by reason.",
+        "reason",
+        s.sync_errors.iter().map(|(k, v)| (k.as_str(), *v)),
+    )?;
+    counter_family(
+        e,
+        "netlb_sync_repairs",
+        "Map entries the verification resync found different from what the agent programmed (lost writes, a crash's leftovers, changes behind its back) and repaired, by map.",
+        "map",
+        s.repairs.iter().map(|(k, v)| (*k, *v)),
+    )?;
+    counter_family(
+        e,
+        "netlb_invalid_objects",
+        "Objects the model could not use, by kind.",
+        "kind",
+        s.invalid_objects.iter().map(|(k, v)| (k.as_str(), *v)),
+    )?;
+    gauge(
+        e,
+        "netlb_programmed_frontends",
+        "Frontends programmed in the datapath.",
+        s.programmed_frontends as f64,
+    )?;
+    gauge(
+        e,
+        "netlb_programmed_backends",
+        "Backends programmed in the datapath.",
+        s.programmed_backends as f64,
+    )?;
+    Ok(())
+}
+
+/// The API source.
+fn encode_sources(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    gauge_family(
+        e,
+        "netlb_source_list_failing",
+        "Lists that fail for good (403, 404), by message.",
+        "message",
+        s.source_failures.iter().map(|m| (m.as_str(), 1.0)),
+    )?;
+    counter(
+        e,
+        "netlb_watch_errors",
+        "API watch errors (retried with backoff).",
+        s.watch_errors,
+    )?;
+    Ok(())
+}
+
+/// Fill of every map, and frontends without a feature for want of room.
+fn encode_maps(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    gauge_family(
+        e,
+        "netlb_map_entries",
+        "Entries in use of the datapath maps, by map (the LRUs counted now and then, conntrack at the last sweep).",
+        "map",
+        s.map_fill.iter().map(|(m, (n, _))| (*m, *n as f64)),
+    )?;
+    gauge_family(
+        e,
+        "netlb_map_capacity",
+        "Capacity of the datapath maps, by map (their --max-* flags).",
+        "map",
+        s.map_fill.iter().map(|(m, (_, c))| (*m, *c as f64)),
+    )?;
+    gauge_family(
+        e,
+        "netlb_frontends_degraded",
+        "Frontends programmed without a feature because its map is full (session affinity, new loadBalancerSourceRanges), by map; retried until they fit.",
+        "map",
+        s.degraded.iter().map(|(m, (now, _))| (*m, *now as f64)),
+    )?;
+    counter_family(
+        e,
+        "netlb_map_full",
+        "Times a frontend had to be programmed without a feature because its map was full, by map.",
+        "map",
+        s.degraded.iter().map(|(m, (_, ever))| (*m, *ever)),
+    )?;
+    Ok(())
+}
+
+/// Connection tracking and its collector.
+fn encode_conntrack(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    let c = &s.conntrack;
+    gauge_family(
+        e,
+        "netlb_conntrack_connections",
+        "Tracked connections by state (at the last sweep).",
+        "state",
+        [
+            netlb_common::CtState::Opening,
+            netlb_common::CtState::Established,
+            netlb_common::CtState::Closing,
+        ]
+        .into_iter()
+        .map(|state| (state.name(), c.connections[state as usize] as f64)),
+    )?;
+    gauge(
+        e,
+        "netlb_conntrack_entries",
+        "Conntrack map entries (connections and their links) at the last sweep.",
+        c.entries as f64,
+    )?;
+    gauge(
+        e,
+        "netlb_conntrack_capacity",
+        "Conntrack map size.",
+        c.capacity as f64,
+    )?;
+    gauge(
+        e,
+        "netlb_nat_ports_in_use",
+        "North-south SNAT ports held by live connections.",
+        c.nat_ports_in_use as f64,
+    )?;
+    counter(
+        e,
+        "netlb_conntrack_gc_sweeps",
+        "Conntrack garbage collection sweeps.",
+        c.sweeps,
+    )?;
+    gauge(
+        e,
+        "netlb_conntrack_gc_last_sweep_seconds",
+        "Duration of the last sweep.",
+        c.last_sweep_seconds,
+    )?;
+    counter_family(
+        e,
+        "netlb_conntrack_gc_deleted",
+        "Conntrack entries deleted by the garbage collector, by cause.",
+        "cause",
+        crate::datapath::conntrack::Cause::ALL
             .into_iter()
-            .map(|state| (state.name(), c.connections[state as usize] as f64)),
-        )?;
-        gauge_family(
-            e,
-            "netlb_map_entries",
-            "Entries in use of the datapath maps, by map (the LRUs counted now and then, conntrack at the last sweep).",
-            "map",
-            s.map_fill.iter().map(|(m, (n, _))| (*m, *n as f64)),
-        )?;
-        gauge_family(
-            e,
-            "netlb_map_capacity",
-            "Capacity of the datapath maps, by map (their --max-* flags).",
-            "map",
-            s.map_fill.iter().map(|(m, (_, c))| (*m, *c as f64)),
-        )?;
-        gauge_family(
-            e,
-            "netlb_frontends_degraded",
-            "Frontends programmed without a feature because its map is full (session affinity, new loadBalancerSourceRanges), by map; retried until they fit.",
-            "map",
-            s.degraded.iter().map(|(m, (now, _))| (*m, *now as f64)),
-        )?;
-        counter_family(
-            e,
-            "netlb_map_full",
-            "Times a frontend had to be programmed without a feature because its map was full, by map.",
-            "map",
-            s.degraded.iter().map(|(m, (_, ever))| (*m, *ever)),
-        )?;
-        gauge(
-            e,
-            "netlb_conntrack_entries",
-            "Conntrack map entries (connections and their links) at the last sweep.",
-            c.entries as f64,
-        )?;
-        gauge(
-            e,
-            "netlb_conntrack_capacity",
-            "Conntrack map size.",
-            c.capacity as f64,
-        )?;
-        gauge(
-            e,
-            "netlb_nat_ports_in_use",
-            "North-south SNAT ports held by live connections.",
-            c.nat_ports_in_use as f64,
-        )?;
-        counter(
-            e,
-            "netlb_conntrack_gc_sweeps",
-            "Conntrack garbage collection sweeps.",
-            c.sweeps,
-        )?;
-        gauge(
-            e,
-            "netlb_conntrack_gc_last_sweep_seconds",
-            "Duration of the last sweep.",
-            c.last_sweep_seconds,
-        )?;
-        counter_family(
-            e,
-            "netlb_conntrack_gc_deleted",
-            "Conntrack entries deleted by the garbage collector, by cause.",
-            "cause",
-            crate::datapath::conntrack::Cause::ALL
-                .into_iter()
-                .map(|cause| {
-                    (
-                        cause.name(),
-                        c.deleted.get(cause.name()).copied().unwrap_or(0),
-                    )
-                }),
-        )?;
-        counter_family(
-            e,
-            "netlb_datapath_drops",
-            "Packets dropped by the datapath, by reason.",
-            "reason",
-            s.datapath
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| stat::is_drop(*i as u32))
-                .map(|(i, v)| (stat::NAMES[i], *v)),
-        )?;
-        counter_family(
-            e,
-            "netlb_datapath_packets",
-            "Packets handled by the datapath, by outcome.",
-            "counter",
-            s.datapath
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !stat::is_drop(*i as u32))
-                .map(|(i, v)| (stat::NAMES[i], *v)),
-        )?;
-        Ok(())
-    }
+            .map(|cause| {
+                (
+                    cause.name(),
+                    c.deleted.get(cause.name()).copied().unwrap_or(0),
+                )
+            }),
+    )?;
+    Ok(())
+}
+
+/// The datapath's counters.
+fn encode_datapath(e: &mut DescriptorEncoder, s: &State) -> Result<(), std::fmt::Error> {
+    counter_family(
+        e,
+        "netlb_datapath_drops",
+        "Packets dropped by the datapath, by reason.",
+        "reason",
+        s.datapath
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| stat::is_drop(*i as u32))
+            .map(|(i, v)| (stat::NAMES[i], *v)),
+    )?;
+    counter_family(
+        e,
+        "netlb_datapath_packets",
+        "Packets handled by the datapath, by outcome.",
+        "counter",
+        s.datapath
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !stat::is_drop(*i as u32))
+            .map(|(i, v)| (stat::NAMES[i], *v)),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,13 +19,26 @@ impl Syncer {
     ) -> Result<Self, SyncError> {
         let maps = dp.dump()?;
         let mut syncer = Self::with_limits(max_backends, max_rev_nat);
+        syncer.adopt_backends(&maps);
+        syncer.adopt_rev_nat(&maps);
+        syncer.adopt_frontends(&maps);
+        // Cluster IPs: adopted as they are; those no Service wants go in the
+        // first apply.
+        syncer.cluster_ips = maps.cluster_ips.iter().copied().collect();
+        syncer.cluster_ips_dirty = maps.cluster_ips.iter().copied().collect();
+        syncer.adopt_aux(&maps);
+        syncer.count_adopted_refs();
+        Ok(syncer)
+    }
+
+    fn adopt_backends(&mut self, maps: &ProgrammedMaps) {
         for (id, value) in &maps.backends {
             let addr = BackendAddr {
                 address: from_be_addr(value.address_be),
                 port: u16::from_be(value.port_be),
                 proto: value.proto,
             };
-            syncer.backends.insert(
+            self.backends.insert(
                 addr,
                 Backend {
                     id: *id,
@@ -33,13 +46,15 @@ impl Syncer {
                     refs: 0,
                 },
             );
-            syncer.backend_addrs.insert(*id, addr);
+            self.backend_addrs.insert(*id, addr);
         }
-        syncer
-            .backend_ids
+        self.backend_ids
             .adopt(&maps.backends.iter().map(|(id, _)| *id).collect());
+    }
+
+    fn adopt_rev_nat(&mut self, maps: &ProgrammedMaps) {
         for (index, value) in &maps.rev_nat {
-            syncer.rev_nat.insert(
+            self.rev_nat.insert(
                 (from_be_addr(value.address_be), u16::from_be(value.port_be)),
                 RevNat {
                     index: *index,
@@ -47,47 +62,45 @@ impl Syncer {
                 },
             );
         }
-        syncer
-            .rev_nat_ids
+        self.rev_nat_ids
             .adopt(&maps.rev_nat.iter().map(|(i, _)| *i).collect());
+    }
+
+    /// Frontends from their slot 0, then their slots; slots of no
+    /// frontend (or past its count) are strays.
+    fn adopt_frontends(&mut self, maps: &ProgrammedMaps) {
         let mut slots: BTreeMap<(FrontendKey, u16), BackendId> = BTreeMap::new();
         for (key, value) in &maps.services {
-            let fe = FrontendKey {
-                address: from_be_addr(key.address_be),
-                port: u16::from_be(key.port_be),
-                proto: key.proto,
-                scope: key.scope,
-            };
+            let fe = frontend_of(key);
             if key.backend_slot == 0 {
-                syncer.service_entries += 1 + value.count as usize;
+                self.service_entries += 1 + value.count as usize;
                 let mut f = Frontend::new(
                     value.rev_nat_index,
                     value.flags,
                     vec![0; value.count as usize],
                 );
                 f.timeout = value.backend_id;
-                syncer.frontends.insert(fe, f);
+                self.frontends.insert(fe, f);
             } else {
                 slots.insert((fe, key.backend_slot), value.backend_id);
             }
         }
         for ((fe, slot), id) in slots {
-            match syncer.frontends.get_mut(&fe) {
+            match self.frontends.get_mut(&fe) {
                 Some(f) if (slot as usize) <= f.slots.len() => {
                     f.slots[slot as usize - 1] = id;
                     f.held.push(id);
                 }
-                _ => syncer.stray_slots.push(service_key(&fe, slot)),
+                _ => self.stray_slots.push(service_key(&fe, slot)),
             }
         }
-        // Cluster IPs: adopted as they are; those no Service wants go in the
-        // first apply.
-        syncer.cluster_ips = maps.cluster_ips.iter().copied().collect();
-        syncer.cluster_ips_dirty = maps.cluster_ips.iter().copied().collect();
-        // Auxiliary entries belong to the frontend with their rev-NAT
-        // index, protocol and scope.
+    }
+
+    /// Auxiliary entries belong to the frontend with their rev-NAT index,
+    /// protocol and scope; the others are strays.
+    fn adopt_aux(&mut self, maps: &ProgrammedMaps) {
         let mut owners: HashMap<(RevNatIndex, u8, u8), FrontendKey> = HashMap::default();
-        for (key, f) in &syncer.frontends {
+        for (key, f) in &self.frontends {
             owners.insert((f.rev_nat, key.proto, key.scope), *key);
         }
         let aux = maps
@@ -107,37 +120,41 @@ impl Syncer {
                 )
             }));
         for (owner, entry) in aux {
-            match owners.get(&owner).and_then(|k| syncer.frontends.get_mut(k)) {
+            match owners.get(&owner).and_then(|k| self.frontends.get_mut(k)) {
                 Some(f) => f.aux.push(entry),
-                None => syncer.stray_aux.push(entry),
+                None => self.stray_aux.push(entry),
             }
         }
-        for f in syncer.frontends.values_mut() {
+        for f in self.frontends.values_mut() {
             f.aux.sort();
         }
-        syncer.aux_counts = aux_counts(syncer.frontends.values().flat_map(|f| f.aux.iter()));
-        // Reference counts from what the frontends use.
-        let frontends: Vec<(FrontendKey, Frontend)> = syncer
+        self.aux_counts = aux_counts(self.frontends.values().flat_map(|f| f.aux.iter()));
+    }
+
+    /// Reference counts from what the adopted frontends use; every adopted
+    /// frontend is reconciled by the first apply, and what none uses is a
+    /// candidate for deletion.
+    fn count_adopted_refs(&mut self) {
+        let frontends: Vec<(FrontendKey, Frontend)> = self
             .frontends
             .iter()
             .map(|(k, f)| (*k, f.clone()))
             .collect();
         for (key, f) in &frontends {
-            syncer.add_refs(key, f, 1);
-            syncer.dirty.insert(*key);
+            self.add_refs(key, f, 1);
+            self.dirty.insert(*key);
         }
-        syncer.unreferenced_backends = syncer
+        self.unreferenced_backends = self
             .backends
             .iter()
             .filter(|(_, b)| b.refs == 0)
             .map(|(a, _)| *a)
             .collect();
-        syncer.unreferenced_rev_nat = syncer
+        self.unreferenced_rev_nat = self
             .rev_nat
             .iter()
             .filter(|(_, r)| r.refs == 0)
             .map(|(k, _)| *k)
             .collect();
-        Ok(syncer)
     }
 }

@@ -139,6 +139,13 @@ impl Syncer {
         for (r, n) in room.iter_mut().zip(adds(&aux)) {
             *r = r.saturating_sub(n);
         }
+        self.note_degraded(key, degraded);
+        (flags, timeout, aux)
+    }
+
+    /// Records which features frontend `key` goes without (none: it is
+    /// whole again), warning once when it starts to.
+    fn note_degraded(&mut self, key: &FrontendKey, degraded: [bool; 2]) {
         if degraded.iter().any(|d| *d) {
             let before = self.degraded.insert(*key, degraded).unwrap_or_default();
             for kind in AuxKind::ALL {
@@ -164,6 +171,5 @@ impl Syncer {
         } else {
             self.degraded.remove(key);
         }
-        (flags, timeout, aux)
     }
 }

@@ -81,20 +81,28 @@ impl Syncer {
         let last = chunk.last().map(|(k, _)| *k);
         Ok((last, repairs))
     }
+
     /// Compares every entry the kernel holds with the mirror (a whole
     /// `dump`): entries nothing programmed owns (a crashed agent's, or
     /// written behind the agent's back) are marked for deletion, auxiliary
     /// entries and cluster IPs that are missing for rewriting. Returns the
     /// repairs.
     pub fn verify_all(&mut self, maps: &ProgrammedMaps) -> Repairs {
-        use netlb_common::map_names;
         let mut repairs = Repairs::new();
+        self.find_strays(maps, &mut repairs);
+        self.verify_aux(maps, &mut repairs);
+        self.verify_cluster_ips(maps, &mut repairs);
+        repairs
+    }
+
+    /// Slots, backends and rev-NAT entries no programmed frontend owns.
+    fn find_strays(&mut self, maps: &ProgrammedMaps, repairs: &mut Repairs) {
+        use netlb_common::map_names;
         let pending_slots: HashSet<ServiceKey> = self.stray_slots.iter().copied().collect();
         for (key, _) in &maps.services {
-            let fk = frontend_of(key);
             let owned = self
                 .frontends
-                .get(&fk)
+                .get(&frontend_of(key))
                 .is_some_and(|f| usize::from(key.backend_slot) <= f.slots.len());
             if !owned && !pending_slots.contains(key) {
                 *repairs.entry(map_names::SERVICES).or_default() += 1;
@@ -116,17 +124,17 @@ impl Syncer {
                 self.stray_rev_nat.push(*index);
             }
         }
-        // Auxiliary entries: the kernel's against the frontends'.
+    }
+
+    /// Auxiliary entries: the kernel's against the frontends'. A frontend
+    /// missing one is rewritten; one no frontend has is a stray.
+    fn verify_aux(&mut self, maps: &ProgrammedMaps, repairs: &mut Repairs) {
         let held: HashSet<Aux> = maps
             .source_ranges
             .iter()
             .map(|r| Aux::SourceRange(*r))
             .chain(maps.affinity_matches.iter().map(|m| Aux::AffinityMatch(*m)))
             .collect();
-        let aux_map = |a: &Aux| match a {
-            Aux::SourceRange(_) => map_names::SOURCE_RANGES,
-            Aux::AffinityMatch(_) => map_names::AFFINITY_MATCH,
-        };
         let mut owned_aux: HashSet<Aux> = HashSet::default();
         let mut rewrite = Vec::new();
         for (key, f) in &self.frontends {
@@ -135,7 +143,7 @@ impl Syncer {
                 continue;
             }
             if let Some(missing) = f.aux.iter().find(|a| !held.contains(a)) {
-                *repairs.entry(aux_map(missing)).or_default() += 1;
+                *repairs.entry(AuxKind::of(missing).map()).or_default() += 1;
                 rewrite.push(*key);
             }
         }
@@ -143,19 +151,24 @@ impl Syncer {
         let pending: HashSet<Aux> = self.stray_aux.iter().copied().collect();
         for a in held {
             if !owned_aux.contains(&a) && !pending.contains(&a) {
-                *repairs.entry(aux_map(&a)).or_default() += 1;
+                *repairs.entry(AuxKind::of(&a).map()).or_default() += 1;
                 self.stray_aux.push(a);
             }
         }
-        // Cluster IPs: what the kernel holds is what the mirror says it
-        // holds; `sync_cluster_ips` then makes it what is wanted.
+    }
+
+    /// Cluster IPs: what the kernel holds is what the mirror says it
+    /// holds; `sync_cluster_ips` then makes it what is wanted.
+    fn verify_cluster_ips(&mut self, maps: &ProgrammedMaps, repairs: &mut Repairs) {
         let held: HashSet<Ipv4Addr> = maps.cluster_ips.iter().copied().collect();
         let differ: Vec<Ipv4Addr> = held
             .symmetric_difference(&self.cluster_ips)
             .copied()
             .collect();
         for ip in differ {
-            *repairs.entry(map_names::CLUSTER_IPS).or_default() += 1;
+            *repairs
+                .entry(netlb_common::map_names::CLUSTER_IPS)
+                .or_default() += 1;
             if held.contains(&ip) {
                 self.cluster_ips.insert(ip);
             } else {
@@ -163,8 +176,8 @@ impl Syncer {
             }
             self.cluster_ips_dirty.insert(ip);
         }
-        repairs
     }
+
     /// Applies the verification's findings (see [`verify_chunk`] and
     /// [`verify_all`]); what fails stays for the next apply.
     ///

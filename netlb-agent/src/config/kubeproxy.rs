@@ -197,7 +197,6 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConf
         });
     }
     let mut loaded = Loaded::default();
-    let mut s = FileSettings::default();
     for key in file.other.keys() {
         if KNOWN_IGNORED.contains(&key.as_str()) {
             loaded.ignored.push(format!("{key}: no meaning for netlb"));
@@ -205,25 +204,43 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConf
             loaded.unknown.push(key.clone());
         }
     }
-    if let Some(cc) = &file.client_connection {
-        s.kubeconfig = non_empty(&cc.kubeconfig).map(PathBuf::from);
-        // 0 is kubeadm's "the default".
-        s.kube_api_qps = cc.qps.filter(|q| *q > 0.0);
-        s.kube_api_burst = cc.burst.filter(|b| *b > 0);
-        for key in cc.other.keys() {
-            match key.as_str() {
-                "acceptContentTypes" | "contentType" => loaded.ignored.push(format!(
-                    "clientConnection.{key}: netlb negotiates JSON itself"
-                )),
-                _ => loaded.unknown.push(format!("clientConnection.{key}")),
-            }
+    read_client_connection(&file, &mut loaded);
+    read_addresses(&file, &mut loaded);
+    read_mode(path, &file, &mut loaded)?;
+    read_conntrack(path, &file, &mut loaded)?;
+    Ok(loaded)
+}
+
+/// `clientConnection`: the kubeconfig, and the rate limits netlb only logs.
+fn read_client_connection(file: &File, loaded: &mut Loaded) {
+    let Some(cc) = &file.client_connection else {
+        return;
+    };
+    let s = &mut loaded.settings;
+    s.kubeconfig = non_empty(&cc.kubeconfig).map(PathBuf::from);
+    // 0 is kubeadm's "the default".
+    s.kube_api_qps = cc.qps.filter(|q| *q > 0.0);
+    s.kube_api_burst = cc.burst.filter(|b| *b > 0);
+    for key in cc.other.keys() {
+        match key.as_str() {
+            "acceptContentTypes" | "contentType" => loaded.ignored.push(format!(
+                "clientConnection.{key}: netlb negotiates JSON itself"
+            )),
+            _ => loaded.unknown.push(format!("clientConnection.{key}")),
         }
     }
+}
+
+/// The node's name, the bind addresses, the cluster CIDR and the node
+/// port addresses.
+fn read_addresses(file: &File, loaded: &mut Loaded) {
+    let s = &mut loaded.settings;
     s.hostname_override = non_empty(&file.hostname_override);
     s.healthz_bind_address = non_empty(&file.healthz_bind_address);
     s.metrics_bind_address = non_empty(&file.metrics_bind_address);
     s.cluster_cidr =
         non_empty(&file.cluster_cidr).map(|c| c.split(',').map(|p| p.trim().to_owned()).collect());
+    s.nodeport_addresses = file.node_port_addresses.clone().filter(|a| !a.is_empty());
     if let Some(bind) = non_empty(&file.bind_address)
         && bind != "0.0.0.0"
         && bind != "::"
@@ -238,21 +255,27 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConf
             "detectLocalMode {other}: netlb detects local traffic by clusterCIDR only"
         )),
     }
-    s.nodeport_addresses = file.node_port_addresses.filter(|a| !a.is_empty());
+}
+
+/// The mode's sync periods (iptables when unset), and the other fields of
+/// the mode sections, which netlb has no use for.
+fn read_mode(
+    path: &std::path::Path,
+    file: &File,
+    loaded: &mut Loaded,
+) -> Result<(), KubeProxyConfigError> {
     match file.mode.as_str() {
         "" | "iptables" | "nftables" | "ipvs" => {}
         other => loaded.unknown.push(format!("mode {other}")),
     }
-    // The sync periods of the mode kube-proxy would run (iptables when
-    // unset).
     let section = match file.mode.as_str() {
         "nftables" => &file.nftables,
         "ipvs" => &file.ipvs,
         _ => &file.iptables,
     };
     if let Some(sec) = section {
-        s.resync_interval = duration(path, "syncPeriod", &sec.sync_period)?;
-        s.min_sync_interval = duration(path, "minSyncPeriod", &sec.min_sync_period)?;
+        loaded.settings.resync_interval = duration(path, "syncPeriod", &sec.sync_period)?;
+        loaded.settings.min_sync_interval = duration(path, "minSyncPeriod", &sec.min_sync_period)?;
     }
     for (name, sec) in [
         ("iptables", &file.iptables),
@@ -272,23 +295,32 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Loaded, KubeProxyConf
             }
         }
     }
-    if let Some(ct) = &file.conntrack {
-        s.tcp_established_timeout = duration(
-            path,
-            "conntrack.tcpEstablishedTimeout",
-            &ct.tcp_established_timeout,
-        )?;
-        s.udp_timeout = duration(path, "conntrack.udpTimeout", &ct.udp_timeout)?;
-        for (key, value) in &ct.other {
-            if !matches!(value, Value::Null) {
-                loaded.ignored.push(format!(
-                    "conntrack.{key}: netlb's own connection table does not use it"
-                ));
-            }
+    Ok(())
+}
+
+/// `conntrack`: the timeouts netlb's own table takes.
+fn read_conntrack(
+    path: &std::path::Path,
+    file: &File,
+    loaded: &mut Loaded,
+) -> Result<(), KubeProxyConfigError> {
+    let Some(ct) = &file.conntrack else {
+        return Ok(());
+    };
+    loaded.settings.tcp_established_timeout = duration(
+        path,
+        "conntrack.tcpEstablishedTimeout",
+        &ct.tcp_established_timeout,
+    )?;
+    loaded.settings.udp_timeout = duration(path, "conntrack.udpTimeout", &ct.udp_timeout)?;
+    for (key, value) in &ct.other {
+        if !matches!(value, Value::Null) {
+            loaded.ignored.push(format!(
+                "conntrack.{key}: netlb's own connection table does not use it"
+            ));
         }
     }
-    loaded.settings = s;
-    Ok(loaded)
+    Ok(())
 }
 
 /// Reads and parses `path`.

@@ -482,6 +482,100 @@ fn decode<W: serde::de::DeserializeOwned>(
     })
 }
 
+/// A Service's cluster IPs (`clusterIPs`, else `clusterIP`); `None` for a
+/// headless one.
+fn cluster_ips(
+    spec: &wire::ServiceSpec,
+    type_: ServiceType,
+    issues: &mut Vec<String>,
+) -> Option<Vec<Ipv4Addr>> {
+    let strings: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    if strings.iter().any(|ip| ip.as_str() == "None") {
+        return None;
+    }
+    if strings.iter().all(|ip| ip.is_empty()) && type_ != ServiceType::ExternalName {
+        issues.push(
+            "no clusterIP allocated (a manifest-directory Service must set spec.clusterIP)".into(),
+        );
+    }
+    Some(ipv4s(
+        strings.into_iter().filter(|ip| !ip.is_empty()),
+        "clusterIP",
+        issues,
+    ))
+}
+
+/// The load-balancer IPs a Service's status carries. Whatever the type:
+/// kube-proxy programs every VIP-mode ingress IP (`newBaseServiceInfo`);
+/// with ipMode Proxy the load balancer delivers to the node, not to the
+/// VIP, and kube-proxy does not program the IP.
+fn load_balancer_ips(
+    status: Option<&wire::ServiceStatus>,
+    type_: ServiceType,
+    issues: &mut Vec<String>,
+) -> Vec<Ipv4Addr> {
+    if type_ == ServiceType::ExternalName {
+        return Vec::new();
+    }
+    let ingress = status
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let ips: Vec<&String> = ingress
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_ref())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    ipv4s(ips.into_iter(), "load balancer ingress IP", issues)
+}
+
+/// One Service port, or `None` (and an issue) when netlb cannot serve it.
+fn service_port(
+    port: &wire::ServicePort,
+    type_: ServiceType,
+    names: &mut Interner,
+    issues: &mut Vec<String>,
+) -> Option<ServicePortObject> {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let port_name = port.name.as_deref().unwrap_or("");
+    if protocol == "SCTP" {
+        issues.push(format!(
+            "port {port_name:?} {}/SCTP: SCTP is not supported by netlb",
+            port.port
+        ));
+        return None;
+    }
+    if protocol != "TCP" && protocol != "UDP" {
+        issues.push(format!("port {port_name:?}: unknown protocol {protocol:?}"));
+        return None;
+    }
+    let Some(number) = port_number(port.port) else {
+        issues.push(format!("port {port_name:?}: invalid port {}", port.port));
+        return None;
+    };
+    let node_port = match (type_, port.node_port) {
+        (ServiceType::NodePort | ServiceType::LoadBalancer, Some(p)) => match port_number(p) {
+            Some(p) => Some(p),
+            None if p != 0 => {
+                issues.push(format!("port {port_name:?}: invalid nodePort {p}"));
+                None
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    Some(ServicePortObject {
+        name: names.intern(port_name),
+        protocol: names.intern(protocol),
+        port: number,
+        node_port,
+    })
+}
+
 impl ServiceObject {
     /// The lean form of a typed Service.
     pub fn from_service(svc: &Service, names: &mut Interner) -> Self {
@@ -503,53 +597,13 @@ impl ServiceObject {
             Some("ExternalName") => ServiceType::ExternalName,
             _ => ServiceType::ClusterIp,
         };
-        let cluster_ip_strings: Vec<&String> = match &spec.cluster_ips {
-            Some(ips) if !ips.is_empty() => ips.iter().collect(),
-            _ => spec.cluster_ip.iter().collect(),
-        };
-        let cluster_ips = if cluster_ip_strings.iter().any(|ip| ip.as_str() == "None") {
-            None
-        } else {
-            if cluster_ip_strings.iter().all(|ip| ip.is_empty())
-                && type_ != ServiceType::ExternalName
-            {
-                issues.push(
-                    "no clusterIP allocated (a manifest-directory Service must set spec.clusterIP)"
-                        .into(),
-                );
-            }
-            Some(ipv4s(
-                cluster_ip_strings.into_iter().filter(|ip| !ip.is_empty()),
-                "clusterIP",
-                &mut issues,
-            ))
-        };
+        let cluster_ips = cluster_ips(&spec, type_, &mut issues);
         let external_ips = ipv4s(
             spec.external_ips.iter().flatten(),
             "externalIP",
             &mut issues,
         );
-        // Whatever the type: kube-proxy programs every VIP-mode ingress IP
-        // a Service's status carries (`newBaseServiceInfo`).
-        let load_balancer_ips = if type_ == ServiceType::ExternalName {
-            Vec::new()
-        } else {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            // ipMode Proxy: the load balancer delivers to the node, not to
-            // the VIP; kube-proxy does not program the IP then.
-            let ips: Vec<&String> = ingress
-                .into_iter()
-                .flatten()
-                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|i| i.ip.as_ref())
-                .filter(|ip| !ip.is_empty())
-                .collect();
-            ipv4s(ips.into_iter(), "load balancer ingress IP", &mut issues)
-        };
+        let load_balancer_ips = load_balancer_ips(svc.status.as_ref(), type_, &mut issues);
         let source_ranges = ipv4_cidrs(
             spec.load_balancer_source_ranges.iter().flatten(),
             &mut issues,
@@ -563,45 +617,12 @@ impl ServiceObject {
                     .map(|t| t.max(0) as u32)
                     .unwrap_or(10_800)
             });
-        let mut ports = Vec::new();
-        for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.as_deref().unwrap_or("TCP");
-            let port_name = port.name.as_deref().unwrap_or("");
-            if protocol == "SCTP" {
-                issues.push(format!(
-                    "port {port_name:?} {}/SCTP: SCTP is not supported by netlb",
-                    port.port
-                ));
-                continue;
-            }
-            if protocol != "TCP" && protocol != "UDP" {
-                issues.push(format!("port {port_name:?}: unknown protocol {protocol:?}"));
-                continue;
-            }
-            let Some(number) = port_number(port.port) else {
-                issues.push(format!("port {port_name:?}: invalid port {}", port.port));
-                continue;
-            };
-            let node_port = match (type_, port.node_port) {
-                (ServiceType::NodePort | ServiceType::LoadBalancer, Some(p)) => {
-                    match port_number(p) {
-                        Some(p) => Some(p),
-                        None if p != 0 => {
-                            issues.push(format!("port {port_name:?}: invalid nodePort {p}"));
-                            None
-                        }
-                        None => None,
-                    }
-                }
-                _ => None,
-            };
-            ports.push(ServicePortObject {
-                name: names.intern(port_name),
-                protocol: names.intern(protocol),
-                port: number,
-                node_port,
-            });
-        }
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|port| service_port(port, type_, names, &mut issues))
+            .collect();
         Self {
             namespace,
             name,

@@ -161,26 +161,59 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
             Some(t) => (svc_flags::AFFINITY, t),
             None => (0, 0),
         };
-        let (internal, internal_flags) = backends(&port.internal, proto);
-        for ip in &port.cluster_ips {
+        let port_frontends = PortFrontends {
+            name,
+            port,
+            proto,
+            affinity,
+            affinity_timeout,
+        };
+        port_frontends.cluster_ips(&mut state);
+        port_frontends.external(&mut state, nodeport_addresses);
+    }
+    state
+}
+
+/// What every frontend of one Service port shares.
+struct PortFrontends<'a> {
+    name: &'a ServicePortName,
+    port: &'a crate::model::ServicePort,
+    proto: u8,
+    affinity: u16,
+    affinity_timeout: u32,
+}
+
+impl PortFrontends<'_> {
+    /// The cluster IPs' frontends: the internal traffic policy's endpoints.
+    fn cluster_ips(&self, state: &mut DesiredState) {
+        let (internal, internal_flags) = backends(&self.port.internal, self.proto);
+        for ip in &self.port.cluster_ips {
             state.insert(
                 FrontendKey {
                     address: *ip,
-                    port: port.port,
-                    proto,
+                    port: self.port.port,
+                    proto: self.proto,
                     scope: scope::EXTERNAL,
                 },
                 DesiredFrontend {
-                    service: name.clone(),
-                    flags: svc_flags::CLUSTER_IP | internal_flags | affinity,
+                    service: self.name.clone(),
+                    flags: svc_flags::CLUSTER_IP | internal_flags | self.affinity,
                     backends: internal.clone(),
                     source_ranges: Vec::new(),
-                    affinity_timeout,
+                    affinity_timeout: self.affinity_timeout,
                 },
             );
         }
-        let (external, external_flags) = backends(&port.external, proto);
-        let (from_pods, from_pods_flags) = backends(&port.external_from_pods, proto);
+    }
+
+    /// External IPs, load-balancer IPs and node ports: the external
+    /// traffic policy's endpoints and, when pods get others (Local policy:
+    /// kube-proxy's short-circuit to cluster-wide endpoints), a second
+    /// frontend of the internal scope.
+    fn external(&self, state: &mut DesiredState, nodeport_addresses: &[Ipv4Addr]) {
+        let port = self.port;
+        let (external, external_flags) = backends(&port.external, self.proto);
+        let (from_pods, from_pods_flags) = backends(&port.external_from_pods, self.proto);
         let split = port.external != port.external_from_pods;
         let local = if port.external_policy_local {
             svc_flags::LOCAL_ONLY
@@ -206,7 +239,7 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
             let key = FrontendKey {
                 address: ip,
                 port: frontend_port,
-                proto,
+                proto: self.proto,
                 scope: scope::EXTERNAL,
             };
             // Source ranges guard the load-balancer IPs only (kube-proxy's
@@ -216,19 +249,15 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
             } else {
                 (Vec::new(), 0)
             };
+            let two_scopes = if split { svc_flags::TWO_SCOPES } else { 0 };
             state.insert(
                 key,
                 DesiredFrontend {
-                    service: name.clone(),
-                    flags: kind
-                        | local
-                        | external_flags
-                        | ranges_flag
-                        | affinity
-                        | if split { svc_flags::TWO_SCOPES } else { 0 },
+                    service: self.name.clone(),
+                    flags: kind | local | external_flags | ranges_flag | self.affinity | two_scopes,
                     backends: external.clone(),
                     source_ranges: ranges.clone(),
-                    affinity_timeout,
+                    affinity_timeout: self.affinity_timeout,
                 },
             );
             if split {
@@ -238,17 +267,16 @@ pub fn build(model: &Model, nodeport_addresses: &[Ipv4Addr]) -> DesiredState {
                         ..key
                     },
                     DesiredFrontend {
-                        service: name.clone(),
-                        flags: kind | from_pods_flags | ranges_flag | affinity,
+                        service: self.name.clone(),
+                        flags: kind | from_pods_flags | ranges_flag | self.affinity,
                         backends: from_pods.clone(),
                         source_ranges: ranges,
-                        affinity_timeout,
+                        affinity_timeout: self.affinity_timeout,
                     },
                 );
             }
         }
     }
-    state
 }
 
 /// The sources a port's load-balancer IPs admit: its

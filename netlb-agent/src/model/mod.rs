@@ -466,7 +466,6 @@ fn add_service(
     let type_ = svc.type_;
     let external_ips = &svc.external_ips;
     let load_balancer_ips = &svc.load_balancer_ips;
-    let internal_policy_local = svc.internal_policy_local;
     // kube-proxy's ExternalPolicyLocal: only for externally accessible types.
     let external_policy_local = svc.external_policy_local
         && (matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer)
@@ -476,8 +475,11 @@ fn add_service(
     let health_check_node_port = svc
         .health_check_node_port
         .filter(|_| type_ == ServiceType::LoadBalancer && external_policy_local);
+    let policies = Policies {
+        internal_local: svc.internal_policy_local,
+        external_local: external_policy_local,
+    };
     for port in &svc.ports {
-        let node_port = port.node_port;
         let spn = ServicePortName {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
@@ -486,48 +488,20 @@ fn add_service(
         };
         let eps = endpoints.get(&spn).cloned().unwrap_or_default();
         let externally_accessible =
-            node_port.is_some() || !external_ips.is_empty() || !load_balancer_ips.is_empty();
+            port.node_port.is_some() || !external_ips.is_empty() || !load_balancer_ips.is_empty();
         let ext_local = externally_accessible && external_policy_local;
-        // kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints.
-        let uses_cluster = !internal_policy_local || (externally_accessible && !ext_local);
-        let uses_local = internal_policy_local || ext_local;
-        let (cluster, local, has_any) = categorize_endpoints(&eps, uses_cluster, uses_local, node);
-        let cluster = cluster.unwrap_or_default();
-        let local = local.unwrap_or_default();
-        let internal = targets(
-            if internal_policy_local {
-                local.clone()
-            } else {
-                cluster.clone()
-            },
-            has_any,
-        );
-        let external = targets(
-            if ext_local {
-                local.clone()
-            } else {
-                cluster.clone()
-            },
-            has_any,
-        );
-        // Pods reaching external addresses are short-circuited to the
-        // cluster-wide endpoints (kube-proxy's KUBE-EXT chain).
-        let external_from_pods = if ext_local {
-            let (cluster_all, _, any) = categorize_endpoints(&eps, true, false, node);
-            targets(cluster_all.unwrap_or_default(), any || has_any)
-        } else {
-            external.clone()
-        };
+        let (internal, external, external_from_pods) =
+            policies.targets(&eps, externally_accessible, node);
         ports.insert(
             spn,
             ServicePort {
                 cluster_ips: cluster_ips.clone(),
                 port: port.port,
                 protocol: port.protocol.clone(),
-                node_port,
+                node_port: port.node_port,
                 external_ips: external_ips.clone(),
                 load_balancer_ips: load_balancer_ips.clone(),
-                internal_policy_local,
+                internal_policy_local: svc.internal_policy_local,
                 external_policy_local: ext_local,
                 health_check_node_port,
                 session_affinity_timeout: svc.session_affinity_timeout,
@@ -538,6 +512,52 @@ fn add_service(
                 external_from_pods,
             },
         );
+    }
+}
+
+/// A Service's traffic policies.
+struct Policies {
+    internal_local: bool,
+    /// kube-proxy's ExternalPolicyLocal (externally accessible types only).
+    external_local: bool,
+}
+
+impl Policies {
+    /// What a port's traffic goes to: internal (cluster IPs), external (from
+    /// outside), and external from pods, which are short-circuited to the
+    /// cluster-wide endpoints (kube-proxy's KUBE-EXT chain).
+    fn targets(
+        &self,
+        eps: &[Endpoint],
+        externally_accessible: bool,
+        node: &NodeContext,
+    ) -> (Targets, Targets, Targets) {
+        let ext_local = externally_accessible && self.external_local;
+        // kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints.
+        let uses_cluster = !self.internal_local || (externally_accessible && !ext_local);
+        let uses_local = self.internal_local || ext_local;
+        let (cluster, local, has_any) = categorize_endpoints(eps, uses_cluster, uses_local, node);
+        let cluster = cluster.unwrap_or_default();
+        let local = local.unwrap_or_default();
+        let pick = |local_policy: bool| {
+            targets(
+                if local_policy {
+                    local.clone()
+                } else {
+                    cluster.clone()
+                },
+                has_any,
+            )
+        };
+        let internal = pick(self.internal_local);
+        let external = pick(ext_local);
+        let external_from_pods = if ext_local {
+            let (cluster_all, _, any) = categorize_endpoints(eps, true, false, node);
+            targets(cluster_all.unwrap_or_default(), any || has_any)
+        } else {
+            external.clone()
+        };
+        (internal, external, external_from_pods)
     }
 }
 

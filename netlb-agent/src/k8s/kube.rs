@@ -274,6 +274,36 @@ pub struct ApiSource {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The API client: the configured server, a read timeout that catches a
+/// dead watch connection, no retry of its own, and a layer that reports
+/// every answer of the server to `health`.
+fn build_client(
+    runtime: &tokio::runtime::Handle,
+    cfg: &ApiConfig,
+    health: &SourceHealth,
+) -> Result<kube::Client, ApiSourceError> {
+    let mut config = runtime.block_on(client_config(cfg))?;
+    // Each read must see bytes within this time: a watch ends (the
+    // server's timeoutSeconds, at most 10/9 of the watch timeout) before
+    // it, so only a dead connection stays silent this long.
+    config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(10));
+    // The watchers retry on their own schedule (see `retry`); the client's
+    // built-in retry of 429/503/504 would add a second, invisible one.
+    config.default_retry = false;
+    log::info!("API server {}", config.cluster_url);
+    // Kube's errors carry the status, not the headers, and a watch that
+    // was established but brings no events shows nothing: a layer sees
+    // every answer of the server.
+    let capture = Observe {
+        health: health.clone(),
+    };
+    runtime.block_on(async {
+        kube::client::ClientBuilder::try_from(config)
+            .map(|builder| builder.with_layer(&capture).build())
+            .map_err(|source| ApiSourceError::Client { source })
+    })
+}
+
 impl Drop for ApiSource {
     fn drop(&mut self) {
         for task in &self.tasks {
@@ -568,40 +598,8 @@ impl ApiSource {
         store: Arc<Mutex<ObjectStore>>,
         notify: Sender<()>,
     ) -> Result<Self, ApiSourceError> {
-        let mut config = runtime.block_on(client_config(&cfg))?;
-        // Each read must see bytes within this time: a watch ends (the
-        // server's timeoutSeconds, at most 10/9 of the watch timeout)
-        // before it, so only a dead connection stays silent this long.
-        config.read_timeout = Some(cfg.watch_timeout + Duration::from_secs(10));
-        // The watchers retry on their own schedule (see `retry`); the
-        // client's built-in retry of 429/503/504 would add a second,
-        // invisible one.
-        config.default_retry = false;
-        // kube-proxy's informer selector: no foreign service-proxy-name (a
-        // proxy name of our own is filtered by the model), no headless
-        // slices (nor Services labelled so).
-        let labels = match &cfg.proxy_name {
-            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
-            Some(_) => format!("!{HEADLESS_LABEL}"),
-        };
-        let watch_config = |timeout| {
-            watcher::Config::default()
-                .timeout(watch_timeout_s(timeout))
-                .labels(&labels)
-        };
-        log::info!("API server {}", config.cluster_url);
         let health = SourceHealth::default();
-        // Kube's errors carry the status, not the headers, and a watch
-        // that was established but brings no events shows nothing: a layer
-        // sees every answer of the server.
-        let capture = Observe {
-            health: health.clone(),
-        };
-        let client = runtime.block_on(async {
-            kube::client::ClientBuilder::try_from(config)
-                .map(|builder| builder.with_layer(&capture).build())
-                .map_err(|source| ApiSourceError::Client { source })
-        })?;
+        let client = build_client(runtime, &cfg, &health)?;
         let stats = Arc::new(WatchStats::default());
         let failing = Arc::new(Mutex::new(BTreeMap::new()));
         let sink = Sink {
@@ -611,18 +609,25 @@ impl ApiSource {
             failing: Arc::clone(&failing),
             health: health.clone(),
         };
+        // kube-proxy's informer selector: no foreign service-proxy-name (a
+        // proxy name of our own is filtered by the model), no headless
+        // slices (nor Services labelled so).
+        let labels = match &cfg.proxy_name {
+            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+            Some(_) => format!("!{HEADLESS_LABEL}"),
+        };
+        let watch_config = || {
+            watcher::Config::default()
+                .timeout(watch_timeout_s(cfg.watch_timeout))
+                .labels(&labels)
+        };
         let _guard = runtime.enter();
         let mut tasks = vec![
-            spawn_watcher::<wire::Service>(
-                runtime,
-                client.clone(),
-                watch_config(cfg.watch_timeout),
-                sink.clone(),
-            ),
+            spawn_watcher::<wire::Service>(runtime, client.clone(), watch_config(), sink.clone()),
             spawn_watcher::<wire::EndpointSlice>(
                 runtime,
                 client.clone(),
-                watch_config(cfg.watch_timeout),
+                watch_config(),
                 sink.clone(),
             ),
         ];
@@ -636,7 +641,6 @@ impl ApiSource {
                 sink,
             ));
         }
-        drop(_guard);
         Ok(Self {
             stats,
             failing,

@@ -8,7 +8,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -169,27 +172,9 @@ const NODE_PORTS: std::ops::RangeInclusive<u32> = 30_000..=32_767;
 /// set in the manifests are kept and never handed out twice. Returns one
 /// line per allocation, for logs.
 pub fn allocate(services: &mut [Service]) -> Vec<String> {
-    let mut used_ips = std::collections::BTreeSet::new();
-    let mut used_ports = std::collections::BTreeSet::new();
-    for svc in services.iter() {
-        let Some(spec) = &svc.spec else { continue };
-        for ip in spec
-            .cluster_ip
-            .iter()
-            .chain(spec.cluster_ips.iter().flatten())
-        {
-            if let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() {
-                used_ips.insert(u32::from(ip));
-            }
-        }
-        for port in spec.ports.iter().flatten() {
-            if let Some(p) = port.node_port.filter(|p| *p > 0) {
-                used_ports.insert(p as u32);
-            }
-        }
-        if let Some(p) = spec.health_check_node_port.filter(|p| *p > 0) {
-            used_ports.insert(p as u32);
-        }
+    let mut alloc = Allocator::default();
+    for spec in services.iter().filter_map(|s| s.spec.as_ref()) {
+        alloc.reserve(spec);
     }
     let mut order: Vec<usize> = (0..services.len()).collect();
     let key = |svc: &Service| {
@@ -199,23 +184,58 @@ pub fn allocate(services: &mut [Service]) -> Vec<String> {
         )
     };
     order.sort_by_key(|i| key(&services[*i]));
-    let mut log = Vec::new();
     for i in order {
         let (ns, name) = key(&services[i]);
-        let Some(spec) = services[i].spec.as_mut() else {
-            continue;
-        };
+        if let Some(spec) = services[i].spec.as_mut() {
+            alloc.fill(&ns, &name, spec);
+        }
+    }
+    alloc.log
+}
+
+/// What the manifests already use, and what was handed out.
+#[derive(Default)]
+struct Allocator {
+    used_ips: std::collections::BTreeSet<u32>,
+    used_ports: std::collections::BTreeSet<u32>,
+    log: Vec<String>,
+}
+
+impl Allocator {
+    /// Values set in a manifest are never handed out.
+    fn reserve(&mut self, spec: &ServiceSpec) {
+        for ip in spec
+            .cluster_ip
+            .iter()
+            .chain(spec.cluster_ips.iter().flatten())
+        {
+            if let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() {
+                self.used_ips.insert(u32::from(ip));
+            }
+        }
+        for port in spec.ports.iter().flatten() {
+            if let Some(p) = port.node_port.filter(|p| *p > 0) {
+                self.used_ports.insert(p as u32);
+            }
+        }
+        if let Some(p) = spec.health_check_node_port.filter(|p| *p > 0) {
+            self.used_ports.insert(p as u32);
+        }
+    }
+
+    /// What one Service leaves open, from values derived from its name.
+    fn fill(&mut self, ns: &str, name: &str, spec: &mut ServiceSpec) {
         let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
         if type_ == "ExternalName" {
-            continue;
+            return;
         }
         let unset = spec.cluster_ip.as_deref().is_none_or(str::is_empty)
             && spec.cluster_ips.as_ref().is_none_or(|ips| ips.is_empty());
         if unset {
-            let start = stable_hash(&[&ns, &name]);
-            if let Some(ip) = probe(MANIFEST_CLUSTER_IPS, start, &mut used_ips) {
+            let start = stable_hash(&[ns, name]);
+            if let Some(ip) = probe(MANIFEST_CLUSTER_IPS, start, &mut self.used_ips) {
                 let ip = std::net::Ipv4Addr::from(ip).to_string();
-                log.push(format!("{ns}/{name}: clusterIP {ip}"));
+                self.log.push(format!("{ns}/{name}: clusterIP {ip}"));
                 spec.cluster_ip = Some(ip);
             }
         }
@@ -225,9 +245,9 @@ pub fn allocate(services: &mut [Service]) -> Vec<String> {
                     continue;
                 }
                 let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
-                let start = stable_hash(&[&ns, &name, &port.port.to_string(), &protocol]);
-                if let Some(p) = probe(NODE_PORTS, start, &mut used_ports) {
-                    log.push(format!(
+                let start = stable_hash(&[ns, name, &port.port.to_string(), &protocol]);
+                if let Some(p) = probe(NODE_PORTS, start, &mut self.used_ports) {
+                    self.log.push(format!(
                         "{ns}/{name}: port {}/{protocol} nodePort {p}",
                         port.port
                     ));
@@ -239,14 +259,14 @@ pub fn allocate(services: &mut [Service]) -> Vec<String> {
             && spec.external_traffic_policy.as_deref() == Some("Local")
             && spec.health_check_node_port.is_none_or(|p| p <= 0)
         {
-            let start = stable_hash(&[&ns, &name, "healthCheckNodePort"]);
-            if let Some(p) = probe(NODE_PORTS, start, &mut used_ports) {
-                log.push(format!("{ns}/{name}: healthCheckNodePort {p}"));
+            let start = stable_hash(&[ns, name, "healthCheckNodePort"]);
+            if let Some(p) = probe(NODE_PORTS, start, &mut self.used_ports) {
+                self.log
+                    .push(format!("{ns}/{name}: healthCheckNodePort {p}"));
                 spec.health_check_node_port = Some(p as i32);
             }
         }
     }
-    log
 }
 
 /// Parses one file's text (YAML, possibly multi-document; JSON is YAML).

@@ -237,7 +237,18 @@ impl RunArgs {
             return Ok(());
         };
         let loaded = netlb_agent::config::kubeproxy::load(&path)?;
-        let f = loaded.settings;
+        let applied = self.take_file_settings(&loaded.settings, matches);
+        report_config(&path, &loaded, &applied);
+        Ok(())
+    }
+
+    /// The file's settings for the fields no flag set; returns their ids.
+    fn take_file_settings(
+        &mut self,
+        f: &netlb_agent::config::kubeproxy::FileSettings,
+        matches: &clap::ArgMatches,
+    ) -> Vec<&'static str> {
+        let f = f.clone();
         let m = matches.subcommand_matches("run").unwrap_or(matches);
         let mut applied = Vec::new();
         macro_rules! take {
@@ -294,26 +305,7 @@ impl RunArgs {
             self.kube_api_burst,
             f.kube_api_burst.map(Some)
         );
-        log::info!(
-            "configuration file {}: applied {} (flags override the file)",
-            path.display(),
-            if applied.is_empty() {
-                "nothing".to_owned()
-            } else {
-                applied.join(", ")
-            }
-        );
-        if !loaded.unknown.is_empty() {
-            log::warn!(
-                "configuration file {}: unknown fields ignored: {}",
-                path.display(),
-                loaded.unknown.join(", ")
-            );
-        }
-        for note in &loaded.ignored {
-            log::info!("configuration file {}: {note}", path.display());
-        }
-        Ok(())
+        applied
     }
 
     pub fn run(self) -> anyhow::Result<()> {
@@ -473,6 +465,33 @@ fn explicit(matches: &clap::ArgMatches, id: &str) -> bool {
         matches.value_source(id),
         Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
     )
+}
+
+/// Logs what the configuration file set, and what of it netlb ignores.
+fn report_config(
+    path: &std::path::Path,
+    loaded: &netlb_agent::config::kubeproxy::Loaded,
+    applied: &[&str],
+) {
+    log::info!(
+        "configuration file {}: applied {} (flags override the file)",
+        path.display(),
+        if applied.is_empty() {
+            "nothing".to_owned()
+        } else {
+            applied.join(", ")
+        }
+    );
+    if !loaded.unknown.is_empty() {
+        log::warn!(
+            "configuration file {}: unknown fields ignored: {}",
+            path.display(),
+            loaded.unknown.join(", ")
+        );
+    }
+    for note in &loaded.ignored {
+        log::info!("configuration file {}: {note}", path.display());
+    }
 }
 
 fn parse_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {

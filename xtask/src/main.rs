@@ -192,7 +192,7 @@ fn build_previous_release() -> anyhow::Result<PathBuf> {
 
 fn test() -> anyhow::Result<()> {
     let started = Instant::now();
-    setup::setup()?;
+    setup::setup(setup::Needs::All)?;
     require_root("test")?;
     netlb_testbed::topology::cleanup_stale(None);
     cmd("cargo", &["build", "--workspace", "--bins"])?;
@@ -234,7 +234,7 @@ fn test() -> anyhow::Result<()> {
 }
 
 fn bench(which: Option<BenchKind>, quick: bool, full: bool, rest: &[String]) -> anyhow::Result<()> {
-    setup::setup()?;
+    setup::setup(setup::Needs::Bench)?;
     require_root("bench")?;
     let which = which.unwrap_or(BenchKind::Compare);
     if matches!(which, BenchKind::Compare | BenchKind::All) {
@@ -378,9 +378,9 @@ fn compare(quick: bool, full: bool, rest: &[String]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::setup(),
+        Task::Setup => setup::setup(setup::Needs::All),
         Task::Run(args) => {
-            setup::setup()?;
+            setup::setup(setup::Needs::Demo)?;
             require_root("run")?;
             run::run(args)
         }
@@ -393,7 +393,7 @@ fn main() -> anyhow::Result<()> {
         } => bench(which, quick, full, &rest),
         Task::Structure { most, root } => structure::structure(most, root),
         Task::Image(args) => {
-            setup::setup()?;
+            setup::setup(setup::Needs::Image)?;
             require_root("image")?;
             image::image(args)
         }

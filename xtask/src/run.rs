@@ -64,8 +64,6 @@ spec:
       nodePort: 30007
 ";
 
-/// `n` requests to `url` from `netns`, each on a new connection, counted by
-/// "backend, as seen from peer address".
 /// Where a demo request comes from.
 enum From<'a> {
     /// A namespace (a pod, the outside client).
@@ -75,6 +73,8 @@ enum From<'a> {
     Host(usize),
 }
 
+/// `n` requests to `url`, each on a new connection, counted by "backend,
+/// as seen from peer address".
 fn request_summary(
     tb: &Testbed,
     from: From<'_>,
@@ -103,33 +103,189 @@ fn request_summary(
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     build_release_bins()?;
-    let release = root().join("target/release");
     netlb_testbed::topology::cleanup_stale(None);
+    let demo = Demo::start()?;
+    demo.print_instructions();
+    let result = match args.requests {
+        Some(n) => demo.smoke(n),
+        None => demo.watch_counters(),
+    };
+    drop(demo);
+    println!("removed the demo topology");
+    result
+}
 
-    let mut tb = Testbed::new(TestbedSpec { nodes: 2 }).context("creating the demo topology")?;
-    let manifests = tb.dir.join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    let mut pods = Vec::new();
-    for (name, node) in [("myapp-1", 0), ("myapp-2", 0), ("myapp-3", 1)] {
-        pods.push(tb.add_pod(node, name)?);
+/// The demo's topology, pods, servers and agents (removed on drop, the
+/// agents first).
+struct Demo {
+    agents: Vec<AgentProcess>,
+    _servers: Vec<ChildGuard>,
+    pods: Vec<Pod>,
+    client: Pod,
+    manifests: std::path::PathBuf,
+    agent_bin: std::path::PathBuf,
+    tb: Testbed,
+}
+
+impl Demo {
+    fn start() -> anyhow::Result<Self> {
+        let release = root().join("target/release");
+        let mut tb =
+            Testbed::new(TestbedSpec { nodes: 2 }).context("creating the demo topology")?;
+        let manifests = tb.dir.join("manifests");
+        std::fs::create_dir_all(&manifests)?;
+        let mut pods = Vec::new();
+        for (name, node) in [("myapp-1", 0), ("myapp-2", 0), ("myapp-3", 1)] {
+            pods.push(tb.add_pod(node, name)?);
+        }
+        let client = tb.add_pod(0, "client")?;
+        let echo = release.join("netlb-echo");
+        let mut servers = Vec::new();
+        for pod in &pods {
+            servers.push(ChildGuard::spawn_in(
+                &pod.netns,
+                &[
+                    echo.to_str().context("path")?,
+                    "serve",
+                    "--name",
+                    &pod.name,
+                    "--http",
+                    "9376",
+                ],
+                None,
+            )?);
+        }
+        write_manifests(&manifests, &pods)?;
+        let agent_bin = release.join("netlb-agent");
+        let agents = start_agents(&tb, &agent_bin, &manifests)?;
+        Ok(Self {
+            agents,
+            _servers: servers,
+            pods,
+            client,
+            manifests,
+            agent_bin,
+            tb,
+        })
     }
-    let client = tb.add_pod(0, "client")?;
-    let mut servers = Vec::new();
-    let echo = release.join("netlb-echo");
-    for pod in &pods {
-        servers.push(ChildGuard::spawn_in(
-            &pod.netns,
-            &[
-                echo.to_str().context("path")?,
-                "serve",
-                "--name",
-                &pod.name,
-                "--http",
-                "9376",
-            ],
-            None,
-        )?);
+
+    fn bpffs(&self) -> String {
+        self.tb.nodes[0].bpffs.display().to_string()
     }
+
+    fn node_ips(&self) -> Vec<String> {
+        self.tb
+            .nodes
+            .iter()
+            .map(|n| n.uplink_ip.to_string())
+            .collect()
+    }
+
+    fn print_instructions(&self) {
+        let tb = &self.tb;
+        let node = &tb.nodes[0];
+        let node_ips = self.node_ips();
+        let bpffs = self.bpffs();
+        let agent = self.agent_bin.display();
+        println!("\nnetlb demo is up (run {}):", tb.run);
+        println!(
+            "  pods: {}",
+            self.pods
+                .iter()
+                .map(|p| format!("{} {} on node{}", p.name, p.ip, p.node))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("  Service my-service: ClusterIP 10.96.0.10 port 80 -> the pods' 9376");
+        println!(
+            "  Service my-nodeport-service: NodePort 30007 on every node ({}) -> the pods' 9376",
+            node_ips.join(", ")
+        );
+        println!("  outside client: namespace {} ({})", tb.ext, tb.ext_ip);
+        println!(
+            "  manifests (edit them, the agent follows): {}",
+            self.manifests.display()
+        );
+        println!("  agent logs: {}/agent-node*.log", tb.dir.display());
+        println!("\nTry, from another shell:");
+        println!(
+            "  ip netns exec {} curl -s http://10.96.0.10/",
+            self.client.netns
+        );
+        println!(
+            "  ip netns exec {} curl -s http://{}:30007/",
+            tb.ext, node_ips[1]
+        );
+        // A host process of node0: it must be in the node's cgroup, where
+        // the agent attached its socket-level programs.
+        println!(
+            "  sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} curl -s http://10.96.0.10/'",
+            node.cgroup.display(),
+            node.netns
+        );
+        println!("  {agent} list services --bpffs {bpffs}");
+        println!("  {agent} list conntrack --bpffs {bpffs}");
+        println!(
+            "  ip netns exec {} curl -s 127.0.0.1:10249/metrics",
+            node.netns
+        );
+    }
+
+    /// `n` requests from the client pod, a host process and the outside
+    /// client; an error when one failed.
+    fn smoke(&self, n: usize) -> anyhow::Result<()> {
+        let tb = &self.tb;
+        let counts = request_summary(tb, From::Netns(&self.client.netns), "http://10.96.0.10/", n)?;
+        println!(
+            "\n{n} requests from pod {} to my-service: {counts:?}",
+            self.client.name
+        );
+        let mut failed = counts.contains_key("(failed)");
+        let counts = request_summary(tb, From::Host(0), "http://10.96.0.10/", n)?;
+        println!("{n} requests from a host process of node0 to my-service: {counts:?}");
+        failed |= counts.contains_key("(failed)");
+        for ip in &self.node_ips() {
+            let counts =
+                request_summary(tb, From::Netns(&tb.ext), &format!("http://{ip}:30007/"), n)?;
+            println!("{n} requests from outside to NodePort {ip}:30007: {counts:?}");
+            failed |= counts.contains_key("(failed)");
+        }
+        print_counters(&self.agent_bin, &self.bpffs());
+        if failed {
+            anyhow::bail!("some demo requests failed");
+        }
+        Ok(())
+    }
+
+    /// Per-backend counters every second until Ctrl-C.
+    fn watch_counters(&self) -> anyhow::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+        println!("\nPer-backend counters (Ctrl-C to stop and remove everything):");
+        while !stop.load(Ordering::Relaxed) {
+            print_counters(&self.agent_bin, &self.bpffs());
+            for _ in 0..10 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // The agents go first (they remove their programs and pins), then
+        // the servers, then the topology.
+        self.agents.clear();
+    }
+}
+
+/// The Services and an EndpointSlice each for the demo pods.
+fn write_manifests(manifests: &std::path::Path, pods: &[Pod]) -> anyhow::Result<()> {
     let pod_refs: Vec<&Pod> = pods.iter().collect();
     for service in ["my-service", "my-nodeport-service"] {
         std::fs::write(
@@ -142,16 +298,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         manifests.join("my-nodeport-service.yaml"),
         MY_NODEPORT_SERVICE,
     )?;
+    Ok(())
+}
 
-    let agent_bin = release.join("netlb-agent");
+/// One agent per node, each synced before the next starts.
+fn start_agents(
+    tb: &Testbed,
+    agent_bin: &std::path::Path,
+    manifests: &std::path::Path,
+) -> anyhow::Result<Vec<AgentProcess>> {
     let mut agents = Vec::new();
     for node in tb.nodes.clone() {
         let log = tb.dir.join(format!("agent-node{}.log", node.index));
         let agent = AgentProcess::start(
             &node,
             &AgentOptions {
-                binary: agent_bin.clone(),
-                source: AgentSource::Manifests(manifests.clone()),
+                binary: agent_bin.to_owned(),
+                source: AgentSource::Manifests(manifests.to_owned()),
                 extra_args: vec![],
                 cleanup_on_exit: true,
                 capabilities: None,
@@ -168,91 +331,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         agents.push(agent);
     }
-    let node = tb.nodes[0].clone();
-    let bpffs = node.bpffs.display().to_string();
-    let node_ips: Vec<String> = tb.nodes.iter().map(|n| n.uplink_ip.to_string()).collect();
-    println!("\nnetlb demo is up (run {}):", tb.run);
-    println!(
-        "  pods: {}",
-        pods.iter()
-            .map(|p| format!("{} {} on node{}", p.name, p.ip, p.node))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!("  Service my-service: ClusterIP 10.96.0.10 port 80 -> the pods' 9376");
-    println!(
-        "  Service my-nodeport-service: NodePort 30007 on every node ({}) -> the pods' 9376",
-        node_ips.join(", ")
-    );
-    println!("  outside client: namespace {} ({})", tb.ext, tb.ext_ip);
-    println!(
-        "  manifests (edit them, the agent follows): {}",
-        manifests.display()
-    );
-    println!("  agent logs: {}/agent-node*.log", tb.dir.display());
-    println!("\nTry, from another shell:");
-    println!(
-        "  ip netns exec {} curl -s http://10.96.0.10/",
-        client.netns
-    );
-    println!(
-        "  ip netns exec {} curl -s http://{}:30007/",
-        tb.ext, node_ips[1]
-    );
-    // A host process of node0: it must be in the node's cgroup, where the
-    // agent attached its socket-level programs.
-    println!(
-        "  sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} curl -s http://10.96.0.10/'",
-        tb.nodes[0].cgroup.display(),
-        tb.nodes[0].netns
-    );
-    println!("  {} list services --bpffs {bpffs}", agent_bin.display());
-    println!("  {} list conntrack --bpffs {bpffs}", agent_bin.display());
-    println!(
-        "  ip netns exec {} curl -s 127.0.0.1:10249/metrics",
-        node.netns
-    );
-
-    if let Some(n) = args.requests {
-        let counts = request_summary(&tb, From::Netns(&client.netns), "http://10.96.0.10/", n)?;
-        println!(
-            "\n{n} requests from pod {} to my-service: {counts:?}",
-            client.name
-        );
-        let mut failed = counts.contains_key("(failed)");
-        let counts = request_summary(&tb, From::Host(0), "http://10.96.0.10/", n)?;
-        println!("{n} requests from a host process of node0 to my-service: {counts:?}");
-        failed |= counts.contains_key("(failed)");
-        for ip in &node_ips {
-            let counts =
-                request_summary(&tb, From::Netns(&tb.ext), &format!("http://{ip}:30007/"), n)?;
-            println!("{n} requests from outside to NodePort {ip}:30007: {counts:?}");
-            failed |= counts.contains_key("(failed)");
-        }
-        print_counters(&agent_bin, &bpffs);
-        if failed {
-            anyhow::bail!("some demo requests failed");
-        }
-    } else {
-        let stop = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-        println!("\nPer-backend counters (Ctrl-C to stop and remove everything):");
-        while !stop.load(Ordering::Relaxed) {
-            print_counters(&agent_bin, &bpffs);
-            for _ in 0..10 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-    drop(agents);
-    drop(servers);
-    drop(tb);
-    println!("removed the demo topology");
-    Ok(())
+    Ok(agents)
 }
 
 fn print_counters(agent: &std::path::Path, bpffs: &str) {
@@ -267,11 +346,10 @@ fn print_counters(agent: &std::path::Path, bpffs: &str) {
                 .iter()
                 .map(|r| {
                     format!(
-                        "{}:{} flows={} packets={}",
+                        "{}:{} flows={}",
                         r["address"].as_str().unwrap_or("?"),
                         r["port"],
-                        r["flows"],
-                        r["packets"]
+                        r["flows"]
                     )
                 })
                 .collect();

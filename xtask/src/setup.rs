@@ -118,33 +118,56 @@ fn bpf_linker(sysroot: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian packages the tests and the demo run (only as root with apt).
-fn packages() -> anyhow::Result<()> {
-    let wanted = [
-        ("ip", "iproute2"),
-        ("curl", "curl"),
-        ("dig", "dnsutils"),
-        ("iperf3", "iperf3"),
-        ("wrk", "wrk"),
-        // The benchmark's kube-proxy modes (`cargo xtask bench`, and its
-        // quick profile in the test suite): rules loaded in the node
-        // namespace, its conntrack table flushed between modes.
-        ("iptables-restore", "iptables"),
-        ("iptables-legacy-restore", "iptables"),
-        ("nft", "nftables"),
-        ("conntrack", "conntrack"),
-        ("bpftool", "bpftool"),
-        ("buildah", "buildah"),
-        ("nsenter", "util-linux"),
-        ("tc", "iproute2"),
-        // kubectl renders deploy/ (its built-in kustomize).
-        ("kubectl", "kubernetes-client"),
-    ];
-    let missing: Vec<&str> = wanted
+/// What a task needs installed: the demo the least, the test suite
+/// everything (`cargo xtask setup` installs everything too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Needs {
+    /// `cargo xtask run`: the toolchain, the topology's and curl's tools.
+    Demo,
+    /// `cargo xtask image`: and buildah.
+    Image,
+    /// `cargo xtask bench`: and the load generators and kube-proxy's modes.
+    Bench,
+    /// `cargo xtask test` and `setup`: and the manifest tools.
+    All,
+}
+
+/// Commands and the Debian packages that have them, by the least task that
+/// needs them.
+const PACKAGES: [(Needs, &str, &str); 14] = [
+    (Needs::Demo, "ip", "iproute2"),
+    (Needs::Demo, "tc", "iproute2"),
+    (Needs::Demo, "curl", "curl"),
+    (Needs::Demo, "nsenter", "util-linux"),
+    (Needs::Image, "buildah", "buildah"),
+    (Needs::Bench, "iperf3", "iperf3"),
+    (Needs::Bench, "wrk", "wrk"),
+    // The benchmark's kube-proxy modes (`cargo xtask bench`, and its quick
+    // profile in the test suite): rules loaded in the node namespace, its
+    // conntrack table flushed between modes.
+    (Needs::Bench, "iptables-restore", "iptables"),
+    (Needs::Bench, "iptables-legacy-restore", "iptables"),
+    (Needs::Bench, "nft", "nftables"),
+    (Needs::Bench, "conntrack", "conntrack"),
+    (Needs::Bench, "bpftool", "bpftool"),
+    (Needs::All, "dig", "dnsutils"),
+    // kubectl renders deploy/ (its built-in kustomize).
+    (Needs::All, "kubectl", "kubernetes-client"),
+];
+
+/// Debian packages `needs` runs (only as root with apt).
+fn packages(needs: Needs) -> anyhow::Result<()> {
+    let wanted: Vec<(&str, &str)> = PACKAGES
+        .iter()
+        .filter(|(least, _, _)| *least <= needs)
+        .map(|(_, bin, pkg)| (*bin, *pkg))
+        .collect();
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| output("sh", &["-c", &format!("command -v {bin}")]).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -189,10 +212,12 @@ fn python_tools() -> anyhow::Result<()> {
     cmd(pip.to_str().context("pip path")?, &args)
 }
 
-pub fn setup() -> anyhow::Result<()> {
+pub fn setup(needs: Needs) -> anyhow::Result<()> {
     let started = Instant::now();
-    packages()?;
-    python_tools()?;
+    packages(needs)?;
+    if needs == Needs::All {
+        python_tools()?;
+    }
     let sysroot = nightly_sysroot()?;
     components(&sysroot)?;
     bpf_linker(&sysroot)?;

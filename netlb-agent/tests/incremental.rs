@@ -162,7 +162,7 @@ struct Gen {
     rng: fastrand::Rng,
     /// Per pod address 10.244.0.(i+1): (on node0, ready, serving,
     /// terminating). A pod's conditions are the same in every slice that
-    /// lists it (the backend entry is shared by address; see the README).
+    /// lists it (the backend entry is shared by address; see docs/datapath.md).
     pods: [(bool, bool, bool, bool); 8],
 }
 

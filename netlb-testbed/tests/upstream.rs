@@ -2,7 +2,7 @@
 //! (kubernetes `test/e2e/network/service.go`), ported to the namespace
 //! testbed: real clients, the real agent, and what the upstream test checks
 //! over the network (which backends answer). Each test is named after its
-//! upstream scenario; the README maps them.
+//! upstream scenario; docs/upstream.md maps them.
 //! Needs root; run through `cargo xtask test`.
 #![cfg(feature = "privileged-tests")]
 

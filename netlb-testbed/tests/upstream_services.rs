@@ -5,7 +5,7 @@
 //! endpoint conditions and terminating fallbacks, traffic policies, UDP
 //! continuity while servers cycle, multiple slices. The manifest directory
 //! plays the API server, the test plays the EndpointSlice controller.
-//! Each test is named after its upstream scenario; the README maps them.
+//! Each test is named after its upstream scenario; docs/upstream.md maps them.
 //! Needs root; run through `cargo xtask test`.
 #![cfg(feature = "privileged-tests")]
 

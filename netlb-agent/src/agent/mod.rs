@@ -50,7 +50,7 @@ use self::{
 };
 use crate::{
     datapath::{conntrack::Collector, ifaces},
-    k8s::tracker::ObjectStore,
+    k8s::{retry::RetryPolicy, tracker::ObjectStore},
     serve::{healthcheck::ServiceHealthServer, http, metrics::Metrics, server::Server},
     support::{error_chain, lock},
 };
@@ -385,12 +385,18 @@ impl Schedule {
     }
 }
 
-/// Exponential backoff for failed syncs, capped at 30 s.
+/// Exponential backoff for failed syncs: 200 ms after the first failure,
+/// doubling, capped at 30 s (no jitter: one agent, one kernel).
 fn backoff_delay(failures: u32) -> Duration {
+    const SYNC_RETRY: RetryPolicy = RetryPolicy {
+        base: Duration::from_millis(100),
+        cap: Duration::from_secs(30),
+        reset_after: Duration::ZERO,
+    };
     if failures == 0 {
         return Duration::ZERO;
     }
-    Duration::from_millis(100u64 << failures.min(8)).min(Duration::from_secs(30))
+    SYNC_RETRY.delay(failures)
 }
 
 /// The health (`/healthz`, `/livez`, `/readyz`) and metrics endpoints.

@@ -129,27 +129,19 @@ impl std::str::FromStr for Ipv4Cidr {
     type Err = CidrError;
 
     fn from_str(input: &str) -> Result<Self, CidrError> {
-        let err = || CidrError {
+        let net: ipnet::Ipv4Net = input.parse().map_err(|_| CidrError {
             input: input.to_owned(),
-        };
-        let (addr, prefix) = input.split_once('/').ok_or_else(err)?;
-        let network: Ipv4Addr = addr.parse().map_err(|_| err())?;
-        let prefix: u8 = prefix.parse().map_err(|_| err())?;
-        if prefix > 32 {
-            return Err(err());
-        }
-        Ok(Self { network, prefix })
+        })?;
+        Ok(Self {
+            network: net.addr(),
+            prefix: net.prefix_len(),
+        })
     }
 }
 
 impl Ipv4Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        };
-        u32::from(ip) & mask == u32::from(self.network) & mask
+        ipnet::Ipv4Net::new(self.network, self.prefix).is_ok_and(|net| net.contains(&ip))
     }
 }
 

@@ -347,11 +347,14 @@ pub fn arm_ct_gc(ebpf: &mut Ebpf) -> Result<(), LoaderError> {
     Ok(())
 }
 
-/// A loaded program by name.
-pub fn program_mut<'a>(
+/// A loaded program of type `P` by name.
+fn typed_program_mut<'a, P>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut SchedClassifier, LoaderError> {
+) -> Result<&'a mut P, LoaderError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(LoaderError::MissingProgram { name })?
         .try_into()
@@ -361,18 +364,20 @@ pub fn program_mut<'a>(
         })
 }
 
+/// A loaded TC program by name.
+pub fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    typed_program_mut(ebpf, name)
+}
+
 /// A loaded socket-level (cgroup) program by name.
 pub fn sock_program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, LoaderError> {
-    ebpf.program_mut(name)
-        .ok_or(LoaderError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            name,
-            source: Box::new(source),
-        })
+    typed_program_mut(ebpf, name)
 }
 
 /// Attaches the socket-level programs to the cgroup v2 directory `cgroup`

@@ -173,12 +173,19 @@ fn translate(
     Ok(Some((key, value)))
 }
 
-/// Copies `map` from `from` into the map of the same name in `to_dir`
-/// (replacing what is there); returns the number of entries.
-fn copy_map(map: &'static str, from: &Generation, to_dir: &Path) -> Result<usize, MigrateError> {
+/// A map's entries as raw keys and values.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The entries of `map` in generation `from` and the map of the same name
+/// in `to_dir`; `None` when `from` has no such map.
+fn open_pair(
+    map: &'static str,
+    from: &Generation,
+    to_dir: &Path,
+) -> Result<Option<(Entries, RawMap)>, MigrateError> {
     let source_path = from.dir.join(map);
     if !source_path.exists() {
-        return Ok(0);
+        return Ok(None);
     }
     let source = RawMap::open(&source_path)?;
     let target = RawMap::open(&to_dir.join(map))?;
@@ -187,6 +194,15 @@ fn copy_map(map: &'static str, from: &Generation, to_dir: &Path) -> Result<usize
         dir: from.dir.clone(),
         source,
     })?;
+    Ok(Some((entries, target)))
+}
+
+/// Copies `map` from `from` into the map of the same name in `to_dir`
+/// (replacing what is there); returns the number of entries.
+fn copy_map(map: &'static str, from: &Generation, to_dir: &Path) -> Result<usize, MigrateError> {
+    let Some((entries, target)) = open_pair(map, from, to_dir)? else {
+        return Ok(0);
+    };
     let mut translated = Vec::with_capacity(entries.len());
     for (key, value) in entries {
         if let Some(entry) = translate(map, from.version, key, value, &target)? {
@@ -216,17 +232,9 @@ fn copy_map(map: &'static str, from: &Generation, to_dir: &Path) -> Result<usize
 /// Adds the entries of `map` that the new maps lack (what the old datapath
 /// wrote after the last copy); returns how many.
 fn add_missing(map: &'static str, from: &Generation, to_dir: &Path) -> Result<usize, MigrateError> {
-    let source_path = from.dir.join(map);
-    if !source_path.exists() {
+    let Some((entries, target)) = open_pair(map, from, to_dir)? else {
         return Ok(0);
-    }
-    let source = RawMap::open(&source_path)?;
-    let target = RawMap::open(&to_dir.join(map))?;
-    let entries = source.entries().map_err(|source| MigrateError::Read {
-        map,
-        dir: from.dir.clone(),
-        source,
-    })?;
+    };
     let mut added = 0;
     for (key, value) in entries {
         if let Some((key, value)) = translate(map, from.version, key, value, &target)?

@@ -49,7 +49,7 @@ use super::retry::{Backoff, RetryPolicy, SourceHealth};
 use crate::{
     k8s::objects::{
         DecodeError, HEADLESS_LABEL, NodeObject, SERVICE_PROXY_NAME_LABEL, ServiceObject,
-        SliceObject, json_names, wire,
+        SliceObject, json_names, only_meta, wire,
     },
     k8s::tracker::{Kind, ObjectStore},
     support::lock,
@@ -101,14 +101,7 @@ impl<'de, W: WireKind> serde::Deserialize<'de> for Watched<W> {
             })
         });
         // What the watcher itself reads (it resumes from resourceVersions).
-        #[derive(serde::Deserialize, Default)]
-        #[serde(default)]
-        struct OnlyMeta {
-            metadata: wire::Meta,
-        }
-        let meta = serde_json::from_str::<OnlyMeta>(raw.get())
-            .unwrap_or_default()
-            .metadata;
+        let meta = only_meta(raw.get());
         Ok(Self {
             metadata: ObjectMeta {
                 name: meta.name,

@@ -425,23 +425,15 @@ fn ipv4_cidrs<'a>(
 ) -> Vec<(Ipv4Addr, u8)> {
     let mut out = Vec::new();
     for v in values {
-        let text = v.trim();
-        let parsed = text.split_once('/').and_then(|(addr, len)| {
-            Some((
-                addr.parse::<std::net::IpAddr>().ok()?,
-                len.parse::<u8>().ok()?,
-            ))
-        });
-        match parsed {
-            Some((std::net::IpAddr::V4(addr), len)) if len <= 32 => {
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                let network = Ipv4Addr::from(u32::from(addr) & mask);
-                if !out.contains(&(network, len)) {
-                    out.push((network, len));
+        match v.trim().parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => {
+                let range = (net.network(), net.prefix_len());
+                if !out.contains(&range) {
+                    out.push(range);
                 }
             }
-            Some((std::net::IpAddr::V6(_), len)) if len <= 128 => {}
-            _ => issues.push(format!("ignoring invalid loadBalancerSourceRange {v:?}")),
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(_) => issues.push(format!("ignoring invalid loadBalancerSourceRange {v:?}")),
         }
     }
     out.sort();
@@ -761,17 +753,23 @@ impl NodeObject {
     }
 }
 
-/// Namespace and name of an object's JSON, for messages about it (only
-/// the metadata is read).
-pub fn json_names(json: &str) -> (String, String) {
+/// The metadata of an object's JSON, the rest unread (default when it
+/// does not decode).
+pub fn only_meta(json: &str) -> wire::Meta {
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
     struct OnlyMeta {
         metadata: wire::Meta,
     }
-    let meta = serde_json::from_str::<OnlyMeta>(json)
+    serde_json::from_str::<OnlyMeta>(json)
         .unwrap_or_default()
-        .metadata;
+        .metadata
+}
+
+/// Namespace and name of an object's JSON, for messages about it (only
+/// the metadata is read).
+pub fn json_names(json: &str) -> (String, String) {
+    let meta = only_meta(json);
     (
         meta.namespace.unwrap_or_else(|| "default".into()),
         meta.name.unwrap_or_default(),

@@ -33,6 +33,14 @@ pub struct RetryPolicy {
     pub reset_after: Duration,
 }
 
+impl RetryPolicy {
+    /// The delay after `n` failures in a row, before jitter: `base * 2^n`,
+    /// at most `cap`.
+    pub fn delay(&self, n: u32) -> Duration {
+        self.base.saturating_mul(1u32 << n.min(20)).min(self.cap)
+    }
+}
+
 impl Default for RetryPolicy {
     /// client-go's reflector: about 1 s growing to 30 s; here a faster
     /// first retry (a watch cut by a server restart is back at once).
@@ -104,13 +112,8 @@ impl Backoff {
             self.failures = 0;
         }
         self.last_failure = Some(now);
-        let exp = self.failures.min(20);
+        let full = self.policy.delay(self.failures);
         self.failures = self.failures.saturating_add(1);
-        let full = self
-            .policy
-            .base
-            .saturating_mul(1u32 << exp)
-            .min(self.policy.cap);
         let jittered = full.mul_f64(0.5 + 0.5 * self.random_unit());
         match retry_after {
             Some(floor) => jittered.max(floor + floor.mul_f64(0.1 * self.random_unit())),

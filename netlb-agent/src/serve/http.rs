@@ -44,6 +44,14 @@ fn not_found() -> http::Response<http_body_util::Full<bytes::Bytes>> {
     )
 }
 
+/// 200 or 503 with the JSON body.
+fn health_response(
+    health: crate::serve::metrics::Health,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let status = if health.healthy { 200 } else { 503 };
+    server::response(status, "application/json", health.body)
+}
+
 /// Serves `/healthz`, `/livez` and `/readyz` on `addr` (port 0 picks a
 /// free one).
 pub fn serve_health(
@@ -55,16 +63,8 @@ pub fn serve_health(
         runtime,
         addr,
         Arc::new(move |parts| match parts.uri.path() {
-            path @ ("/healthz" | "/livez") => {
-                let health = metrics.health(path == "/livez");
-                let status = if health.healthy { 200 } else { 503 };
-                server::response(status, "application/json", health.body)
-            }
-            "/readyz" => {
-                let ready = metrics.readiness();
-                let status = if ready.healthy { 200 } else { 503 };
-                server::response(status, "application/json", ready.body)
-            }
+            path @ ("/healthz" | "/livez") => health_response(metrics.health(path == "/livez")),
+            "/readyz" => health_response(metrics.readiness()),
             _ => not_found(),
         }),
     )

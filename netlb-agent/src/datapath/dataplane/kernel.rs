@@ -26,6 +26,7 @@ use netlb_common::{
 use super::{
     Aux, BackendId, BatchError, ConntrackTable, Dataplane, DataplaneError, ProgrammedMaps,
     RevNatIndex,
+    raw::{BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr},
 };
 
 /// The service maps of a loaded datapath (or of a pinned one).
@@ -718,25 +719,6 @@ impl ConntrackTable for KernelConntrack {
     }
 }
 
-/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`
-/// (all since v5.6; hash maps support all three).
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per update or delete call: large enough that a first sync of
 /// 100k Services takes a few hundred calls, small enough that one call
 /// never holds the CPU for long (the kernel processes them one by one).

@@ -57,25 +57,28 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// `union bpf_attr`'s `batch` member.
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(super) struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`
+/// (all since v5.6; hash maps support all three).
+pub(super) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+pub(super) const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub(super) const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// `BPF_NOEXIST`: insert only if the key is free.
 pub const BPF_NOEXIST: u64 = 1;
 /// Entries per batch call.

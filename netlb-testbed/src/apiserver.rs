@@ -346,7 +346,7 @@ pub enum FakeApiError {
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
-    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    guard(&shared.state)
 }
 
 impl FakeApiServer {
@@ -388,10 +388,7 @@ impl FakeApiServer {
             .name("fake-apiserver".into())
             .spawn(move || {
                 while !accept_shared.stopped.load(Ordering::SeqCst) {
-                    let accepted = accept_shared
-                        .listener
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                    let accepted = guard(&accept_shared.listener)
                         .as_ref()
                         .map(TcpListener::accept);
                     match accepted {
@@ -414,11 +411,7 @@ impl FakeApiServer {
     /// connections are refused) and open watches are cut. The objects and
     /// resourceVersions stay, as in etcd.
     pub fn stop_serving(&self) {
-        self.shared
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        guard(&self.shared.listener).take();
         self.drop_watches();
     }
 
@@ -430,11 +423,7 @@ impl FakeApiServer {
         listener
             .set_nonblocking(true)
             .map_err(|source| FakeApiError::Listener { source })?;
-        *self
-            .shared
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(listener);
+        *guard(&self.shared.listener) = Some(listener);
         Ok(())
     }
 
@@ -587,11 +576,7 @@ impl FakeApiServer {
     /// Answers requests for one resource with 503 while set (e.g. Services
     /// list fine, EndpointSlices do not).
     pub fn set_resource_unavailable(&self, resource: Resource, unavailable: bool) {
-        let mut list = self
-            .shared
-            .unavailable_resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut list = guard(&self.shared.unavailable_resources);
         list.retain(|r| *r != resource);
         if unavailable {
             list.push(resource);
@@ -601,11 +586,7 @@ impl FakeApiServer {
     /// Answers requests for one resource with 403 Forbidden while set, as
     /// the real server does when RBAC does not grant list and watch.
     pub fn set_resource_forbidden(&self, resource: Resource, forbidden: bool) {
-        let mut list = self
-            .shared
-            .forbidden_resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut list = guard(&self.shared.forbidden_resources);
         list.retain(|r| *r != resource);
         if forbidden {
             list.push(resource);
@@ -628,11 +609,7 @@ impl FakeApiServer {
     /// Fairness rejecting a flow), and cuts open watches; `None`: served
     /// normally again.
     pub fn set_throttled(&self, retry_after_s: Option<u64>) {
-        *self
-            .shared
-            .throttled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = retry_after_s;
+        *guard(&self.shared.throttled) = retry_after_s;
         if retry_after_s.is_some() {
             self.drop_watches();
         }
@@ -649,11 +626,7 @@ impl FakeApiServer {
 
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        self.shared
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        guard(&self.shared.log).clone()
     }
 
     /// (lists, watches, 410 answers) served so far.
@@ -908,132 +881,150 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         Some("1" | "true")
     );
     let record = |status: u16| {
-        shared
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(RequestRecord {
-                at: Instant::now(),
-                resource: route(&request.path).map(|(r, _)| r),
-                watch,
-                status,
-            });
+        guard(&shared.log).push(RequestRecord {
+            at: Instant::now(),
+            resource: route(&request.path).map(|(r, _)| r),
+            watch,
+            status,
+        });
     };
-    if shared.unavailable.load(Ordering::SeqCst) {
-        record(503);
-        respond(
-            &stream,
-            "503 Service Unavailable",
-            &status_object(503, "ServiceUnavailable", "test double set unavailable"),
-        );
-        return;
+    match refusal(&request, watch, shared) {
+        Err(refusal) => {
+            record(refusal.code);
+            respond_with_headers(
+                &stream,
+                refusal.status_line,
+                &refusal.headers,
+                &refusal.body.to_string(),
+            );
+        }
+        Ok((resource, namespace)) => {
+            record(200);
+            if watch {
+                serve_watch(stream, shared, resource, namespace, &request.query);
+            } else {
+                serve_list(&stream, shared, resource, namespace, &request.query);
+            }
+        }
     }
-    let throttled = *shared.throttled.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(retry_after) = throttled {
-        record(429);
+}
+
+/// An error answer: its code, status line, extra headers and Status body.
+struct Refusal {
+    code: u16,
+    status_line: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Value,
+}
+
+impl Refusal {
+    fn new(code: u16, status_line: &'static str, reason: &str, message: &str) -> Self {
+        Self {
+            code,
+            status_line,
+            headers: Vec::new(),
+            body: status_object(code, reason, message),
+        }
+    }
+}
+
+/// What the double answers a request with, as a real API server would: the
+/// resource and namespace to serve, or why not (in the order the server's
+/// filters apply: availability, priority and fairness, method, path,
+/// authorization).
+fn refusal(
+    request: &Request,
+    watch: bool,
+    shared: &Shared,
+) -> Result<(Resource, Option<String>), Refusal> {
+    if shared.unavailable.load(Ordering::SeqCst) {
+        return Err(Refusal::new(
+            503,
+            "503 Service Unavailable",
+            "ServiceUnavailable",
+            "test double set unavailable",
+        ));
+    }
+    if let Some(retry_after) = *guard(&shared.throttled) {
         // As API Priority and Fairness answers: the header, and a Status
         // with the same delay in its details.
-        let mut status = status_object(
+        let mut refusal = Refusal::new(
             429,
+            "429 Too Many Requests",
             "TooManyRequests",
             "Too many requests, please try again later.",
         );
-        status["details"] = json!({ "retryAfterSeconds": retry_after });
-        respond_with_headers(
-            &stream,
-            "429 Too Many Requests",
-            &[("Retry-After", retry_after.to_string())],
-            &status.to_string(),
-        );
-        return;
+        refusal.body["details"] = json!({ "retryAfterSeconds": retry_after });
+        refusal
+            .headers
+            .push(("Retry-After", retry_after.to_string()));
+        return Err(refusal);
     }
     if watch && shared.reject_watches.load(Ordering::SeqCst) {
-        record(500);
-        respond(
-            &stream,
+        return Err(Refusal::new(
+            500,
             "500 Internal Server Error",
-            &status_object(500, "InternalError", "test double: watches rejected"),
-        );
-        return;
+            "InternalError",
+            "test double: watches rejected",
+        ));
     }
     if request.method != "GET" {
-        record(405);
-        respond(
-            &stream,
+        return Err(Refusal::new(
+            405,
             "405 Method Not Allowed",
-            &status_object(
-                405,
-                "MethodNotAllowed",
-                "the test double is read-only over HTTP",
-            ),
-        );
-        return;
+            "MethodNotAllowed",
+            "the test double is read-only over HTTP",
+        ));
     }
     let Some((resource, namespace)) = route(&request.path) else {
-        record(404);
-        respond(
-            &stream,
+        return Err(Refusal::new(
+            404,
             "404 Not Found",
-            &status_object(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-        );
-        return;
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     };
-    if shared
-        .forbidden_resources
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&resource)
-    {
-        let plural = request.path.rsplit('/').next().unwrap_or("");
-        let group = match resource.api_version().split_once('/') {
-            Some((group, _)) => group,
-            None => "",
-        };
-        let mut status = status_object(
-            403,
-            "Forbidden",
-            &format!(
-                "{plural}{} is forbidden: User \"system:serviceaccount:kube-system:netlb\" cannot list resource \"{plural}\" in API group \"{group}\" at the cluster scope",
-                if group.is_empty() {
-                    String::new()
-                } else {
-                    format!(".{group}")
-                }
-            ),
-        );
-        status["details"] = json!({"group": group, "kind": plural});
-        record(403);
-        respond(&stream, "403 Forbidden", &status);
-        return;
+    if guard(&shared.forbidden_resources).contains(&resource) {
+        return Err(forbidden(&request.path, resource));
     }
-    if shared
-        .unavailable_resources
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&resource)
-    {
-        record(503);
-        respond(
-            &stream,
+    if guard(&shared.unavailable_resources).contains(&resource) {
+        return Err(Refusal::new(
+            503,
             "503 Service Unavailable",
-            &status_object(
-                503,
-                "ServiceUnavailable",
-                "test double: resource set unavailable",
-            ),
-        );
-        return;
+            "ServiceUnavailable",
+            "test double: resource set unavailable",
+        ));
     }
-    record(200);
-    if watch {
-        serve_watch(stream, shared, resource, namespace, &request.query);
+    Ok((resource, namespace))
+}
+
+/// RBAC's answer to a list of `resource` the agent may not make.
+fn forbidden(path: &str, resource: Resource) -> Refusal {
+    let plural = path.rsplit('/').next().unwrap_or("");
+    let group = match resource.api_version().split_once('/') {
+        Some((group, _)) => group,
+        None => "",
+    };
+    let dotted = if group.is_empty() {
+        String::new()
     } else {
-        serve_list(&stream, shared, resource, namespace, &request.query);
-    }
+        format!(".{group}")
+    };
+    let mut refusal = Refusal::new(
+        403,
+        "403 Forbidden",
+        "Forbidden",
+        &format!(
+            "{plural}{dotted} is forbidden: User \"system:serviceaccount:kube-system:netlb\" cannot list resource \"{plural}\" in API group \"{group}\" at the cluster scope"
+        ),
+    );
+    refusal.body["details"] = json!({"group": group, "kind": plural});
+    refusal
+}
+
+/// Locks `m`, also after a panic elsewhere poisoned it.
+fn guard<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn serve_list(
@@ -1156,7 +1147,7 @@ fn serve_watch(
         query.get("allowWatchBookmarks").map(String::as_str),
         Some("true" | "1")
     );
-    let mut from: u64 = query
+    let requested: u64 = query
         .get("resourceVersion")
         .and_then(|rv| rv.parse().ok())
         .unwrap_or(0);
@@ -1164,38 +1155,21 @@ fn serve_watch(
     let _ = out.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     );
-    {
-        let state = lock(shared);
-        if from == 0 {
-            // "Any" version: start from now (the agent always lists first).
-            from = state.rv;
-        } else if from < state.compacted {
-            drop(state);
-            shared.gone.fetch_add(1, Ordering::SeqCst);
-            let gone = status_object(410, "Expired", &format!("too old resource version: {from}"));
-            let _ = write_chunk(&stream, &json!({"type": "ERROR", "object": gone}));
-            let _ = write!(out, "0\r\n\r\n");
-            return;
-        }
-    }
+    let Some(mut from) = watch_start(&stream, shared, requested) else {
+        return;
+    };
     let started = Instant::now();
     let mut last_bookmark = Instant::now();
     let stall_epoch = shared.stall_epoch.load(Ordering::SeqCst);
     loop {
-        if shared.stall_epoch.load(Ordering::SeqCst) != stall_epoch {
+        let cut = shared.watch_epoch.load(Ordering::SeqCst) != epoch
+            || shared.stopped.load(Ordering::SeqCst);
+        if shared.stall_epoch.load(Ordering::SeqCst) != stall_epoch && !cut {
             // Stalled: never speaks again, until cut.
-            if shared.watch_epoch.load(Ordering::SeqCst) != epoch
-                || shared.stopped.load(Ordering::SeqCst)
-            {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                return;
-            }
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        if shared.watch_epoch.load(Ordering::SeqCst) != epoch
-            || shared.stopped.load(Ordering::SeqCst)
-        {
+        if cut {
             // Cut without the final chunk, like a dying server.
             let _ = stream.shutdown(std::net::Shutdown::Both);
             return;
@@ -1222,15 +1196,7 @@ fn serve_watch(
             drop(state);
             if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
                 last_bookmark = Instant::now();
-                let bookmark = json!({
-                    "type": "BOOKMARK",
-                    "object": {
-                        "kind": resource.kind(),
-                        "apiVersion": resource.api_version(),
-                        "metadata": { "resourceVersion": current.to_string() },
-                    },
-                });
-                if !write_chunk(&stream, &bookmark) {
+                if !write_chunk(&stream, &bookmark(resource, current)) {
                     return;
                 }
                 from = from.max(current);
@@ -1240,39 +1206,85 @@ fn serve_watch(
         drop(state);
         for event in pending {
             from = event.rv;
-            let now = matches(&event.object, &namespace, query);
-            let before = event
-                .previous
-                .as_ref()
-                .is_some_and(|p| matches(p, &namespace, query));
-            // The watch cache's view through a selector: an object that
-            // stops matching is deleted, one that starts matching is added.
-            let line = match (event.kind, before, now) {
-                (_, _, true) if event.kind == "DELETED" => {
-                    format!("{{\"type\":\"DELETED\",\"object\":{}}}", event.object.text)
-                }
-                ("MODIFIED", true, true) => {
-                    format!("{{\"type\":\"MODIFIED\",\"object\":{}}}", event.object.text)
-                }
-                ("ADDED" | "MODIFIED", _, true) => {
-                    format!("{{\"type\":\"ADDED\",\"object\":{}}}", event.object.text)
-                }
-                ("MODIFIED", true, false) => {
-                    let mut last = event
-                        .previous
-                        .as_ref()
-                        .map(|p| p.value())
-                        .unwrap_or_default();
-                    last["metadata"]["resourceVersion"] = json!(event.rv.to_string());
-                    json!({"type": "DELETED", "object": last}).to_string()
-                }
-                _ => continue,
+            let Some(line) = watch_line(&event, &namespace, query) else {
+                continue;
             };
             if !write_chunk_text(&stream, &line) {
                 return;
             }
         }
     }
+}
+
+/// Where a watch from `requested` starts (0: now); `None` after answering
+/// 410 Gone for a version already compacted.
+fn watch_start(stream: &TcpStream, shared: &Shared, requested: u64) -> Option<u64> {
+    let state = lock(shared);
+    if requested == 0 {
+        // "Any" version: start from now (the agent always lists first).
+        return Some(state.rv);
+    }
+    if requested >= state.compacted {
+        return Some(requested);
+    }
+    drop(state);
+    shared.gone.fetch_add(1, Ordering::SeqCst);
+    let gone = status_object(
+        410,
+        "Expired",
+        &format!("too old resource version: {requested}"),
+    );
+    let _ = write_chunk(stream, &json!({"type": "ERROR", "object": gone}));
+    let mut out = stream;
+    let _ = write!(out, "0\r\n\r\n");
+    None
+}
+
+fn bookmark(resource: Resource, rv: u64) -> Value {
+    json!({
+        "type": "BOOKMARK",
+        "object": {
+            "kind": resource.kind(),
+            "apiVersion": resource.api_version(),
+            "metadata": { "resourceVersion": rv.to_string() },
+        },
+    })
+}
+
+/// The watch cache's view of an event through a selector: an object that
+/// stops matching is deleted, one that starts matching is added; `None`
+/// when the watch does not see it.
+fn watch_line(
+    event: &Event,
+    namespace: &Option<String>,
+    query: &BTreeMap<String, String>,
+) -> Option<String> {
+    let now = matches(&event.object, namespace, query);
+    let before = event
+        .previous
+        .as_ref()
+        .is_some_and(|p| matches(p, namespace, query));
+    Some(match (event.kind, before, now) {
+        (_, _, true) if event.kind == "DELETED" => {
+            format!("{{\"type\":\"DELETED\",\"object\":{}}}", event.object.text)
+        }
+        ("MODIFIED", true, true) => {
+            format!("{{\"type\":\"MODIFIED\",\"object\":{}}}", event.object.text)
+        }
+        ("ADDED" | "MODIFIED", _, true) => {
+            format!("{{\"type\":\"ADDED\",\"object\":{}}}", event.object.text)
+        }
+        ("MODIFIED", true, false) => {
+            let mut last = event
+                .previous
+                .as_ref()
+                .map(|p| p.value())
+                .unwrap_or_default();
+            last["metadata"]["resourceVersion"] = json!(event.rv.to_string());
+            json!({"type": "DELETED", "object": last}).to_string()
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

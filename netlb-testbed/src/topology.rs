@@ -171,6 +171,14 @@ pub struct Testbed {
     pub dir: PathBuf,
 }
 
+/// A router's sysctls: forwarding on, no reverse-path filter (the
+/// topology routes asymmetrically on purpose).
+const ROUTER_SYSCTLS: [&str; 3] = [
+    "net.ipv4.ip_forward=1",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+];
+
 impl Testbed {
     pub fn new(spec: TestbedSpec) -> Result<Self, TestbedError> {
         let run = run_id();
@@ -208,6 +216,31 @@ impl Testbed {
             what: "finding the cgroup v2 mount".into(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
+        self.build_fabric()?;
+        self.build_outside()?;
+        for index in 0..nodes {
+            self.build_node(index, &cgroup_root)?;
+        }
+        // Every node routes the other nodes' pod networks to them.
+        for a in 0..nodes {
+            for b in (0..nodes).filter(|b| *b != a) {
+                ip(&[
+                    "-n",
+                    &self.nodes[a].netns,
+                    "route",
+                    "add",
+                    &format!("10.244.{b}.0/24"),
+                    "via",
+                    &self.nodes[b].uplink_ip.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fabric: a bridge the nodes' uplinks join (192.168.77.0/24), a
+    /// router between them and the outside client.
+    fn build_fabric(&mut self) -> Result<(), TestbedError> {
         let fabric = self.fabric.clone();
         self.add_netns(&fabric)?;
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
@@ -221,15 +254,13 @@ impl Testbed {
             "br0",
         ])?;
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
-        sysctl(
-            &fabric,
-            &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ],
-        )?;
+        sysctl(&fabric, &ROUTER_SYSCTLS)?;
+        Ok(())
+    }
 
+    /// The outside client (203.0.113.10), beyond the fabric's router.
+    fn build_outside(&mut self) -> Result<(), TestbedError> {
+        let fabric = self.fabric.clone();
         let ext = self.ext.clone();
         self.add_netns(&ext)?;
         ip(&[
@@ -249,90 +280,63 @@ impl Testbed {
         ip(&["-n", &ext, "addr", "add", "203.0.113.10/24", "dev", "eth0"])?;
         ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ext, "route", "add", "default", "via", "203.0.113.1"])?;
+        Ok(())
+    }
 
-        for index in 0..nodes {
-            let netns = format!("{NETNS_PREFIX}{}-node{index}", self.run);
-            self.add_netns(&netns)?;
-            let uplink_ip = Ipv4Addr::new(192, 168, 77, 10 + index as u8);
-            let port = format!("n{index}");
-            ip(&[
-                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "uplink0",
-                "netns", &netns,
-            ])?;
-            ip(&["-n", &fabric, "link", "set", &port, "master", "br0"])?;
-            ip(&["-n", &fabric, "link", "set", &port, "up"])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{uplink_ip}/24"),
-                "dev",
-                "uplink0",
-            ])?;
-            ip(&["-n", &netns, "link", "set", "uplink0", "up"])?;
-            // The pods' gateway address; ARP for it is answered by the node.
-            ip(&["-n", &netns, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
-            sysctl(
-                &netns,
-                &[
-                    "net.ipv4.ip_forward=1",
-                    "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0",
-                ],
-            )?;
-            ip(&[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "203.0.113.0/24",
-                "via",
-                "192.168.77.1",
-            ])?;
-            let pod_cidr = format!("10.244.{index}.0/24");
-            ip(&[
-                "-n",
-                &fabric,
-                "route",
-                "add",
-                &pod_cidr,
-                "via",
-                &uplink_ip.to_string(),
-            ])?;
-            let cgroup = cgroup_root.join(format!("{NETNS_PREFIX}{}-node{index}", self.run));
-            std::fs::create_dir(&cgroup).map_err(|source| TestbedError::Io {
-                what: format!("creating cgroup {}", cgroup.display()),
-                source,
-            })?;
-            self.nodes.push(Node {
-                index,
-                netns,
-                uplink_ip,
-                pod_cidr_base: Ipv4Addr::new(10, 244, index as u8, 0),
-                bpffs: PathBuf::from(format!(
-                    "/sys/fs/bpf/{NETNS_PREFIX}{}-node{index}",
-                    self.run
-                )),
-                cgroup,
-            });
-            self.next_host.push(10);
-        }
-        for a in 0..nodes {
-            for b in 0..nodes {
-                if a != b {
-                    ip(&[
-                        "-n",
-                        &self.nodes[a].netns,
-                        "route",
-                        "add",
-                        &format!("10.244.{b}.0/24"),
-                        "via",
-                        &self.nodes[b].uplink_ip.to_string(),
-                    ])?;
-                }
-            }
-        }
+    /// Node `index`: its namespace with an uplink on the fabric
+    /// (192.168.77.10 + index), its pod network 10.244.index.0/24 routed
+    /// to it, and a cgroup of its own for its host processes.
+    fn build_node(
+        &mut self,
+        index: usize,
+        cgroup_root: &std::path::Path,
+    ) -> Result<(), TestbedError> {
+        let fabric = self.fabric.clone();
+        let netns = format!("{NETNS_PREFIX}{}-node{index}", self.run);
+        self.add_netns(&netns)?;
+        let uplink_ip = Ipv4Addr::new(192, 168, 77, 10 + index as u8);
+        let port = format!("n{index}");
+        ip(&[
+            "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "uplink0",
+            "netns", &netns,
+        ])?;
+        ip(&["-n", &fabric, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", &fabric, "link", "set", &port, "up"])?;
+        let uplink_cidr = format!("{uplink_ip}/24");
+        ip(&["-n", &netns, "addr", "add", &uplink_cidr, "dev", "uplink0"])?;
+        ip(&["-n", &netns, "link", "set", "uplink0", "up"])?;
+        // The pods' gateway address; ARP for it is answered by the node.
+        ip(&["-n", &netns, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
+        sysctl(&netns, &ROUTER_SYSCTLS)?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "192.168.77.1",
+        ])?;
+        let pod_cidr = format!("10.244.{index}.0/24");
+        let via = uplink_ip.to_string();
+        ip(&["-n", &fabric, "route", "add", &pod_cidr, "via", &via])?;
+        let cgroup = cgroup_root.join(format!("{NETNS_PREFIX}{}-node{index}", self.run));
+        std::fs::create_dir(&cgroup).map_err(|source| TestbedError::Io {
+            what: format!("creating cgroup {}", cgroup.display()),
+            source,
+        })?;
+        self.nodes.push(Node {
+            index,
+            netns,
+            uplink_ip,
+            pod_cidr_base: Ipv4Addr::new(10, 244, index as u8, 0),
+            bpffs: PathBuf::from(format!(
+                "/sys/fs/bpf/{NETNS_PREFIX}{}-node{index}",
+                self.run
+            )),
+            cgroup,
+        });
+        self.next_host.push(10);
         Ok(())
     }
 

@@ -178,6 +178,42 @@ fn to_frontend(
     Ok(Ok(Flow::New(conn)))
 }
 
+/// A backend answering a hairpinned flow: translated back here, since the
+/// reply is addressed to the client's own pod, and sent straight back (see
+/// `nat::bounce`).
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet, cfg: &DatapathConfig) -> Result<i32, Reason> {
+    let key = conntrack::key(pkt, ct_kind::REPLY);
+    match conntrack::follow(&key, pkt, cfg, |_| true) {
+        Followed::Translate(link) => {
+            nat::snat_to_frontend(ctx, pkt, &link)?;
+            nat::dnat_addr(ctx, pkt, pkt.saddr_be)?;
+            nat::bounce(ctx)
+        }
+        Followed::Pass => Ok(NEXT),
+        Followed::OutOfWindow => Err(Reason::CtOutOfWindow),
+    }
+}
+
+/// A pod's packet to no frontend: a cluster IP's undefined port is
+/// rejected, an unallocated Service address dropped (new connections
+/// only), anything else handed on.
+#[inline(always)]
+fn pod_without_frontend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    cfg: &DatapathConfig,
+) -> Result<i32, Reason> {
+    if !conntrack::can_open(pkt) {
+        return Ok(NEXT);
+    }
+    match lb::no_frontend(pkt.daddr_be, cfg) {
+        lb::NoFrontend::Pass => Ok(NEXT),
+        lb::NoFrontend::Reject => reject::port_unreachable(ctx, pkt),
+        lb::NoFrontend::Drop => Err(Reason::UnallocatedServiceIp),
+    }
+}
+
 #[inline(always)]
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx)? {
@@ -191,29 +227,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = maps::config();
     let loopback_be = cfg.service_loopback_be;
     if loopback_be != 0 && pkt.daddr_be == loopback_be {
-        // A backend answering a hairpinned flow: translate it back here,
-        // since the reply is addressed to the client's own pod, and send it
-        // straight back (see `nat::bounce`).
-        let key = conntrack::key(&pkt, ct_kind::REPLY);
-        return match conntrack::follow(&key, &pkt, &cfg, |_| true) {
-            Followed::Translate(link) => {
-                nat::snat_to_frontend(ctx, &pkt, &link)?;
-                nat::dnat_addr(ctx, &pkt, pkt.saddr_be)?;
-                nat::bounce(ctx)
-            }
-            Followed::Pass => Ok(NEXT),
-            Followed::OutOfWindow => Err(Reason::CtOutOfWindow),
-        };
+        return hairpin_reply(ctx, &pkt, &cfg);
     }
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
-        if !conntrack::can_open(&pkt) {
-            return Ok(NEXT);
-        }
-        return match lb::no_frontend(pkt.daddr_be, &cfg) {
-            lb::NoFrontend::Pass => Ok(NEXT),
-            lb::NoFrontend::Reject => reject::port_unreachable(ctx, &pkt),
-            lb::NoFrontend::Drop => Err(Reason::UnallocatedServiceIp),
-        };
+        return pod_without_frontend(ctx, &pkt, &cfg);
     };
     // Only packets that change a connection's state are validated; a data
     // packet with a forged source can only join the connection it names.

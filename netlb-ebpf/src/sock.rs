@@ -27,7 +27,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use netlb_common::{CtGc, SockRevKey, SockRevValue, proto, stat, svc_flags};
+use netlb_common::{BackendValue, CtGc, SockRevKey, SockRevValue, proto, stat, svc_flags};
 
 use crate::{lb, maps, parse::Packet};
 
@@ -69,6 +69,44 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
+/// Fails the call with `errno` (what the client would have ended with),
+/// counted in `stat_index`; nothing leaves for the Service address.
+#[inline(always)]
+fn deny(errno: i32, stat_index: u32) -> i32 {
+    // SAFETY: helper without preconditions for cgroup programs.
+    unsafe { bpf_set_retval(-errno) };
+    maps::count(stat_index);
+    DENY
+}
+
+/// Records which frontend a socket's backend stands for, so that the
+/// application reads the Service address as its peer. Best effort: without
+/// it the application sees the backend.
+#[inline(always)]
+fn remember_frontend(
+    cookie: u64,
+    backend: &BackendValue,
+    protocol: u8,
+    frontend_addr: u32,
+    frontend_port_be: u16,
+    rev_nat_index: u32,
+) {
+    let key = SockRevKey {
+        cookie,
+        backend_addr: backend.address_be,
+        backend_port_be: backend.port_be,
+        proto: protocol,
+        pad: 0,
+    };
+    let value = SockRevValue {
+        frontend_addr,
+        frontend_port_be,
+        pad: 0,
+        rev_nat_index,
+    };
+    let _ = maps::SOCK_REV.insert(key, value, 0);
+}
+
 /// `connect4` and `sendmsg4`: a frontend destination becomes a backend.
 #[inline(always)]
 pub fn to_backend(ctx: &SockAddrContext) -> i32 {
@@ -101,15 +139,11 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(fe) = lb::lookup_frontend(&pkt, true) else {
         // A cluster IP's undefined port: refused; an unallocated Service
         // address: as a dropped SYN would end, at once.
-        let errno = match lb::no_frontend(daddr, &cfg) {
-            lb::NoFrontend::Pass => return ALLOW,
-            lb::NoFrontend::Reject => ECONNREFUSED,
-            lb::NoFrontend::Drop => ETIMEDOUT,
+        return match lb::no_frontend(daddr, &cfg) {
+            lb::NoFrontend::Pass => ALLOW,
+            lb::NoFrontend::Reject => deny(ECONNREFUSED, stat::SOCK_REJECT),
+            lb::NoFrontend::Drop => deny(ETIMEDOUT, stat::SOCK_REJECT),
         };
-        // SAFETY: helper without preconditions for cgroup programs.
-        unsafe { bpf_set_retval(-errno) };
-        maps::count(stat::SOCK_REJECT);
-        return DENY;
     };
     // The client as session affinity and source ranges know it: a host
     // process's packets leave with the node's address as their source
@@ -127,10 +161,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // Outside the source ranges, the call times out at once, as a dropped
     // SYN would make it.
     if !lb::source_allowed(&fe, client_be) {
-        // SAFETY: helper without preconditions for cgroup programs.
-        unsafe { bpf_set_retval(-ETIMEDOUT) };
-        maps::count(stat::DROP_SOURCE_RANGE);
-        return DENY;
+        return deny(ETIMEDOUT, stat::DROP_SOURCE_RANGE);
     }
     if fe.value.count == 0 {
         // kube-proxy's REJECT (connection refused) and DROP (the client
@@ -141,29 +172,19 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         } else {
             ECONNREFUSED
         };
-        // SAFETY: helper without preconditions for cgroup programs.
-        unsafe { bpf_set_retval(-errno) };
-        maps::count(stat::SOCK_REJECT);
-        return DENY;
+        return deny(errno, stat::SOCK_REJECT);
     }
     let Ok((id, backend)) = lb::select_backend(&fe, &pkt, client_be) else {
         return ALLOW;
     };
-    let key = SockRevKey {
+    remember_frontend(
         cookie,
-        backend_addr: backend.address_be,
-        backend_port_be: backend.port_be,
-        proto: protocol,
-        pad: 0,
-    };
-    let value = SockRevValue {
-        frontend_addr: daddr,
-        frontend_port_be: dport_be,
-        pad: 0,
-        rev_nat_index: fe.value.rev_nat_index,
-    };
-    // Best effort: without it the application sees the backend as its peer.
-    let _ = maps::SOCK_REV.insert(key, value, 0);
+        &backend,
+        protocol,
+        daddr,
+        dport_be,
+        fe.value.rev_nat_index,
+    );
     // SAFETY: writes of the context's destination fields, allowed for
     // connect4 and sendmsg4.
     unsafe {

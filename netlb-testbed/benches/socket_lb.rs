@@ -18,7 +18,7 @@
 use std::{path::Path, time::Duration};
 
 use netlb_testbed::{
-    agent::{AgentOptions, AgentProcess, AgentSource},
+    agent::{AgentOptions, AgentProcess, AgentSource, bpftool_json, datapath_counter},
     find_binary,
     manifests::endpoint_slice_yaml,
     process::ChildGuard,
@@ -47,18 +47,9 @@ impl Drop for BpfStats {
     }
 }
 
-fn bpftool(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 /// The id of the connect4 program attached to `cgroup`.
 fn connect4(cgroup: &Path) -> u64 {
-    bpftool(&["cgroup", "show", &cgroup.display().to_string()])
+    bpftool_json(&["cgroup", "show", &cgroup.display().to_string()])
         .as_array()
         .into_iter()
         .flatten()
@@ -69,7 +60,7 @@ fn connect4(cgroup: &Path) -> u64 {
 
 /// Run count and run time (ns) of a program so far.
 fn run_stats(id: u64) -> (u64, u64) {
-    let p = bpftool(&["prog", "show", "id", &id.to_string()]);
+    let p = bpftool_json(&["prog", "show", "id", &id.to_string()]);
     (
         p["run_cnt"].as_u64().unwrap_or(0),
         p["run_time_ns"].as_u64().unwrap_or(0),
@@ -169,18 +160,7 @@ fn start_agent(tb: &Testbed, binary: &Path, manifests: &Path, log: &str) -> Agen
 }
 
 fn sock_lb_pod(tb: &Testbed) -> u64 {
-    let out = std::process::Command::new(find_binary("netlb-agent"))
-        .args(["list", "stats", "-o", "json", "--bpffs"])
-        .arg(&tb.nodes[0].bpffs)
-        .output()
-        .expect("netlb-agent list stats");
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    rows.as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["counter"] == "sock_lb_pod")
-        .and_then(|r| r["value"].as_u64())
-        .unwrap_or(0)
+    datapath_counter(&tb.nodes[0].bpffs, "sock_lb_pod").unwrap_or(0)
 }
 
 fn main() {

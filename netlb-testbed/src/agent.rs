@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    find_binary,
     process::{ChildGuard, ProcessError},
     topology::Node,
 };
@@ -64,17 +65,10 @@ impl AgentProcess {
                 cmd
             }
             Some(caps) => {
-                let set: String = std::iter::once("-all".to_owned())
-                    .chain(caps.iter().map(|c| format!("+{c}")))
-                    .collect::<Vec<_>>()
-                    .join(",");
                 let mut cmd = Command::new("nsenter");
                 cmd.arg(format!("--net={}", node.netns_path().display()))
                     .arg("--")
-                    .arg("setpriv")
-                    .arg(format!("--bounding-set={set}"))
-                    .arg("--inh-caps=-all")
-                    .arg("--")
+                    .args(crate::process::setpriv_args(caps))
                     .arg(&opts.binary)
                     .arg("run");
                 cmd
@@ -174,4 +168,38 @@ impl AgentProcess {
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.child.stop(Duration::from_secs(10))
     }
+}
+
+/// `bpftool -j ARGS` as JSON (`Null` when it printed none).
+pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// `netlb-agent list WHAT -o json` for the maps pinned in `bpffs`; the
+/// command's error output when it fails.
+pub fn list_json(bpffs: &Path, what: &str) -> Result<serde_json::Value, String> {
+    let out = Command::new(find_binary("netlb-agent"))
+        .args(["list", what, "-o", "json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .map_err(|e| format!("netlb-agent list: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("list json: {e}"))
+}
+
+/// A datapath counter by name (`list stats`) of the maps pinned in `bpffs`.
+pub fn datapath_counter(bpffs: &Path, name: &str) -> Option<u64> {
+    list_json(bpffs, "stats")
+        .ok()?
+        .as_array()?
+        .iter()
+        .find(|r| r["counter"] == name)
+        .and_then(|r| r["value"].as_u64())
 }

@@ -187,3 +187,18 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks as f64 / hz)
 }
+
+/// `setpriv` arguments that leave a process only `caps` (its bounding set
+/// holds nothing else, as in a container granted only these).
+pub fn setpriv_args(caps: &[String]) -> Vec<String> {
+    let set: String = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        "setpriv".into(),
+        format!("--bounding-set={set}"),
+        "--inh-caps=-all".into(),
+        "--".into(),
+    ]
+}

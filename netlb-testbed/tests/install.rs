@@ -11,7 +11,7 @@ mod common;
 use std::{collections::BTreeSet, time::Duration};
 
 use common::{Cluster, stat, wait_until};
-use netlb_testbed::agent::AgentSource;
+use netlb_testbed::agent::{AgentSource, bpftool_json};
 
 /// One request from `netns` as a process of node 0's cgroup (where a real
 /// node's pods run: below the cgroup root the agent attaches to).
@@ -174,7 +174,7 @@ fn the_node_preparation_mounts_a_shared_bpffs_and_the_cgroup2_hierarchy() {
         "components/capabilities/daemonset-capabilities.yaml",
         "prepare-node",
     );
-    let setpriv = common::setpriv_args(&caps);
+    let setpriv = netlb_testbed::process::setpriv_args(&caps);
     let prepare = || {
         let out = std::process::Command::new(&setpriv[0])
             .args(&setpriv[1..])
@@ -223,28 +223,10 @@ fn the_node_preparation_mounts_a_shared_bpffs_and_the_cgroup2_hierarchy() {
     host.kill_hard();
 }
 
-/// `bpftool -j` output as JSON.
-fn bpftool(netns: Option<&str>, args: &[&str]) -> serde_json::Value {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = std::process::Command::new("ip");
-            c.args(["netns", "exec", ns, "bpftool", "-j"]);
-            c
-        }
-        None => {
-            let mut c = std::process::Command::new("bpftool");
-            c.arg("-j");
-            c
-        }
-    };
-    let out = cmd.args(args).output().expect("bpftool");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 /// The ids of the programs that use any of `maps` (netlb's: the TC, the
 /// socket-level and the collector's programs).
 fn programs_using(maps: &BTreeSet<u64>) -> BTreeSet<u64> {
-    bpftool(None, &["prog", "show"])
+    bpftool_json(&["prog", "show"])
         .as_array()
         .into_iter()
         .flatten()
@@ -262,12 +244,12 @@ fn programs_using(maps: &BTreeSet<u64>) -> BTreeSet<u64> {
 
 /// Whether the kernel still has map `id`.
 fn map_exists(id: u64) -> bool {
-    bpftool(None, &["map", "show", "id", &id.to_string()])["id"].as_u64() == Some(id)
+    bpftool_json(&["map", "show", "id", &id.to_string()])["id"].as_u64() == Some(id)
 }
 
 /// The links of `programs`.
 fn links_of(programs: &BTreeSet<u64>) -> Vec<serde_json::Value> {
-    bpftool(None, &["link", "show"])
+    bpftool_json(&["link", "show"])
         .as_array()
         .into_iter()
         .flatten()
@@ -300,7 +282,7 @@ fn uninstall_leaves_no_pin_link_or_program() {
         .iter()
         .filter(|p| p.to_string_lossy().contains("/maps/"))
         .filter_map(|p| {
-            bpftool(None, &["map", "show", "pinned", &p.display().to_string()])["id"].as_u64()
+            bpftool_json(&["map", "show", "pinned", &p.display().to_string()])["id"].as_u64()
         })
         .collect();
     let programs = programs_using(&maps);
@@ -329,7 +311,7 @@ fn uninstall_leaves_no_pin_link_or_program() {
     args[at] = bpffs.display().to_string();
     let caps = common::deploy_capabilities("uninstall/daemonset.yaml", "cleanup");
     assert!(caps.is_empty(), "the uninstall adds {caps:?}");
-    let setpriv = common::setpriv_args(&caps);
+    let setpriv = netlb_testbed::process::setpriv_args(&caps);
     let mut cleanup = netlb_testbed::process::ChildGuard::spawn(
         "cleanup",
         std::process::Command::new(&setpriv[0])

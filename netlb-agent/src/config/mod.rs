@@ -216,15 +216,11 @@ fn mask(prefix: u8) -> u32 {
     }
 }
 
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
-pub fn ephemeral_ports() -> Option<PortRange> {
-    ephemeral_ports_in(Path::new(SYSCTL_IPV4))
-}
-
 /// Where the network namespace's IPv4 sysctls are (per namespace: the
 /// agent's, once it entered the node's).
 const SYSCTL_IPV4: &str = "/proc/sys/net/ipv4";
 
+/// The kernel's ephemeral port range (`ip_local_port_range` in `dir`).
 fn ephemeral_ports_in(dir: &Path) -> Option<PortRange> {
     let text = std::fs::read_to_string(dir.join("ip_local_port_range")).ok()?;
     let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());

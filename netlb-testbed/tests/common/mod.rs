@@ -371,27 +371,13 @@ pub fn connect_rate_result(text: &str) -> (u64, u64) {
 
 /// `netlb-agent list WHAT -o json` for a node's pinned maps.
 pub fn list_json(c: &Cluster, node: usize, what: &str) -> serde_json::Value {
-    let out = std::process::Command::new(find_binary("netlb-agent"))
-        .args(["list", what, "-o", "json", "--bpffs"])
-        .arg(&c.tb.nodes[node].bpffs)
-        .output()
-        .expect("netlb-agent list");
-    assert!(
-        out.status.success(),
-        "list {what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("list json")
+    netlb_testbed::agent::list_json(&c.tb.nodes[node].bpffs, what)
+        .unwrap_or_else(|e| panic!("list {what}: {e}"))
 }
 
 /// A datapath counter of a node, by name (`list stats`).
 pub fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
-    list_json(c, node, "stats")
-        .as_array()
-        .expect("rows")
-        .iter()
-        .find(|r| r["counter"] == name)
-        .and_then(|r| r["value"].as_u64())
+    netlb_testbed::agent::datapath_counter(&c.tb.nodes[node].bpffs, name)
         .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
@@ -429,19 +415,4 @@ pub fn deploy_capabilities(file: &str, container: &str) -> Vec<String> {
         .flatten()
         .map(|c| c.as_str().unwrap().to_ascii_lowercase())
         .collect()
-}
-
-/// `setpriv` arguments that leave a process only `caps` (its bounding set
-/// holds nothing else, as in a container granted only these).
-pub fn setpriv_args(caps: &[String]) -> Vec<String> {
-    let set: String = std::iter::once("-all".to_owned())
-        .chain(caps.iter().map(|c| format!("+{c}")))
-        .collect::<Vec<_>>()
-        .join(",");
-    vec![
-        "setpriv".into(),
-        format!("--bounding-set={set}"),
-        "--inh-caps=-all".into(),
-        "--".into(),
-    ]
 }
